@@ -1,0 +1,17 @@
+// Structured logs (pino): JSON when piped, human-readable on a terminal. Components take a child logger
+// (`logger.child({ component: 'nbd' })`) so every line says where it came from.
+import { pino, type Logger } from 'pino';
+
+export type { Logger };
+
+export function createLogger(opts: { level?: string; pretty?: boolean } = {}): Logger {
+  const level = opts.level ?? process.env.BLOCKFERRY_LOG ?? 'info';
+  const pretty = opts.pretty ?? (process.stderr.isTTY && process.env.BLOCKFERRY_LOG_FORMAT !== 'json');
+  if (pretty) {
+    return pino({ level, transport: { target: 'pino-pretty', options: { destination: 2, translateTime: 'HH:MM:ss.l' } } });
+  }
+  return pino({ level }, pino.destination(2));
+}
+
+/** A logger that drops everything: the default for library use and unit tests. */
+export const silentLogger: Logger = pino({ level: 'silent' });
