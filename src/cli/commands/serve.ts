@@ -1,0 +1,287 @@
+// `blockferry serve`: the primary. Opens each image (creating a sparse one with --size), wraps it in the
+// mirror layer with its journal (recovering first), serves it over NBD, and ships the journal to replicas.
+import { randomUUID } from 'node:crypto';
+import path from 'node:path';
+import type { Argv, CommandModule } from 'yargs';
+import type { BlockDevice } from '../../device/block-device.js';
+import { FileDevice } from '../../device/file-device.js';
+import { Journal } from '../../journal/journal.js';
+import { MirrorDevice } from '../../mirror/mirror-device.js';
+import { NbdServer } from '../../nbd/server.js';
+import { UsageError } from '../../util/errors.js';
+import { createLogger, type Logger } from '../../util/logger.js';
+import { formatBytes, parseSize } from '../../util/size.js';
+import { isLoopback, parseHostPort, type HostPort } from '../listen.js';
+
+/** Default journal cap: large enough to ride out an afternoon's outage of a busy disk. */
+const DEFAULT_JOURNAL_MAX = '8G';
+/** How long a graceful stop lets in-flight NBD requests finish. */
+const SHUTDOWN_GRACE_MS = 10_000;
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+export interface ServeImage {
+  name: string;
+  path: string;
+}
+
+export interface ServeOptions {
+  images: ServeImage[];
+  size?: number;
+  listen?: HostPort;
+  socket?: string;
+  readOnly?: boolean;
+  /** Journal directory (one image) or parent directory (several); false = no journal; undefined = beside the image. */
+  journal?: string | false;
+  journalMax?: number;
+  durability?: 'sync' | 'commit';
+  logger?: Logger;
+}
+
+export interface ServedVolume {
+  name: string;
+  path: string;
+  device: BlockDevice;
+  journal?: Journal;
+  mirror?: MirrorDevice;
+  volumeId?: string;
+}
+
+export interface ServeHandle {
+  volumes: ServedVolume[];
+  /** URIs clients use, e.g. nbd://127.0.0.1:10809/disk. */
+  uris: string[];
+  status(): Record<string, unknown>;
+  close(): Promise<void>;
+}
+
+/** "disk=/path/disk.img" or "/path/disk.img" (name = file name without extension). */
+export function parseImageArg(arg: string): ServeImage {
+  const eq = arg.indexOf('=');
+  const named = eq > 0 && NAME_RE.test(arg.slice(0, eq));
+  const file = named ? arg.slice(eq + 1) : arg;
+  const name = named ? arg.slice(0, eq) : path.basename(file).replace(/\.[^.]*$/, '') || 'disk';
+  if (!NAME_RE.test(name)) {
+    throw new UsageError(`--image ${arg}: cannot use "${name}" as an export name; write --image NAME=PATH with NAME of letters, digits, . _ -`);
+  }
+  return { name, path: file };
+}
+
+function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined {
+  if (opts.journal === false || opts.readOnly) return undefined;
+  if (opts.journal === undefined) return `${img.path}.journal`;
+  return opts.images.length === 1 ? opts.journal : path.join(opts.journal, img.name);
+}
+
+async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
+  const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly });
+  const dir = journalDirFor(opts, img);
+  if (!dir) return { name: img.name, path: img.path, device: file };
+  let journal: Journal | undefined;
+  try {
+    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, logger: log });
+    let volumeId = journal.getMeta<string>('volumeId');
+    if (!volumeId) {
+      volumeId = randomUUID();
+      await journal.setMeta('volumeId', volumeId);
+    }
+    const mirror = await MirrorDevice.open({ device: file, journal, logger: log });
+    if (mirror.recovery.entries > 0) {
+      log.warn({ volume: img.name, ...mirror.recovery }, 'the last run did not stop cleanly; re-applied the journal tail');
+    }
+    return { name: img.name, path: img.path, device: mirror, journal, mirror, volumeId };
+  } catch (err) {
+    await journal?.close().catch(() => undefined);
+    await file.close().catch(() => undefined);
+    throw err;
+  }
+}
+
+export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
+  const log = opts.logger ?? createLogger();
+  const names = new Set<string>();
+  for (const img of opts.images) {
+    if (names.has(img.name)) throw new UsageError(`two images are named "${img.name}"; name them with --image NAME=PATH`);
+    names.add(img.name);
+  }
+  const volumes: ServedVolume[] = [];
+  try {
+    for (const img of opts.images) volumes.push(await openVolume(opts, img, log));
+  } catch (err) {
+    await closeVolumes(volumes);
+    throw err;
+  }
+  const server = new NbdServer({
+    logger: log,
+    exports: volumes.map((v) => ({
+      name: v.name,
+      description: `blockferry volume ${v.name}${v.journal ? ' (journaled)' : ''}`,
+      device: v.device,
+      readOnly: opts.readOnly,
+    })),
+  });
+  const uris: string[] = [];
+  try {
+    if (opts.socket) {
+      await server.listen({ path: opts.socket });
+      for (const v of volumes) uris.push(`nbd+unix:///${v.name}?socket=${opts.socket}`);
+    }
+    if (opts.listen || !opts.socket) {
+      const where = opts.listen ?? { host: '127.0.0.1', port: 10809 };
+      if (!isLoopback(where.host)) {
+        log.warn({ host: where.host }, 'NBD is listening beyond loopback without TLS: anyone who can reach this port can read and write the disk');
+      }
+      const addr = await server.listen(where);
+      const host = (addr.host ?? where.host).includes(':') ? `[${addr.host ?? where.host}]` : (addr.host ?? where.host);
+      for (const v of volumes) uris.push(`nbd://${host}:${addr.port}/${v.name}`);
+    }
+  } catch (err) {
+    await server.close({ graceMs: 0 }).catch(() => undefined);
+    await closeVolumes(volumes);
+    throw err;
+  }
+
+  let closing: Promise<void> | undefined;
+  return {
+    volumes,
+    uris,
+    status: () => serveStatus(volumes),
+    close: () =>
+      (closing ??= (async () => {
+        await server.close({ graceMs: SHUTDOWN_GRACE_MS });
+        await closeVolumes(volumes);
+      })()),
+  };
+}
+
+async function closeVolumes(volumes: ServedVolume[]): Promise<void> {
+  for (const v of volumes) {
+    // The mirror closes the image it wraps after draining and checkpointing.
+    await v.device.close().catch(() => undefined);
+    await v.journal?.close().catch(() => undefined);
+  }
+}
+
+function volumeStatus(v: ServedVolume): Record<string, unknown> {
+  const j = v.journal?.stats;
+  return {
+    volume: v.name,
+    volumeId: v.volumeId ?? null,
+    image: v.path,
+    size: v.device.size,
+    journal: j
+      ? {
+          headSeq: j.headSeq,
+          committedSeq: j.committedSeq,
+          tailSeq: j.tailSeq,
+          ackedSeq: j.ackedSeq,
+          checkpointSeq: j.checkpointSeq,
+          appliedSeq: v.mirror?.appliedSeq ?? null,
+          entries: j.entries,
+          bytes: j.bytes,
+          maxBytes: j.maxBytes,
+        }
+      : null,
+    replicas: [],
+  };
+}
+
+export function serveStatus(volumes: ServedVolume[]): Record<string, unknown> {
+  const all = volumes.map(volumeStatus);
+  return { ...all[0], volumes: all };
+}
+
+interface ServeArgs {
+  image: string[];
+  size?: string;
+  listen?: string;
+  socket?: string;
+  'read-only': boolean;
+  journal?: string | boolean;
+  'journal-max': string;
+  durability: 'sync' | 'commit';
+  'log-level'?: string;
+}
+
+export const command: CommandModule<object, ServeArgs> = {
+  command: 'serve',
+  describe: 'Serve images over NBD, journaling every write (the primary site)',
+  builder: (y: Argv) =>
+    y
+      .option('image', {
+        type: 'string',
+        array: true,
+        demandOption: true,
+        describe: 'Image file or block device to serve; NAME=PATH names the export (repeat for several exports)',
+      })
+      .option('size', { type: 'string', describe: 'Create a sparse image of this size if PATH does not exist (e.g. 10G)' })
+      .option('listen', { type: 'string', describe: 'TCP address to listen on [default: 127.0.0.1:10809]' })
+      .option('socket', { type: 'string', describe: 'Unix socket path to listen on (instead of TCP unless --listen is given too)' })
+      .option('read-only', { type: 'boolean', default: false, describe: 'Refuse writes (no journal is opened)' })
+      .option('journal', {
+        describe: 'Journal directory (LMDB) [default: IMAGE.journal beside the image]; --no-journal serves without one',
+      })
+      .option('journal-max', { type: 'string', default: DEFAULT_JOURNAL_MAX, describe: 'Journal size cap; writes wait for space beyond it' })
+      .option('durability', {
+        choices: ['sync', 'commit'] as const,
+        default: 'sync' as const,
+        describe: 'sync: each journal commit is fsynced before the image changes (survives power loss); commit: ordered in the OS cache, fsynced on FLUSH/FUA (survives a process crash)',
+      })
+      .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
+      .example('$0 serve --image disk.img --size 10G', 'serve a new 10 GiB sparse image on 127.0.0.1:10809 as export "disk"')
+      .example('$0 serve --image a=/srv/a.img --image b=/dev/vdb --listen 127.0.0.1:10809', 'two exports from one server')
+      .example('nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk', 'attach it with the Linux kernel client') as Argv<ServeArgs>,
+  handler: async (args) => {
+    const log = createLogger({ level: args['log-level'] });
+    const journal = args.journal === false ? false : typeof args.journal === 'string' ? args.journal : undefined;
+    const handle = await startServe({
+      images: args.image.map(parseImageArg),
+      size: args.size === undefined ? undefined : parseSize(args.size, '--size'),
+      listen: args.listen ? parseHostPort(args.listen, '--listen') : undefined,
+      socket: args.socket,
+      readOnly: args['read-only'],
+      journal,
+      journalMax: parseSize(args['journal-max'], '--journal-max'),
+      durability: args.durability,
+      logger: log,
+    });
+    for (const uri of handle.uris) process.stdout.write(`listening on ${uri}\n`);
+    const first = handle.volumes[0];
+    const tcp = handle.uris.find((u) => u.startsWith('nbd://'));
+    if (tcp) {
+      const u = new URL(tcp);
+      process.stdout.write(
+        `attach with the kernel client: nbd-client ${u.hostname.replace(/^\[|\]$/g, '')} ${u.port} /dev/nbd0 -N ${first.name}` +
+          `   (${formatBytes(first.device.size)}${first.journal ? ', journaled' : ''})\n`,
+      );
+    }
+    await waitForSignals(log, () => handle.close());
+  },
+};
+
+/** First SIGINT/SIGTERM: graceful close. A second one: exit at once (journal commits are already ordered). */
+export function waitForSignals(log: Logger, close: () => Promise<void>): Promise<void> {
+  return new Promise((resolve) => {
+    let stopping = false;
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (stopping) {
+        log.warn({ signal: sig }, 'second signal: exiting now');
+        process.exit(130);
+      }
+      stopping = true;
+      log.info({ signal: sig }, 'stopping: finishing in-flight requests, flushing journal and image');
+      close().then(
+        () => {
+          log.info('stopped cleanly');
+          resolve();
+          process.exit(0);
+        },
+        (err) => {
+          log.error({ err }, 'error while stopping');
+          process.exit(1);
+        },
+      );
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+  });
+}

@@ -1,0 +1,33 @@
+#!/usr/bin/env node
+// The `blockferry` command line: one yargs root, one module per command in ./commands.
+// The libuv pool serves large image I/O and LMDB; size it before any async fs call starts the pool.
+process.env.UV_THREADPOOL_SIZE ??= '8';
+
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import { BlockferryError } from '../util/errors.js';
+import { commands } from './commands/index.js';
+
+const cli = yargs(hideBin(process.argv))
+  .scriptName('blockferry')
+  .usage('$0 <command> [options]\n\nAn NBD server that mirrors every write to a journal and to backup sites.')
+  .demandCommand(1, 'Name a command: `blockferry --help` lists them.')
+  .strict()
+  .recommendCommands()
+  .help()
+  .alias('h', 'help')
+  .version()
+  .wrap(Math.min(110, process.stdout.columns || 110))
+  .fail((msg, err, y) => {
+    if (err) {
+      const code = err instanceof BlockferryError && err.code === 'ERR_USAGE' ? 2 : 1;
+      process.stderr.write(`blockferry: ${err.message}\n`);
+      process.exit(code);
+    }
+    process.stderr.write(`${y.help()}\n\nblockferry: ${msg}\n`);
+    process.exit(2);
+  });
+
+for (const c of commands) cli.command(c);
+
+await cli.parseAsync();

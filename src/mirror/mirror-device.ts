@@ -1,0 +1,281 @@
+// The mirror layer: a BlockDevice that wraps the local image (like an nbdkit filter wraps `next`) and makes
+// every change journal-first. Per change: 1. append to the journal (the seq is the order of truth),
+// 2. once committed, apply to the image in seq order for overlapping ranges, 3. resolve (the NBD reply).
+// On open it recovers: entries after the last checkpoint are re-applied before anyone can connect.
+import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import type { Journal } from '../journal/journal.js';
+import { EntryKind, type JournalEntry } from '../journal/types.js';
+import { BlockferryError } from '../util/errors.js';
+import { silentLogger, type Logger } from '../util/logger.js';
+import { OrderedApply } from './ordered-apply.js';
+
+/** Checkpoint (fsync image + record seq) this often while writes flow, so recovery and pruning stay short. */
+const CHECKPOINT_INTERVAL_MS = 5_000;
+/** Largest range captureRange reads in one go: one NBD payload. */
+export const MAX_CAPTURE_BYTES = 32 * 2 ** 20;
+/** Entries re-applied per journal read during recovery (bounded memory). */
+const RECOVERY_BATCH_BYTES = 64 * 2 ** 20;
+/** Zero buffers written at most this large when the image cannot zero a range natively. */
+const ZERO_CHUNK = 4 * 2 ** 20;
+
+export interface MirrorOptions {
+  device: BlockDevice;
+  journal: Journal;
+  logger?: Logger;
+  /** Checkpoint period; 0 disables the timer (checkpoints then happen on flush and close only). */
+  checkpointIntervalMs?: number;
+}
+
+export interface RecoveryReport {
+  fromSeq: number;
+  toSeq: number;
+  entries: number;
+  bytes: number;
+}
+
+export class MirrorDevice implements BlockDevice {
+  readonly journal: Journal;
+  readonly inner: BlockDevice;
+  readonly size: number;
+  readonly capabilities: DeviceCapabilities;
+  readonly recovery: RecoveryReport;
+
+  private readonly log: Logger;
+  private readonly order: OrderedApply;
+  private checkpointSeq: number;
+  private checkpointTimer: NodeJS.Timeout | undefined;
+  private checkpointing: Promise<void> | undefined;
+  // While captureRange reads the image, new changes wait here so that none gets a seq below the capture's.
+  private gate: Promise<void> | undefined;
+  private closed = false;
+
+  static async open(opts: MirrorOptions): Promise<MirrorDevice> {
+    const log = (opts.logger ?? silentLogger).child({ component: 'mirror' });
+    const recovery = await recover(opts.device, opts.journal, log);
+    return new MirrorDevice(opts, log, recovery);
+  }
+
+  private constructor(opts: MirrorOptions, log: Logger, recovery: RecoveryReport) {
+    this.journal = opts.journal;
+    this.inner = opts.device;
+    this.size = opts.device.size;
+    this.log = log;
+    this.recovery = recovery;
+    const head = this.journal.stats.committedSeq;
+    this.order = new OrderedApply(head);
+    this.checkpointSeq = head;
+    const inner = opts.device.capabilities;
+    this.capabilities = {
+      ...inner,
+      // FUA is emulated by the NBD core with flush(), which covers journal and image together.
+      fua: false,
+      flush: true,
+      // TRIM is journaled and applied as "reads as zeroes" so the replica can reproduce it byte for byte;
+      // that is only affordable when the image zeroes natively. Otherwise TRIM is an ignored hint.
+      trim: inner.zeroes,
+    };
+    const interval = opts.checkpointIntervalMs ?? CHECKPOINT_INTERVAL_MS;
+    if (interval > 0) {
+      this.checkpointTimer = setInterval(() => {
+        if (this.order.appliedSeq > this.checkpointSeq && !this.checkpointing) {
+          this.checkpoint().catch((err) => this.log.error({ err }, 'background checkpoint failed'));
+        }
+      }, interval);
+      this.checkpointTimer.unref();
+    }
+  }
+
+  /** Highest seq applied to the image with all before it. */
+  get appliedSeq(): number {
+    return this.order.appliedSeq;
+  }
+
+  read(offset: number, length: number): Promise<Buffer> {
+    return this.inner.read(offset, length);
+  }
+
+  write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
+    if (this.gate) return this.gate.then(() => this.write(offset, data));
+    const err = this.unusable();
+    if (err) return Promise.reject(err);
+    const { seq, done } = this.journal.append(EntryKind.WRITE, offset, data.length, data);
+    return this.order.run(seq, offset, offset + data.length, done, () => this.inner.write(offset, data));
+  }
+
+  trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
+    if (!this.capabilities.trim) return Promise.resolve();
+    if (this.gate) return this.gate.then(() => this.trim(offset, length));
+    const err = this.unusable();
+    if (err) return Promise.reject(err);
+    const { seq, done } = this.journal.append(EntryKind.TRIM, offset, length);
+    return this.order.run(seq, offset, offset + length, done, () => applyZero(this.inner, offset, length));
+  }
+
+  writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
+    if (this.gate) return this.gate.then(() => this.writeZeroes(offset, length, opts));
+    const err = this.unusable();
+    if (err) return Promise.reject(err);
+    const { seq, done } = this.journal.append(EntryKind.ZERO, offset, length);
+    // The range must read as zeroes on every copy; NO_HOLE/FAST_ZERO are local allocation policy only.
+    return this.order.run(seq, offset, offset + length, done, () =>
+      this.inner.writeZeroes(offset, length, { noHole: opts?.noHole }),
+    );
+  }
+
+  /**
+   * Every write replied before this call is durable in journal and image when it resolves. A FLUSH marker
+   * enters the journal so a replica can stop at a flush boundary.
+   */
+  async flush(): Promise<void> {
+    if (this.gate) await this.gate;
+    this.assertUsable();
+    const { seq, done } = this.journal.append(EntryKind.FLUSH, 0, 0);
+    await this.order.run(seq, 0, 0, done, async () => undefined);
+    await this.journal.flush();
+    await this.checkpoint();
+  }
+
+  cache(offset: number, length: number): Promise<void> {
+    return this.inner.cache ? this.inner.cache(offset, length) : Promise.resolve();
+  }
+
+  blockStatus(offset: number, length: number): Promise<Extent[]> {
+    if (!this.inner.blockStatus) return Promise.resolve([{ length, hole: false, zero: false }]);
+    return this.inner.blockStatus(offset, length);
+  }
+
+  /**
+   * Appends the current contents of [offset, offset+length) as an ordinary WRITE entry: the way initial sync
+   * and resync put image chunks into the same ordered stream as new writes. New changes wait while the range
+   * is read, so none of them can get a seq below the capture's and be overwritten by older data on a replica.
+   */
+  async captureRange(offset: number, length: number): Promise<number> {
+    if (length <= 0 || length > MAX_CAPTURE_BYTES || offset < 0 || offset + length > this.size) {
+      throw new BlockferryError('ERR_CAPTURE_RANGE', `captureRange: offset ${offset} length ${length} is outside 1..${MAX_CAPTURE_BYTES} bytes within the ${this.size}-byte volume`);
+    }
+    while (this.gate) await this.gate;
+    this.assertUsable();
+    let open!: () => void;
+    this.gate = new Promise<void>((resolve) => (open = resolve));
+    try {
+      await this.order.drainRange(offset, offset + length);
+      const data = await this.inner.read(offset, length);
+      const { seq, done } = this.journal.append(EntryKind.WRITE, offset, length, data);
+      // The image already holds these bytes; registering keeps the watermark gap-free.
+      void this.order.run(seq, offset, offset + length, done, async () => undefined);
+      await done;
+      return seq;
+    } finally {
+      this.gate = undefined;
+      open();
+    }
+  }
+
+  /** fsync the image and record that it is durable up to the applied watermark. */
+  async checkpoint(): Promise<void> {
+    while (this.checkpointing) await this.checkpointing;
+    const seq = this.order.appliedSeq;
+    this.checkpointing = (async () => {
+      await this.inner.flush();
+      if (seq > this.checkpointSeq) {
+        await this.journal.setCheckpoint(seq);
+        this.checkpointSeq = seq;
+      }
+    })();
+    try {
+      await this.checkpointing;
+    } finally {
+      this.checkpointing = undefined;
+    }
+    if (this.order.failedSeq !== Infinity) this.assertUsable();
+  }
+
+  /** Waits for in-flight changes, checkpoints, and closes the image. The journal is the caller's to close. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    if (this.checkpointTimer) clearInterval(this.checkpointTimer);
+    await this.order.drain();
+    if (this.order.failedSeq === Infinity) await this.checkpoint();
+    await this.inner.close();
+  }
+
+  private assertUsable(): void {
+    const err = this.unusable();
+    if (err) throw err;
+  }
+
+  private unusable(): BlockferryError | undefined {
+    if (this.closed) return new BlockferryError('ESHUTDOWN', 'the volume is closing');
+    if (this.order.failedSeq !== Infinity) {
+      return new BlockferryError(
+        'EIO',
+        `the local image failed to apply journal seq ${this.order.failedSeq}; the journal holds it and every later change. ` +
+          'Fix the image storage (space, device errors) and restart: recovery re-applies them in order',
+      );
+    }
+    return undefined;
+  }
+}
+
+/** Makes a range read as zeroes on the image, natively when it can. */
+async function applyZero(dev: BlockDevice, offset: number, length: number): Promise<void> {
+  if (dev.capabilities.zeroes) return dev.writeZeroes(offset, length);
+  const zero = Buffer.alloc(Math.min(length, ZERO_CHUNK));
+  for (let at = offset; at < offset + length; at += zero.length) {
+    const n = Math.min(zero.length, offset + length - at);
+    await dev.write(at, n === zero.length ? zero : zero.subarray(0, n));
+  }
+}
+
+/** Applies one journal entry to an image (recovery; the replayer and replay-local apply the same way). */
+export async function applyEntry(dev: BlockDevice, e: JournalEntry): Promise<void> {
+  switch (e.kind) {
+    case EntryKind.WRITE:
+      return dev.write(e.offset, e.data!);
+    case EntryKind.TRIM:
+    case EntryKind.ZERO:
+      return applyZero(dev, e.offset, e.length);
+    case EntryKind.FLUSH:
+      return;
+  }
+}
+
+/**
+ * Brings the image to "base + journal up to the committed head": re-applies, in order, every entry after the
+ * last checkpoint. Re-applying an entry the image already has is harmless because the tail is replayed in
+ * order. Then fsyncs and moves the checkpoint to the head.
+ */
+async function recover(dev: BlockDevice, journal: Journal, log: Logger): Promise<RecoveryReport> {
+  const stats = journal.stats;
+  const from = stats.checkpointSeq + 1;
+  const to = stats.committedSeq;
+  const report: RecoveryReport = { fromSeq: from, toSeq: to, entries: 0, bytes: 0 };
+  if (from > to) return report;
+  if (from < stats.tailSeq) {
+    throw new BlockferryError(
+      'ERR_JOURNAL_BEHIND_CHECKPOINT',
+      `cannot recover: the image is durable only up to seq ${stats.checkpointSeq} but the journal starts at seq ${stats.tailSeq}`,
+    );
+  }
+  log.info({ from, to }, 'recovering: re-applying journal entries after the last checkpoint');
+  let next = from;
+  while (next <= to) {
+    const batch = journal.read(next, { maxBytes: RECOVERY_BATCH_BYTES });
+    if (batch.length === 0) break;
+    for (const e of batch) {
+      if (e.seq > to) break;
+      if (e.seq !== next) {
+        throw new BlockferryError('ERR_SEQUENCE_GAP', `recovery: journal seq ${next} is missing (found ${e.seq})`);
+      }
+      await applyEntry(dev, e);
+      report.entries++;
+      report.bytes += e.kind === EntryKind.WRITE ? e.length : 0;
+      next++;
+    }
+  }
+  await dev.flush();
+  await journal.setCheckpoint(to);
+  log.info(report, 'recovery complete');
+  return report;
+}
