@@ -1,7 +1,8 @@
 // Every command module the CLI registers, in the order `--help` lists them.
 import type { CommandModule } from 'yargs';
 import { command as demo } from './demo.js';
+import { command as journal, replayLocalCommand } from './journal.js';
 import { command as serve } from './serve.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export const commands: CommandModule<any, any>[] = [serve, demo];
+export const commands: CommandModule<any, any>[] = [serve, demo, journal, replayLocalCommand];

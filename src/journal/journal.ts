@@ -1,0 +1,311 @@
+// The LMDB write log: gap-free sequence numbers assigned synchronously (call order is journal order),
+// group commit through lmdb-js's write batching, retention by consumer acks and the image checkpoint,
+// a size cap at which appends wait, and verified reads for recovery and replication.
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import path from 'node:path';
+import { open, type Database, type RootDatabase } from 'lmdb';
+import { BlockferryError, JournalCorruptError } from '../util/errors.js';
+import { silentLogger, type Logger } from '../util/logger.js';
+import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, verifyEntry } from './entry.js';
+import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
+
+/** Default cap on stored bytes. */
+export const DEFAULT_MAX_BYTES = 8 * 2 ** 30;
+/** LMDB map size: the cap plus headroom for B-tree pages and free-list growth. */
+const MAP_HEADROOM = 2 ** 30;
+/** Entries removed per synchronous prune transaction, so a large backlog never stalls the loop for long. */
+const PRUNE_BATCH = 2000;
+/** Default read batch limits. */
+const READ_MAX_ENTRIES = 1024;
+const READ_MAX_BYTES = 16 * 2 ** 20;
+
+export interface JournalOptions {
+  dir: string;
+  maxBytes?: number;
+  /** sync: `done` means on stable storage. commit: `done` means committed (ordered, visible); flush() syncs. */
+  durability?: 'sync' | 'commit';
+  logger?: Logger;
+}
+
+interface LogMeta {
+  head: number;
+  bytes: number;
+}
+
+interface Pending {
+  seq: number;
+  value: Buffer;
+  start: () => void;
+}
+
+export class Journal extends EventEmitter {
+  private head: number;
+  private committed: number;
+  private tail: number;
+  private bytes: number;
+  private checkpoint: number;
+  private readonly acks = new Map<string, number>();
+  private readonly waiters: Array<{ after: number; resolve: () => void }> = [];
+  private readonly waitingForSpace: Pending[] = [];
+  private pruning = false;
+  private isClosed = false;
+  private readonly log: Logger;
+
+  private constructor(
+    private readonly root: RootDatabase,
+    private readonly entries: Database<Buffer, number>,
+    private readonly meta: Database<unknown, string>,
+    readonly maxBytes: number,
+    private readonly durability: 'sync' | 'commit',
+    log: Logger,
+  ) {
+    super();
+    this.log = log;
+    const m = meta.get('log') as LogMeta | undefined;
+    let last = 0;
+    for (const k of entries.getKeys({ reverse: true, limit: 1 })) last = k as number;
+    let first = 0;
+    for (const k of entries.getKeys({ limit: 1 })) first = k as number;
+    this.head = Math.max(last, m?.head ?? 0);
+    this.committed = this.head;
+    this.tail = first || this.head + 1;
+    this.bytes = m?.bytes ?? 0;
+    this.checkpoint = (meta.get('checkpoint') as number | undefined) ?? 0;
+    for (const { key, value } of meta.getRange({ start: 'consumer:', end: 'consumer;' })) {
+      this.acks.set(String(key).slice('consumer:'.length), value as number);
+    }
+  }
+
+  static async open(opts: JournalOptions): Promise<Journal> {
+    fs.mkdirSync(opts.dir, { recursive: true });
+    const maxBytes = opts.maxBytes ?? DEFAULT_MAX_BYTES;
+    const durability = opts.durability ?? 'sync';
+    const root = open({
+      // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.
+      path: path.join(opts.dir, 'journal.mdb'),
+      mapSize: maxBytes * 2 + MAP_HEADROOM,
+      // Commits become visible first and are fsynced after, overlapping the next batch; `flushed` says when.
+      overlappingSync: true,
+      separateFlushed: true,
+    });
+    const entries = root.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
+    const meta = root.openDB<unknown, string>({ name: 'meta' });
+    const j = new Journal(root, entries, meta, maxBytes, durability, (opts.logger ?? silentLogger).child({ component: 'journal' }));
+    j.checkTail();
+    return j;
+  }
+
+  /** Verifies the last few entries on open so a torn or corrupt tail is named at once. */
+  private checkTail(): void {
+    const from = Math.max(this.tail, this.head - 7);
+    if (from <= this.head) this.read(from, { maxEntries: 8 });
+  }
+
+  get stats(): JournalStats {
+    return {
+      headSeq: this.head,
+      committedSeq: this.committed,
+      tailSeq: this.tail,
+      ackedSeq: this.retainFrom() - 1,
+      checkpointSeq: this.checkpoint,
+      entries: this.head >= this.tail ? this.head - this.tail + 1 : 0,
+      bytes: this.bytes,
+      maxBytes: this.maxBytes,
+    };
+  }
+
+  append(kind: EntryKind, offset: number, length: number, data?: Buffer): { seq: number; done: Promise<void> } {
+    if (this.isClosed) throw new BlockferryError('ESHUTDOWN', 'the journal is closed');
+    const seq = ++this.head;
+    const value = encodeValue(kind, offset, length, entryCrc(kind, offset, length, data), Date.now(), data);
+    let startCommit!: () => void;
+    const started = new Promise<void>((resolve) => (startCommit = resolve));
+    const done = started.then(() => this.commit(seq, value));
+    if (this.waitingForSpace.length > 0 || !this.hasRoom(value.length)) {
+      // Order is kept: once one append waits, every later one queues behind it.
+      this.waitingForSpace.push({ seq, value, start: startCommit });
+      this.emit('full', this.stats);
+      this.prune();
+    } else {
+      this.bytes += value.length;
+      startCommit();
+    }
+    return { seq, done };
+  }
+
+  private hasRoom(n: number): boolean {
+    // An entry larger than the whole cap is still taken into an empty journal, or nothing could ever pass.
+    return this.bytes + n <= this.maxBytes || this.head - 1 < this.tail;
+  }
+
+  private async commit(seq: number, value: Buffer): Promise<void> {
+    const log: LogMeta = { head: seq, bytes: this.bytes };
+    // Issued in seq order within one tick; lmdb-js batches them into one transaction (group commit).
+    const written = this.entries.put(seq, value) as Promise<boolean> & { flushed?: Promise<void> };
+    void this.meta.put('log', log);
+    await written;
+    if (seq > this.committed) {
+      this.committed = seq;
+      this.wake();
+    }
+    if (this.durability === 'sync') await (written.flushed ?? this.root.flushed);
+  }
+
+  private wake(): void {
+    for (let i = this.waiters.length - 1; i >= 0; i--) {
+      if (this.committed > this.waiters[i].after) this.waiters.splice(i, 1)[0].resolve();
+    }
+  }
+
+  async flush(): Promise<void> {
+    // Wait until everything assigned so far is committed, then until it is on stable storage.
+    if (this.committed < this.head) await this.waitFor(this.head - 1);
+    await this.root.flushed;
+  }
+
+  read(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number } = {}): JournalEntry[] {
+    const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
+    const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
+    const out: JournalEntry[] = [];
+    let bytes = 0;
+    let expect = Math.max(fromSeq, this.tail);
+    for (const { key, value } of this.entries.getRange({ start: expect, end: this.committed + 1 })) {
+      const seq = key as number;
+      if (seq !== expect) {
+        const err = new JournalCorruptError(expect, `missing from the journal (next stored entry is ${seq})`);
+        this.emit('corrupt', err);
+        throw err;
+      }
+      const e = decodeValue(seq, value);
+      try {
+        verifyEntry(e);
+      } catch (err) {
+        this.emit('corrupt', err);
+        throw err;
+      }
+      out.push(e);
+      bytes += value.length;
+      expect++;
+      if (out.length >= maxEntries || bytes >= maxBytes) break;
+    }
+    return out;
+  }
+
+  waitFor(afterSeq: number, signal?: AbortSignal): Promise<void> {
+    if (this.committed > afterSeq || this.isClosed || signal?.aborted) return Promise.resolve();
+    return new Promise((resolve) => {
+      const w = { after: afterSeq, resolve };
+      this.waiters.push(w);
+      signal?.addEventListener('abort', () => {
+        const i = this.waiters.indexOf(w);
+        if (i >= 0) this.waiters.splice(i, 1);
+        resolve();
+      });
+    });
+  }
+
+  // ---- retention -------------------------------------------------------------------------------
+
+  registerConsumer(id: string, startSeq?: number): ConsumerState {
+    let acked = this.acks.get(id);
+    if (acked === undefined) {
+      acked = startSeq !== undefined ? startSeq - 1 : this.tail - 1;
+      this.acks.set(id, acked);
+      void this.meta.put(`consumer:${id}`, acked);
+    }
+    return { id, ackedSeq: acked };
+  }
+
+  ack(id: string, seq: number): void {
+    const prev = this.acks.get(id);
+    if (prev === undefined || seq <= prev) return;
+    this.acks.set(id, Math.min(seq, this.committed));
+    void this.meta.put(`consumer:${id}`, this.acks.get(id));
+    this.prune();
+  }
+
+  removeConsumer(id: string): void {
+    if (this.acks.delete(id)) void this.meta.remove(`consumer:${id}`);
+    this.prune();
+  }
+
+  consumers(): ConsumerState[] {
+    return [...this.acks].map(([id, ackedSeq]) => ({ id, ackedSeq }));
+  }
+
+  async setCheckpoint(seq: number): Promise<void> {
+    this.checkpoint = Math.max(this.checkpoint, seq);
+    await this.meta.put('checkpoint', this.checkpoint);
+    this.prune();
+  }
+
+  getMeta<T = unknown>(key: string): T | undefined {
+    return this.meta.get(`user:${key}`) as T | undefined;
+  }
+
+  async setMeta(key: string, value: unknown): Promise<void> {
+    await this.meta.put(`user:${key}`, value);
+  }
+
+  /**
+   * First seq that must be kept: nothing at or past the checkpoint's successor may go (recovery needs it),
+   * nor anything a consumer has not acknowledged. Without consumers entries stay (so replay-local can
+   * rebuild from a base) until the cap needs room.
+   */
+  private retainFrom(): number {
+    let keep = this.checkpoint + 1;
+    if (this.acks.size === 0) return this.waitingForSpace.length > 0 ? keep : this.tail;
+    for (const a of this.acks.values()) keep = Math.min(keep, a + 1);
+    return keep;
+  }
+
+  private prune(): void {
+    if (this.pruning || this.isClosed) return;
+    const upTo = Math.min(this.retainFrom() - 1, this.committed);
+    if (upTo < this.tail) return this.admitWaiting();
+    this.pruning = true;
+    setImmediate(() => {
+      try {
+        const end = Math.min(upTo, this.tail + PRUNE_BATCH - 1);
+        let freed = 0;
+        this.entries.transactionSync(() => {
+          for (const { key, value } of this.entries.getRange({ start: this.tail, end: end + 1 })) {
+            freed += value.length;
+            this.entries.removeSync(key as number);
+          }
+        });
+        this.tail = end + 1;
+        this.bytes -= freed;
+        void this.meta.put('log', { head: this.committed, bytes: this.bytes } satisfies LogMeta);
+      } catch (err) {
+        this.log.error({ err }, 'pruning the journal failed');
+      } finally {
+        this.pruning = false;
+      }
+      this.prune();
+    });
+  }
+
+  private admitWaiting(): void {
+    let admitted = false;
+    while (this.waitingForSpace.length > 0 && this.hasRoom(this.waitingForSpace[0].value.length)) {
+      const p = this.waitingForSpace.shift()!;
+      this.bytes += p.value.length;
+      p.start();
+      admitted = true;
+    }
+    if (admitted) this.emit('space', this.stats);
+  }
+
+  async close(): Promise<void> {
+    if (this.isClosed) return;
+    // Appends waiting for space cannot complete; say so rather than hang.
+    this.isClosed = true;
+    for (const w of this.waiters.splice(0)) w.resolve();
+    await this.root.flushed;
+    await this.root.close();
+  }
+}
+
+export { VALUE_HEADER };

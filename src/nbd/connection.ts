@@ -1,0 +1,284 @@
+// The one place that owns a client socket: greeting, framing options and requests out of the byte stream,
+// backpressure (bounded in-flight requests and bytes), out-of-order replies, and shutdown.
+import type { Duplex } from 'node:stream';
+import type { Logger } from '../util/logger.js';
+import {
+  ClientFlag,
+  Cmd,
+  HandshakeFlag,
+  MAX_OPTION_LENGTH,
+  Opt,
+  nameOf,
+} from './constants.js';
+import {
+  ByteQueue,
+  OPTION_HEADER_SIZE,
+  REQUEST_HEADER_SIZE,
+  decodeOptionHeader,
+  decodeRequest,
+  encodeServerGreeting,
+  type Request,
+} from './codec.js';
+import { Negotiation, type NbdExport, type Session } from './negotiation.js';
+import { errorReply, execute, validate } from './transmission.js';
+
+/** Requests in flight per connection before we stop reading (the kernel client keeps up to 128). */
+const MAX_INFLIGHT_REQUESTS = 256;
+/** Payload bytes in flight per connection before we stop reading: bounds memory per client. */
+const MAX_INFLIGHT_BYTES = 64 * 2 ** 20;
+/** Options per connection: a client that keeps haggling forever is a denial of service. */
+const MAX_OPTIONS = 1024;
+/** Time allowed from accept to the end of the handshake. */
+const HANDSHAKE_TIMEOUT_MS = 30_000;
+
+type Phase = 'flags' | 'option-header' | 'option-data' | 'request' | 'payload' | 'discard' | 'closed';
+
+export class Connection {
+  private readonly queue = new ByteQueue();
+  private phase: Phase = 'flags';
+  private negotiation!: Negotiation;
+  private session: Session | undefined;
+  private optHeader = { option: 0, length: 0 };
+  private options = 0;
+  private current: Request | undefined;
+  private payload: Buffer | undefined;
+  private payloadFilled = 0;
+  private discardLeft = 0;
+  private inflight = 0;
+  private inflightBytes = 0;
+  private writeBlocked = false;
+  private paused = false;
+  private draining = false; // DISC received or server closing: no new requests
+  private readonly idle: Array<() => void> = [];
+  private handshakeTimer: NodeJS.Timeout | undefined;
+  readonly closed: Promise<void>;
+
+  constructor(
+    private readonly socket: Duplex,
+    private readonly exports: NbdExport[],
+    private readonly log: Logger,
+  ) {
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    socket.on('data', (chunk: Buffer) => this.onData(chunk));
+    socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
+    socket.on('close', () => this.onClose());
+    socket.on('drain', () => {
+      this.writeBlocked = false;
+      this.updateFlow();
+    });
+    this.handshakeTimer = setTimeout(() => {
+      this.log.warn('handshake not finished in time; closing');
+      this.destroy();
+    }, HANDSHAKE_TIMEOUT_MS);
+    this.handshakeTimer.unref();
+    this.send([encodeServerGreeting(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES)]);
+  }
+
+  /** Stop taking requests, let in-flight ones finish (up to graceMs), then close. */
+  async shutdown(graceMs: number): Promise<void> {
+    this.draining = true;
+    if (this.phase !== 'request' && this.phase !== 'payload' && this.phase !== 'discard') return this.destroy();
+    const timer = setTimeout(() => this.destroy(), graceMs);
+    await this.whenIdle();
+    clearTimeout(timer);
+    this.socket.end();
+    await this.closed;
+  }
+
+  destroy(): void {
+    this.phase = 'closed';
+    this.socket.destroy();
+  }
+
+  private whenIdle(): Promise<void> {
+    if (this.inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idle.push(resolve));
+  }
+
+  private onClose(): void {
+    this.phase = 'closed';
+    if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+  }
+
+  private send(bufs: Buffer[]): void {
+    if (this.phase === 'closed' || this.socket.destroyed) return;
+    let ok = true;
+    if (bufs.length === 1) ok = this.socket.write(bufs[0]);
+    else {
+      (this.socket as Duplex & { cork?: () => void }).cork?.();
+      for (const b of bufs) ok = this.socket.write(b) && ok;
+      (this.socket as Duplex & { uncork?: () => void }).uncork?.();
+    }
+    if (!ok) {
+      this.writeBlocked = true;
+      this.updateFlow();
+    }
+  }
+
+  /** Reads only while the client is within its in-flight budget and its replies are being consumed. */
+  private updateFlow(): void {
+    const stop = this.writeBlocked || this.inflight >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES;
+    if (stop && !this.paused) {
+      this.paused = true;
+      this.socket.pause();
+    } else if (!stop && this.paused) {
+      this.paused = false;
+      this.socket.resume();
+      // Frames already queued may now be processed.
+      setImmediate(() => this.pump());
+    }
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.phase === 'closed') return;
+    this.queue.push(chunk);
+    this.pump();
+  }
+
+  private protocolError(what: string): void {
+    this.log.warn({ phase: this.phase }, `protocol violation, closing: ${what}`);
+    this.destroy();
+  }
+
+  private pump(): void {
+    try {
+      this.pumpFrames();
+    } catch (err) {
+      this.log.error({ err }, 'internal error while framing; closing the connection');
+      this.destroy();
+    }
+  }
+
+  private pumpFrames(): void {
+    for (;;) {
+      if (this.paused && (this.phase === 'request' || this.phase === 'payload')) return;
+      switch (this.phase) {
+        case 'closed':
+          return;
+        case 'flags': {
+          if (this.queue.length < 4) return;
+          const flags = this.queue.take(4).readUInt32BE(0);
+          const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
+          if (flags & ~known) return this.protocolError(`unknown client flags 0x${flags.toString(16)}`);
+          this.negotiation = new Negotiation(this.exports, (flags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0);
+          this.phase = 'option-header';
+          break;
+        }
+        case 'option-header': {
+          if (this.queue.length < OPTION_HEADER_SIZE) return;
+          const h = decodeOptionHeader(this.queue.take(OPTION_HEADER_SIZE));
+          if (!h.magicOk) return this.protocolError('bad option magic');
+          if (++this.options > MAX_OPTIONS) return this.protocolError('too many options');
+          if (h.length > MAX_OPTION_LENGTH) return this.protocolError(`option data of ${h.length} bytes`);
+          this.optHeader = h;
+          this.phase = 'option-data';
+          break;
+        }
+        case 'option-data': {
+          if (this.queue.length < this.optHeader.length) return;
+          const data = Buffer.from(this.queue.take(this.optHeader.length));
+          const { option } = this.optHeader;
+          if (this.draining && option !== Opt.NBD_OPT_ABORT) return this.destroy();
+          const out = this.negotiation.handle(option, data);
+          this.log.debug({ option: nameOf(Opt, option) }, 'option');
+          this.send(out.replies);
+          if (out.next === 'close') {
+            this.socket.end();
+            this.phase = 'closed';
+            return;
+          }
+          if (out.next === 'transmission') {
+            this.session = out.session;
+            if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+            this.log.debug({ export: out.session.export.name, structured: out.session.structured }, 'transmission');
+            this.phase = 'request';
+          } else {
+            this.phase = 'option-header';
+          }
+          break;
+        }
+        case 'request': {
+          if (this.queue.length < REQUEST_HEADER_SIZE) return;
+          const r = decodeRequest(this.queue.take(REQUEST_HEADER_SIZE));
+          if (!r.magicOk) return this.protocolError('bad request magic');
+          this.onRequest(r);
+          break;
+        }
+        case 'payload': {
+          const need = this.payload!.length - this.payloadFilled;
+          if (this.queue.length === 0) return;
+          if (this.payloadFilled === 0 && this.queue.length >= need) {
+            // Whole payload available: slice (or copy once when it straddles chunks).
+            this.payload = Buffer.from(this.queue.take(need));
+            this.payloadFilled = need;
+          } else {
+            this.payloadFilled += this.queue.copyTo(this.payload!, this.payloadFilled, need);
+          }
+          if (this.payloadFilled < this.payload!.length) return;
+          const r = this.current!;
+          const data = this.payload!;
+          this.current = this.payload = undefined;
+          this.phase = 'request';
+          this.start(r, data);
+          break;
+        }
+        case 'discard': {
+          this.discardLeft -= this.queue.skip(this.discardLeft);
+          if (this.discardLeft > 0) return;
+          const r = this.current!;
+          this.current = undefined;
+          this.phase = 'request';
+          this.send(errorReply(this.session!, r.handle, validate(this.session!, r)));
+          break;
+        }
+      }
+    }
+  }
+
+  private onRequest(r: Request): void {
+    const s = this.session!;
+    if (r.type === Cmd.NBD_CMD_DISC) {
+      this.draining = true;
+      this.phase = 'closed';
+      this.socket.pause();
+      void this.whenIdle().then(() => this.socket.end());
+      return;
+    }
+    const bad = validate(s, r);
+    if (r.type === Cmd.NBD_CMD_WRITE) {
+      if (bad) {
+        // The payload still follows on the wire: skip it (no memory), then reply the error.
+        this.current = r;
+        this.discardLeft = r.length;
+        this.phase = 'discard';
+        return;
+      }
+      this.current = r;
+      this.payload = Buffer.allocUnsafe(r.length);
+      this.payloadFilled = 0;
+      this.phase = 'payload';
+      return;
+    }
+    if (bad) return this.send(errorReply(s, r.handle, bad));
+    this.start(r, undefined);
+  }
+
+  private start(r: Request, payload: Buffer | undefined): void {
+    const bytes = r.type === Cmd.NBD_CMD_READ || r.type === Cmd.NBD_CMD_WRITE ? r.length : 0;
+    this.inflight++;
+    this.inflightBytes += bytes;
+    this.updateFlow();
+    execute(this.session!, r, payload).then(
+      (bufs) => this.finish(bufs, bytes),
+      (err) => this.finish(errorReply(this.session!, r.handle, err), bytes),
+    );
+  }
+
+  private finish(bufs: Buffer[], bytes: number): void {
+    this.send(bufs);
+    this.inflight--;
+    this.inflightBytes -= bytes;
+    if (this.inflight === 0) for (const f of this.idle.splice(0)) f();
+    this.updateFlow();
+  }
+}

@@ -1,0 +1,82 @@
+// The NBD server: listens on TCP or a Unix socket, hands each client to a Connection, and closes gracefully.
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import net from 'node:net';
+import type { Duplex } from 'node:stream';
+import { silentLogger, type Logger } from '../util/logger.js';
+import { Connection } from './connection.js';
+import type { NbdExport } from './negotiation.js';
+
+export type { NbdExport } from './negotiation.js';
+
+export interface NbdServerOptions {
+  exports: NbdExport[];
+  logger?: Logger;
+}
+
+/** Simultaneous clients accepted; beyond it new sockets are closed at once (a flood must not exhaust fds). */
+const MAX_CONNECTIONS = 512;
+
+export class NbdServer extends EventEmitter {
+  private readonly servers: net.Server[] = [];
+  private readonly conns = new Set<Connection>();
+  private readonly log: Logger;
+  private readonly exports: NbdExport[];
+
+  constructor(opts: NbdServerOptions) {
+    super();
+    if (opts.exports.length === 0) throw new Error('NbdServer needs at least one export');
+    this.exports = opts.exports;
+    this.log = (opts.logger ?? silentLogger).child({ component: 'nbd' });
+  }
+
+  get connectionCount(): number {
+    return this.conns.size;
+  }
+
+  async listen(target: { host: string; port: number } | { path: string }): Promise<{ host?: string; port?: number; path?: string }> {
+    const server = net.createServer({ noDelay: true }, (sock) => this.accept(sock));
+    server.on('error', (err) => this.log.error({ err }, 'listener error'));
+    if ('path' in target) {
+      // A stale socket file from a killed run would make listen fail with EADDRINUSE.
+      if (fs.existsSync(target.path) && fs.statSync(target.path).isSocket()) fs.unlinkSync(target.path);
+    }
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      if ('path' in target) server.listen(target.path, () => resolve());
+      else server.listen(target.port, target.host, () => resolve());
+    });
+    this.servers.push(server);
+    const addr = server.address();
+    if (typeof addr === 'string') return { path: addr };
+    return { host: addr!.address, port: addr!.port };
+  }
+
+  private accept(sock: net.Socket): void {
+    if (this.conns.size >= MAX_CONNECTIONS) {
+      this.log.warn({ peer: sock.remoteAddress }, 'too many connections; refusing one');
+      sock.destroy();
+      return;
+    }
+    sock.setNoDelay(true);
+    this.handleConnection(sock);
+  }
+
+  /** Serves one already-connected stream (a TCP/Unix socket, or an in-memory duplex in tests). */
+  handleConnection(stream: Duplex): void {
+    const peer = (stream as net.Socket).remoteAddress ?? 'local';
+    const conn = new Connection(stream, this.exports, this.log.child({ peer }));
+    this.conns.add(conn);
+    void conn.closed.then(() => this.conns.delete(conn));
+  }
+
+  /** Stops accepting, lets in-flight requests finish (up to graceMs), closes every client. */
+  async close(opts: { graceMs?: number } = {}): Promise<void> {
+    const grace = opts.graceMs ?? 10_000;
+    // net.Server.close() calls back only once every connection has ended, so shut connections down meanwhile.
+    const stopped = this.servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    this.servers.length = 0;
+    await Promise.all([...this.conns].map((c) => c.shutdown(grace)));
+    await Promise.all(stopped);
+  }
+}
