@@ -39,16 +39,23 @@ export function verifyEntry(e: JournalEntry): void {
   if (crc !== e.crc) throw new JournalCorruptError(e.seq, `CRC32C mismatch (stored ${e.crc.toString(16)}, computed ${crc.toString(16)})`);
 }
 
-// Stored value: kind u8, 3 reserved, crc u32, offset u64, length u64, ts f64, then data (WRITE only).
-export const VALUE_HEADER = 32;
+// Stored value: kind u8, 3 reserved, crc u32, offset u64, length u64, ts f64, cum f64, then data (WRITE
+// only). `cum` is the total of stored value bytes appended since the journal began, this one included: the
+// journal's size is last.cum - first.cum + first size, with no counter to rewrite on every append.
+export const VALUE_HEADER = 40;
 
-export function encodeValue(kind: number, offset: number, length: number, crc: number, ts: number, data?: Buffer): Buffer {
+export function valueCum(v: Buffer): number {
+  return v.readDoubleBE(32);
+}
+
+export function encodeValue(kind: number, offset: number, length: number, crc: number, ts: number, data: Buffer | undefined, cum: number): Buffer {
   const b = Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));
   b.writeUInt32BE(kind << 24, 0);
   b.writeUInt32BE(crc, 4);
   u64(b, offset, 8);
   u64(b, length, 16);
   b.writeDoubleBE(ts, 24);
+  b.writeDoubleBE(cum + b.length, 32);
   if (data) data.copy(b, VALUE_HEADER);
   return b;
 }

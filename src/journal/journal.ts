@@ -7,12 +7,12 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, verifyEntry } from './entry.js';
+import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
 export const DEFAULT_MAX_BYTES = 8 * 2 ** 30;
-/** LMDB map size: the cap plus headroom for B-tree pages and free-list growth. */
+/** LMDB map size: the cap plus a quarter and this headroom for B-tree pages and free-list growth (a larger map measured slower). */
 const MAP_HEADROOM = 2 ** 30;
 /** Entries removed per synchronous prune transaction, so a large backlog never stalls the loop for long. */
 const PRUNE_BATCH = 2000;
@@ -28,9 +28,10 @@ export interface JournalOptions {
   logger?: Logger;
 }
 
+/** Written when pruning, so seqs and `cum` continue even when every entry has been pruned. */
 interface LogMeta {
   head: number;
-  bytes: number;
+  cum: number;
 }
 
 interface Pending {
@@ -44,7 +45,10 @@ export class Journal extends EventEmitter {
   private committed: number;
   private tail: number;
   private bytes: number;
+  private cum: number;
   private checkpoint: number;
+  private syncing: Promise<void> | undefined;
+  private syncAgain = false;
   private readonly acks = new Map<string, number>();
   private readonly waiters: Array<{ after: number; resolve: () => void }> = [];
   private readonly waitingForSpace: Pending[] = [];
@@ -63,14 +67,15 @@ export class Journal extends EventEmitter {
     super();
     this.log = log;
     const m = meta.get('log') as LogMeta | undefined;
-    let last = 0;
-    for (const k of entries.getKeys({ reverse: true, limit: 1 })) last = k as number;
-    let first = 0;
-    for (const k of entries.getKeys({ limit: 1 })) first = k as number;
-    this.head = Math.max(last, m?.head ?? 0);
+    let last: { key: number; value: Buffer } | undefined;
+    for (const e of entries.getRange({ reverse: true, limit: 1 })) last = e as { key: number; value: Buffer };
+    let first: { key: number; value: Buffer } | undefined;
+    for (const e of entries.getRange({ limit: 1 })) first = e as { key: number; value: Buffer };
+    this.head = Math.max(last?.key ?? 0, m?.head ?? 0);
     this.committed = this.head;
-    this.tail = first || this.head + 1;
-    this.bytes = m?.bytes ?? 0;
+    this.tail = first?.key ?? this.head + 1;
+    this.cum = last ? valueCum(last.value) : (m?.cum ?? 0);
+    this.bytes = last && first ? this.cum - valueCum(first.value) + first.value.length : 0;
     this.checkpoint = (meta.get('checkpoint') as number | undefined) ?? 0;
     for (const { key, value } of meta.getRange({ start: 'consumer:', end: 'consumer;' })) {
       this.acks.set(String(key).slice('consumer:'.length), value as number);
@@ -84,10 +89,7 @@ export class Journal extends EventEmitter {
     const root = open({
       // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.
       path: path.join(opts.dir, 'journal.mdb'),
-      mapSize: maxBytes * 2 + MAP_HEADROOM,
-      // Commits become visible first and are fsynced after, overlapping the next batch; `flushed` says when.
-      overlappingSync: true,
-      separateFlushed: true,
+      mapSize: Math.ceil(maxBytes * 1.25) + MAP_HEADROOM,
     });
     const entries = root.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
     const meta = root.openDB<unknown, string>({ name: 'meta' });
@@ -118,7 +120,8 @@ export class Journal extends EventEmitter {
   append(kind: EntryKind, offset: number, length: number, data?: Buffer): { seq: number; done: Promise<void> } {
     if (this.isClosed) throw new BlockferryError('ESHUTDOWN', 'the journal is closed');
     const seq = ++this.head;
-    const value = encodeValue(kind, offset, length, entryCrc(kind, offset, length, data), Date.now(), data);
+    const value = encodeValue(kind, offset, length, entryCrc(kind, offset, length, data), Date.now(), data, this.cum);
+    this.cum = valueCum(value);
     let startCommit!: () => void;
     const started = new Promise<void>((resolve) => (startCommit = resolve));
     const done = started.then(() => this.commit(seq, value));
@@ -140,10 +143,8 @@ export class Journal extends EventEmitter {
   }
 
   private async commit(seq: number, value: Buffer): Promise<void> {
-    const log: LogMeta = { head: seq, bytes: this.bytes };
-    // Issued in seq order within one tick; lmdb-js batches them into one transaction (group commit).
+    // Issued in seq order; lmdb-js batches puts made while a commit runs into the next one (group commit).
     const written = this.entries.put(seq, value) as Promise<boolean> & { flushed?: Promise<void> };
-    void this.meta.put('log', log);
     await written;
     if (seq > this.committed) {
       this.committed = seq;
@@ -161,7 +162,26 @@ export class Journal extends EventEmitter {
   async flush(): Promise<void> {
     // Wait until everything assigned so far is committed, then until it is on stable storage.
     if (this.committed < this.head) await this.waitFor(this.head - 1);
-    await this.root.flushed;
+    if (this.durability === 'sync') await this.root.flushed;
+    else await this.syncEnv();
+  }
+
+  /** One fsync of the environment at a time; callers arriving meanwhile share the next one. */
+  private async syncEnv(): Promise<void> {
+    if (this.syncing) {
+      this.syncAgain = true;
+      while (this.syncing) await this.syncing;
+      if (!this.syncAgain) return;
+    }
+    this.syncAgain = false;
+    this.syncing = new Promise<void>((resolve, reject) =>
+      (this.root as unknown as { sync(cb: (err?: Error) => void): void }).sync((err) => (err ? reject(err) : resolve())),
+    );
+    try {
+      await this.syncing;
+    } finally {
+      this.syncing = undefined;
+    }
   }
 
   read(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number } = {}): JournalEntry[] {
@@ -277,7 +297,7 @@ export class Journal extends EventEmitter {
         });
         this.tail = end + 1;
         this.bytes -= freed;
-        void this.meta.put('log', { head: this.committed, bytes: this.bytes } satisfies LogMeta);
+        void this.meta.put('log', { head: this.committed, cum: this.cum } satisfies LogMeta);
       } catch (err) {
         this.log.error({ err }, 'pruning the journal failed');
       } finally {
@@ -303,7 +323,9 @@ export class Journal extends EventEmitter {
     // Appends waiting for space cannot complete; say so rather than hang.
     this.isClosed = true;
     for (const w of this.waiters.splice(0)) w.resolve();
-    await this.root.flushed;
+    await this.meta.put('log', { head: this.committed, cum: this.cum } satisfies LogMeta);
+    if (this.durability === 'sync') await this.root.flushed;
+    else await this.syncEnv();
     await this.root.close();
   }
 }
