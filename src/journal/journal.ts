@@ -98,10 +98,17 @@ export class Journal extends EventEmitter {
     return j;
   }
 
-  /** Verifies the last few entries on open so a torn or corrupt tail is named at once. */
+  /**
+   * Verifies the last few entries on open so a corrupt tail is named at once in the log. The journal still
+   * opens (inspect must work on it); every read of that entry throws.
+   */
   private checkTail(): void {
     const from = Math.max(this.tail, this.head - 7);
-    if (from <= this.head) this.read(from, { maxEntries: 8 });
+    try {
+      if (from <= this.head) this.read(from, { maxEntries: 8 });
+    } catch (err) {
+      this.log.error({ err }, 'the journal has a corrupt entry near its head');
+    }
   }
 
   get stats(): JournalStats {
