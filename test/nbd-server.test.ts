@@ -1,0 +1,130 @@
+// The server over real loopback sockets: semantics a client relies on, errors that leave the connection
+// usable, hostile input that never disturbs another client, and a bounded fuzz run.
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import net from 'node:net';
+import path from 'node:path';
+import { FileDevice } from '../src/device/file-device.js';
+import { MemoryDevice } from '../src/device/memory-device.js';
+import { NbdServer } from '../src/nbd/server.js';
+import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
+
+const SIZE = 16 * 2 ** 20;
+
+async function serve(t: { teardown(fn: () => unknown): void }, exports: ConstructorParameters<typeof NbdServer>[0]['exports']) {
+  const server = new NbdServer({ exports });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close({ graceMs: 100 }));
+  return { server, port: port! };
+}
+
+t.test('reads, writes and pipelining round-trip, simple and structured', async (t) => {
+  const dev = new MemoryDevice(SIZE);
+  const { port } = await serve(t, [{ name: 'a', device: dev }]);
+  for (const structured of [false, true]) {
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'a', structured });
+    t.equal(c.size, SIZE);
+    const blocks = Array.from({ length: 64 }, () => randomBytes(4096 + 13));
+    await Promise.all(blocks.map((b, i) => c.write(i * 8192 + 7, b)));
+    const back = await Promise.all(blocks.map((b, i) => c.read(i * 8192 + 7, b.length)));
+    t.ok(back.every((b, i) => b.equals(blocks[i])), `64 pipelined unaligned writes read back (structured=${structured})`);
+    await c.close();
+  }
+});
+
+t.test('errors per the spec, and the connection goes on', async (t) => {
+  const { port } = await serve(t, [
+    { name: 'rw', device: new MemoryDevice(SIZE) },
+    { name: 'ro', device: new MemoryDevice(SIZE), readOnly: true },
+  ]);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'rw' });
+  await t.rejects(c.read(SIZE - 100, 200), { errno: 22 }, 'read past the end: EINVAL');
+  await t.rejects(c.write(SIZE - 100, Buffer.alloc(200)), { errno: 28 }, 'write past the end: ENOSPC');
+  await t.rejects(c.request(99, 0, 0), { errno: 22 }, 'unknown command: EINVAL');
+  await t.rejects(c.request(0, 0, 512, { flags: 1 << 3 }), { errno: 22 }, 'flag not valid for READ: EINVAL');
+  await t.rejects(c.read(0, 33 * 2 ** 20), { errno: 22 }, 'read over the 32 MiB limit: EINVAL');
+  await t.rejects(c.request(7, 0, 4096), { errno: 22 }, 'BLOCK_STATUS without a meta context: EINVAL');
+  await c.write(0, Buffer.from('still here'));
+  t.equal((await c.read(0, 10)).toString(), 'still here', 'the connection still works');
+  const ro = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'ro' });
+  t.ok(ro.flags & 2, 'READ_ONLY advertised');
+  await t.rejects(ro.write(0, Buffer.alloc(512)), { errno: 1 }, 'write to a read-only export: EPERM');
+  await t.rejects(NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'nope' }), /NBD_OPT_GO failed/);
+  await c.close();
+  await ro.close();
+});
+
+t.test('write-zeroes is emulated on a device that cannot zero, trim is a harmless hint', async (t) => {
+  const file = await FileDevice.open({ path: path.join(t.testdir(), 'z.img'), size: SIZE });
+  t.teardown(() => file.close());
+  t.equal(file.capabilities.zeroes, false);
+  const { port } = await serve(t, [{ name: 'f', device: file }]);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'f' });
+  await c.write(4096, randomBytes(3 * 2 ** 20));
+  await c.request(6, 4096 + 100, 2 * 2 ** 20); // WRITE_ZEROES
+  const got = await c.read(4096, 3 * 2 ** 20);
+  t.ok(got.subarray(100, 100 + 2 * 2 ** 20).equals(Buffer.alloc(2 * 2 ** 20)), 'range reads as zeroes');
+  t.notOk(got.subarray(0, 100).equals(Buffer.alloc(100)), 'bytes before it untouched');
+  await t.rejects(c.request(6, 0, 4096, { flags: 1 << 4 }), { errno: 22 }, 'FAST_ZERO not advertised: EINVAL');
+  await c.request(4, 0, 4096); // TRIM
+  await c.flush();
+  await c.close();
+});
+
+t.test('hostile clients never disturb a good one', async (t) => {
+  // Hostile inputs go to the default export (they may legitimately write it); the good client uses its own.
+  const { port } = await serve(t, [
+    { name: 'a', device: new MemoryDevice(SIZE) },
+    { name: 'good', device: new MemoryDevice(SIZE) },
+  ]);
+  const good = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'good' });
+  const expect = new Map<number, Buffer>();
+  let tried = 0;
+  let goodErrors = 0;
+  const deadline = Date.now() + 8000;
+  const templates = [
+    Buffer.from('00000003' + '49484156454f5054' + '00000007' + '00000006' + '000000000000', 'hex'), // GO ""
+    Buffer.from('00000003' + '49484156454f5054' + '00000003' + '00000000', 'hex'), // LIST
+    Buffer.from('00000003' + '49484156454f5054' + '00000008' + '00000000' + '49484156454f5054' + '0000000a' + '0000000c' + '00000000' + '00000001' + '00000000', 'hex'),
+    Buffer.from('00000003' + '49484156454f5054' + '00000007' + '00000006' + '000000000000' + '25609513' + '00010001' + '0000000000000001' + '0000000000000000' + '00000010' + 'aa'.repeat(16), 'hex'),
+  ];
+  const hostile = async () => {
+    while (Date.now() < deadline) {
+      const s = net.connect(port, '127.0.0.1');
+      s.on('error', () => undefined);
+      await new Promise((r) => s.once('connect', r));
+      const base = templates[Math.floor(Math.random() * templates.length)];
+      const m = Buffer.from(Math.random() < 0.2 ? randomBytes(1 + Math.floor(Math.random() * 200)) : base);
+      for (let k = 0; k < 1 + Math.floor(Math.random() * 4); k++) m[Math.floor(Math.random() * m.length)] = Math.floor(Math.random() * 256);
+      s.write(m);
+      tried++;
+      await new Promise((r) => setTimeout(r, 2));
+      s.destroy();
+    }
+  };
+  const goodLoop = async () => {
+    let i = 0;
+    while (Date.now() < deadline) {
+      const off = (i++ % 512) * 4096;
+      const d = randomBytes(4096);
+      try {
+        await good.write(off, d);
+        expect.set(off, d);
+        const back = await good.read(off, 4096);
+        if (!back.equals(d)) goodErrors++;
+      } catch {
+        goodErrors++;
+      }
+    }
+  };
+  await Promise.all([hostile(), hostile(), hostile(), goodLoop()]);
+  t.comment(`fuzz: ${tried} mutated handshake/transmission inputs from short connections`);
+  t.equal(goodErrors, 0, 'the good client saw no error and no wrong byte');
+  t.ok(tried > 100, 'the fuzzer ran');
+  const again = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'good' });
+  let same = true;
+  for (const [off, d] of expect) if (!(await again.read(off, 4096)).equals(d)) same = false;
+  t.ok(same, 'a new client reads every byte the good client wrote');
+  await again.close();
+  await good.close();
+});
