@@ -3,60 +3,18 @@
 // present, and the image equals zeroes + the journal replayed (nothing in the image the journal lacks, and
 // nothing in the journal the image lacks).
 import t from 'tap';
-import { spawn, type ChildProcess } from 'node:child_process';
+import type { ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
+import { CLI, run, startServe } from './helpers/processes.js';
 
-const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
-const CLI = path.join(ROOT, 'dist/cli/index.js');
 const SIZE = 64 * 2 ** 20;
 const BLOCK = 4096;
 const ROUNDS = Number(process.env.CRASH_ROUNDS ?? 8);
 /** Writes kept in flight by the workload (the kernel client keeps up to 128). */
 const PIPELINE = 16;
-
-interface Served {
-  child: ChildProcess;
-  port: number;
-  exited: Promise<number | null>;
-}
-
-function startServe(args: string[]): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  let stderr = '';
-  child.stderr!.on('data', (d) => (stderr += d));
-  return new Promise((resolve, reject) => {
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`serve did not start in 20 s:\n${stderr}`)), 20_000);
-    child.stdout!.on('data', (d) => {
-      out += d;
-      const m = /listening on nbd:\/\/[^:]+:(\d+)\//.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ child, port: Number(m[1]), exited });
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`serve exited (${code}) before listening:\n${stderr}`));
-    });
-  });
-}
-
-function run(cmd: string, args: string[]): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    let err = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (err += d));
-    p.on('exit', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')} exited ${code}: ${err}`))));
-  });
-}
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 

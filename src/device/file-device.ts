@@ -4,6 +4,7 @@
 import fs from 'node:fs';
 import { UsageError } from '../util/errors.js';
 import type { BlockDevice, DeviceCapabilities } from './block-device.js';
+import { writeZeroBuffers } from './zero-fill.js';
 
 /** Requests up to this size are done synchronously (see the file comment). */
 const DEFAULT_SYNC_THRESHOLD = 128 * 1024;
@@ -137,11 +138,8 @@ export class FileDevice implements BlockDevice {
 
   async trim(): Promise<void> {}
 
-  async writeZeroes(offset: number, length: number): Promise<void> {
-    const zero = Buffer.alloc(Math.min(length, 1024 * 1024));
-    for (let at = offset; at < offset + length; at += zero.length) {
-      await this.write(at, zero.subarray(0, Math.min(zero.length, offset + length - at)));
-    }
+  writeZeroes(offset: number, length: number): Promise<void> {
+    return writeZeroBuffers(this, offset, length);
   }
 
   async close(): Promise<void> {

@@ -3,6 +3,7 @@
 // 2. once committed, apply to the image in seq order for overlapping ranges, 3. resolve (the NBD reply).
 // On open it recovers: entries after the last checkpoint are re-applied before anyone can connect.
 import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import { writeZeroBuffers } from '../device/zero-fill.js';
 import type { Journal } from '../journal/journal.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
@@ -15,8 +16,6 @@ const CHECKPOINT_INTERVAL_MS = 5_000;
 export const MAX_CAPTURE_BYTES = 32 * 2 ** 20;
 /** Entries re-applied per journal read during recovery (bounded memory). */
 const RECOVERY_BATCH_BYTES = 64 * 2 ** 20;
-/** Zero buffers written at most this large when the image cannot zero a range natively. */
-const ZERO_CHUNK = 4 * 2 ** 20;
 
 export interface MirrorOptions {
   device: BlockDevice;
@@ -118,7 +117,7 @@ export class MirrorDevice implements BlockDevice {
     const { seq, done } = this.journal.append(EntryKind.ZERO, offset, length);
     // The range must read as zeroes on every copy; NO_HOLE/FAST_ZERO are local allocation policy only.
     return this.order.run(seq, offset, offset + length, done, () =>
-      this.inner.writeZeroes(offset, length, { noHole: opts?.noHole }),
+      this.inner.capabilities.zeroes ? this.inner.writeZeroes(offset, length, { noHole: opts?.noHole }) : writeZeroBuffers(this.inner, offset, length),
     );
   }
 
@@ -221,11 +220,7 @@ export class MirrorDevice implements BlockDevice {
 /** Makes a range read as zeroes on the image, natively when it can. */
 async function applyZero(dev: BlockDevice, offset: number, length: number): Promise<void> {
   if (dev.capabilities.zeroes) return dev.writeZeroes(offset, length);
-  const zero = Buffer.alloc(Math.min(length, ZERO_CHUNK));
-  for (let at = offset; at < offset + length; at += zero.length) {
-    const n = Math.min(zero.length, offset + length - at);
-    await dev.write(at, n === zero.length ? zero : zero.subarray(0, n));
-  }
+  return writeZeroBuffers(dev, offset, length);
 }
 
 /** Applies one journal entry to an image (recovery; the replayer and replay-local apply the same way). */

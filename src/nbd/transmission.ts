@@ -2,6 +2,7 @@
 // reply buffers. The connection has framed the request (and read any WRITE payload) already; nothing here
 // touches the socket, and no reply header is built before the result is known.
 import type { BlockDevice } from '../device/block-device.js';
+import { writeZeroBuffers } from '../device/zero-fill.js';
 import { BASE_ALLOCATION_ID, Cmd, CmdFlag as F, Errno, MAX_PAYLOAD, StateFlag, TransmissionFlag as TF } from './constants.js';
 import {
   encodeBlockStatus,
@@ -14,8 +15,6 @@ import {
 import { nbdErrno } from './errno.js';
 import type { Session } from './negotiation.js';
 
-/** Zero buffers used to emulate WRITE_ZEROES are at most this large (bounded memory). */
-const ZERO_CHUNK = 1 * 2 ** 20;
 /** At most this many extents per BLOCK_STATUS reply (the spec lets servers return fewer). */
 const MAX_EXTENTS = 1024;
 /** BLOCK_STATUS asks the device about at most this much at once. */
@@ -115,11 +114,7 @@ export async function execute(s: Session, r: Request, payload: Buffer | undefine
         } else if (fastZero) {
           throw new RequestError(Errno.ENOTSUP, 'fast zeroing is not available on this export');
         } else {
-          const zero = Buffer.alloc(Math.min(r.length, ZERO_CHUNK));
-          for (let at = r.offset; at < r.offset + r.length; at += zero.length) {
-            const n = Math.min(zero.length, r.offset + r.length - at);
-            await dev.write(at, n === zero.length ? zero : zero.subarray(0, n));
-          }
+          await writeZeroBuffers(dev, r.offset, r.length);
         }
         await afterWrite(dev, fua);
         return okReply(s, r.handle);
