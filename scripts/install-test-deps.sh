@@ -16,6 +16,8 @@ for cmd in "${!need[@]}"; do
 done
 [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx insmod || missing+=(busybox-static)
 ls /boot/vmlinuz-*-cloud-amd64 >/dev/null 2>&1 || missing+=(linux-image-cloud-amd64)
+# Debian builds fio's nbd engine into the fio package itself (linked to libnbd); no separate engine package.
+fio_has_nbd() { fio --enghelp 2>/dev/null | grep -qw nbd; }
 
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t pkgs < <(printf '%s\n' "${missing[@]}" | sort -u)
@@ -33,6 +35,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
   rm -f "$log"
 fi
+for cmd in "${!need[@]}"; do
+  PATH="$PATH:/usr/sbin:/sbin" command -v "$cmd" >/dev/null 2>&1 || { echo "install-test-deps: $cmd is still missing after installing ${need[$cmd]}" >&2; exit 1; }
+done
+fio_has_nbd || { echo "install-test-deps: fio has no nbd engine (fio --enghelp does not list nbd); install a fio built with libnbd" >&2; exit 1; }
 
 # FUSE and loop devices are used by the ext4 interop test.
 [ -e /dev/fuse ] || modprobe fuse 2>/dev/null || { echo "install-test-deps: /dev/fuse is missing" >&2; exit 1; }

@@ -1,10 +1,11 @@
 // Real NBD clients against a real `blockferry serve` process (journaled): nbdinfo, nbdcopy, qemu-img,
 // qemu-io and fio's nbd engine. These tools are installed by scripts/install-test-deps.sh, never skipped.
 import t from 'tap';
-import { randomBytes, createHash } from 'node:crypto';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, run, startServe } from './helpers/processes.js';
+import { filesEqual, sha256File } from './helpers/files.js';
 
 const SIZE = 256 * 2 ** 20;
 
@@ -24,7 +25,7 @@ t.test('nbdinfo, nbdcopy, qemu-img, qemu-io and fio against serve', async (t) =>
   const list = (await run('nbdinfo', ['--list', '--json', base])).stdout;
   t.same(JSON.parse(list).exports.map((x: { 'export-name': string }) => x['export-name']).sort(), ['disk', 'two'], 'export list');
   const map = (await run('nbdinfo', ['--map', `${base}/disk`])).stdout;
-  t.match(map, /0\s+268435456\s+0\s+data/, 'base:allocation map answered');
+  t.match(map, /^\s*0\s+268435456\s+3\s+hole,zero\s*$/, 'base:allocation: a new sparse image is one hole that reads as zeroes');
 
   // nbdcopy round trip of random data, compared by checksum and by qemu-img compare.
   const src = path.join(dir, 'src.bin');
@@ -34,10 +35,13 @@ t.test('nbdinfo, nbdcopy, qemu-img, qemu-io and fio against serve', async (t) =>
   await run('nbdcopy', [src, `${base}/two`]);
   const back = path.join(dir, 'back.bin');
   await run('nbdcopy', [`${base}/two`, back]);
-  const sum = (f: string) => createHash('sha256').update(fs.readFileSync(f)).digest('hex');
-  t.equal(sum(back), sum(src), 'nbdcopy there and back: same sha256');
+  t.equal(await sha256File(back), await sha256File(src), 'nbdcopy there and back: same sha256');
+  t.ok(filesEqual(back, src), 'nbdcopy there and back: same bytes');
   await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, `${base}/two`]);
   t.pass('qemu-img compare: identical');
+  const map2 = (await run('nbdinfo', ['--map', `${base}/two`])).stdout;
+  t.match(map2, /^\s*0\s+41943040\s+0\s+data\s*$/m, 'base:allocation: the 40 MiB copied are data');
+  t.match(map2, /^\s*41943040\s+\d+\s+3\s+hole,zero\s*$/m, 'and the zero tail stayed a hole (nbdcopy skipped it)');
 
   // qemu-io patterns at aligned and unaligned offsets, zeroes, discard, flush.
   const io = await run('qemu-io', [

@@ -1,0 +1,252 @@
+// `npm run bench`: fio's nbd engine against blockferry (journal off and on), nbdkit file and qemu-nbd, in one
+// run, each on a fresh copy of the same fully allocated random-data image. Prints a table and writes JSON to bench/results/.
+//
+// usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N]
+//   NAME: blockferry-nojournal, blockferry-journal, nbdkit, qemu-nbd
+import { spawn, execFileSync } from 'node:child_process';
+import { randomFillSync } from 'node:crypto';
+import fs from 'node:fs';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const CLI = path.join(ROOT, 'dist/cli/index.js');
+// 1 GiB, as in the issue's and PERF-NOTES' figures; fully allocated so no server pays for ext4 hole filling.
+const IMAGE_BYTES = 2 ** 30;
+// How long a server may take to start listening before the run gives up on it.
+const START_TIMEOUT_MS = 30_000;
+
+const argv = process.argv.slice(2);
+const quick = argv.includes('--quick');
+const onlyArg = argv.includes('--only') ? argv[argv.indexOf('--only') + 1] : undefined;
+const rounds = argv.includes('--rounds') ? Number(argv[argv.indexOf('--rounds') + 1]) : quick ? 1 : 2;
+// 5 s per job after a 1 s ramp, as in PERF-NOTES; --quick trades stability for a ~1 minute run.
+const RUNTIME_S = quick ? 2 : 5;
+const RAMP_S = 1;
+
+const JOBS = [
+  { name: '1M seq write', rw: 'write', bs: '1M', iodepth: 16, dir: 'write', metric: 'mibs' },
+  { name: '1M seq read', rw: 'read', bs: '1M', iodepth: 16, dir: 'read', metric: 'mibs' },
+  { name: '4K rand write', rw: 'randwrite', bs: '4k', iodepth: 32, dir: 'write', metric: 'iops' },
+  { name: '4K rand read', rw: 'randread', bs: '4k', iodepth: 32, dir: 'read', metric: 'iops' },
+];
+
+/** Every server speaks NBD on 127.0.0.1; `start` resolves to { uri, pid, child } once it accepts clients. */
+const SERVERS = [
+  {
+    name: 'blockferry-nojournal',
+    blockferry: true,
+    start: (img) => startBlockferry(['--image', img, '--listen', '127.0.0.1:0', '--no-journal']),
+  },
+  {
+    name: 'blockferry-journal',
+    blockferry: true,
+    start: (img, work) => startBlockferry(['--image', img, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal')]),
+  },
+  {
+    // nbdkit's file plugin defaults to the page cache (writeback); qemu-nbd gets the same policy below.
+    name: 'nbdkit',
+    start: async (img, work) => {
+      const port = await freePort();
+      const pidfile = path.join(work, 'nbdkit.pid');
+      const child = spawnServer('nbdkit', ['-f', '--exit-with-parent', '-i', '127.0.0.1', '-p', String(port), '-P', pidfile, 'file', img]);
+      await waitFor(() => fs.existsSync(pidfile), child, 'nbdkit');
+      return { uri: `nbd://127.0.0.1:${port}/`, pid: child.pid, child };
+    },
+  },
+  {
+    // -t: persistent; -e 8: several clients; --cache=writeback is qemu-nbd's default, stated so the policy is explicit.
+    name: 'qemu-nbd',
+    start: async (img, work) => {
+      const port = await freePort();
+      const pidfile = path.join(work, 'qemu-nbd.pid');
+      const child = spawnServer('qemu-nbd', ['-t', '-f', 'raw', '--cache=writeback', '-e', '8', '-b', '127.0.0.1', '-p', String(port), '--pid-file', pidfile, img]);
+      await waitFor(() => fs.existsSync(pidfile), child, 'qemu-nbd');
+      return { uri: `nbd://127.0.0.1:${port}/`, pid: child.pid, child };
+    },
+  },
+];
+
+const live = new Set();
+
+function spawnServer(cmd, args) {
+  const child = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  child.err = '';
+  child.stderr.on('data', (d) => (child.err = (child.err + d).slice(-4000)));
+  child.stdout.on('data', () => {});
+  child.exited = new Promise((r) => child.once('exit', r));
+  live.add(child);
+  return child;
+}
+
+async function startBlockferry(args) {
+  const child = spawnServer(process.execPath, [CLI, 'serve', ...args]);
+  const uri = await new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`blockferry serve did not listen in ${START_TIMEOUT_MS} ms:\n${child.err}`)), START_TIMEOUT_MS);
+    child.stdout.on('data', (d) => {
+      out += d;
+      const m = /listening on (nbd:\/\/\S+)/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve(m[1]);
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`blockferry serve exited ${code} before listening:\n${child.err}`));
+    });
+  });
+  return { uri, pid: child.pid, child };
+}
+
+async function waitFor(cond, child, name) {
+  const deadline = Date.now() + START_TIMEOUT_MS;
+  while (!cond()) {
+    if (child.exitCode !== null) throw new Error(`${name} exited ${child.exitCode}:\n${child.err}`);
+    if (Date.now() > deadline) throw new Error(`${name} did not start in ${START_TIMEOUT_MS} ms:\n${child.err}`);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+function freePort() {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+async function stop(srv) {
+  const { child } = srv;
+  if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
+  const done = await Promise.race([child.exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 10_000))]);
+  if (!done) {
+    child.kill('SIGKILL');
+    await child.exited;
+  }
+  live.delete(child);
+}
+
+function stopAllNow() {
+  for (const c of live) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
+}
+
+function peakRssMiB(pid) {
+  try {
+    const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+    return m ? Number(m[1]) / 1024 : undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+function fio(uri, job) {
+  const args = [
+    `--name=${job.rw}`, '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
+    '--direct=1', `--size=${IMAGE_BYTES}`, '--time_based', `--runtime=${RUNTIME_S}`, `--ramp_time=${RAMP_S}`,
+    '--randrepeat=0', '--output-format=json',
+  ];
+  const out = execFileSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 2 ** 20, stdio: ['ignore', 'pipe', 'pipe'] });
+  const r = JSON.parse(out.slice(out.indexOf('{'))).jobs[0][job.dir];
+  const p99 = r.clat_ns?.percentile?.['99.000000'];
+  return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6 };
+}
+
+function makeBase(file) {
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.alloc(16 * 2 ** 20);
+  for (let off = 0; off < IMAGE_BYTES; off += chunk.length) fs.writeSync(fd, randomFillSync(chunk), 0, chunk.length, off);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+}
+
+const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
+const fmt = (x, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : '-');
+
+async function main() {
+  const only = onlyArg ? onlyArg.split(',') : undefined;
+  const servers = only ? SERVERS.filter((s) => only.includes(s.name)) : SERVERS;
+  if (servers.length === 0) throw new Error(`--only ${onlyArg}: no such server (${SERVERS.map((s) => s.name).join(', ')})`);
+  if (servers.some((s) => s.blockferry) && !fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npx tsc -p . first`);
+
+  // On the root filesystem, not /tmp, so every server sees the same disk and page cache behaviour.
+  const work = fs.mkdtempSync(path.join(ROOT, 'bench', '.work-'));
+  const base = path.join(work, 'base.img');
+  const results = {}; // server -> job -> [{mibs, iops, p99ms}]
+  const rss = {};
+  try {
+    process.stderr.write(`bench: writing a ${IMAGE_BYTES / 2 ** 30} GiB random image...\n`);
+    makeBase(base);
+    for (let round = 1; round <= rounds; round++) {
+      for (const s of servers) {
+        const dir = path.join(work, s.name);
+        fs.rmSync(dir, { recursive: true, force: true });
+        fs.mkdirSync(dir);
+        const img = path.join(dir, 'disk.img');
+        fs.copyFileSync(base, img); // a fresh, fully allocated copy per server and round
+        process.stderr.write(`bench: round ${round}/${rounds} ${s.name}\n`);
+        const srv = await s.start(img, dir);
+        try {
+          for (const job of JOBS) {
+            ((results[s.name] ??= {})[job.name] ??= []).push(fio(srv.uri, job));
+          }
+          if (s.blockferry) rss[s.name] = Math.max(rss[s.name] ?? 0, peakRssMiB(srv.pid) ?? 0);
+        } finally {
+          await stop(srv);
+          fs.rmSync(dir, { recursive: true, force: true });
+        }
+      }
+    }
+  } finally {
+    stopAllNow();
+    fs.rmSync(work, { recursive: true, force: true });
+  }
+
+  const avg = (srv, job) => {
+    const runs = results[srv]?.[job.name];
+    if (!runs) return undefined;
+    return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)) };
+  };
+  const lines = [];
+  lines.push(`fio nbd engine, 127.0.0.1, ${IMAGE_BYTES / 2 ** 30} GiB allocated random image, ${RUNTIME_S} s/job + ${RAMP_S} s ramp, ${rounds} round(s), mean; ${os.cpus().length} CPUs`);
+  lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd |');
+  lines.push('|---|---|---|---|---|---|---|');
+  for (const job of JOBS) {
+    const ref = { nbdkit: avg('nbdkit', job), 'qemu-nbd': avg('qemu-nbd', job) };
+    for (const s of servers) {
+      const a = avg(s.name, job);
+      if (!a) continue;
+      const ratio = (peer) => (s.blockferry && ref[peer] ? `${(a[job.metric] / ref[peer][job.metric]).toFixed(2)}×` : '');
+      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} |`);
+    }
+  }
+  const jn = avg('blockferry-journal', JOBS[0]);
+  const nj = avg('blockferry-nojournal', JOBS[0]);
+  if (jn && nj) {
+    const jw = avg('blockferry-journal', JOBS[2]);
+    const nw = avg('blockferry-nojournal', JOBS[2]);
+    lines.push(`journal on / off: 1M seq write ${(jn.mibs / nj.mibs).toFixed(2)}×, 4K rand write ${(jw.iops / nw.iops).toFixed(2)}×`);
+  }
+  for (const [name, mib] of Object.entries(rss)) lines.push(`${name}: peak RSS ${mib.toFixed(0)} MiB (VmHWM)`);
+  lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
+  console.log(lines.join('\n'));
+
+  const outDir = path.join(ROOT, 'bench', 'results');
+  fs.mkdirSync(outDir, { recursive: true });
+  const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
+  fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, imageBytes: IMAGE_BYTES, runtimeS: RUNTIME_S, rampS: RAMP_S, rounds, results, peakRssMiB: rss }, null, 2));
+  console.log(`results: ${path.relative(ROOT, file)}`);
+}
+
+for (const sig of ['SIGINT', 'SIGTERM']) process.on(sig, () => { stopAllNow(); process.exit(130); });
+main().catch((err) => {
+  stopAllNow();
+  console.error(`bench: ${err.stack ?? err}`);
+  process.exit(1);
+});

@@ -1,0 +1,154 @@
+/* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
+ * block-device ioctls, fadvise), as synchronous Node-API functions. They are rare or fast (metadata only). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/falloc.h>
+#include <linux/fs.h>
+#include <node_api.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+static const char *errno_name(int e) {
+  switch (e) {
+    case EOPNOTSUPP: return "EOPNOTSUPP";
+    case ENOSPC: return "ENOSPC";
+    case EIO: return "EIO";
+    case EBADF: return "EBADF";
+    case EINVAL: return "EINVAL";
+    case EPERM: return "EPERM";
+    case EROFS: return "EROFS";
+    case ENOTTY: return "ENOTTY";
+    case ENODEV: return "ENODEV";
+    case EFBIG: return "EFBIG";
+    case EACCES: return "EACCES";
+    case EINTR: return "EINTR";
+    case ENXIO: return "ENXIO";
+    case ENOSYS: return "ENOSYS";
+    default: return "EIO";
+  }
+}
+
+static napi_value throw_errno(napi_env env, const char *syscall, int e) {
+  char msg[256];
+  snprintf(msg, sizeof msg, "%s: %s, %s", errno_name(e), strerror(e), syscall);
+  napi_value code, message, err, num;
+  napi_create_string_utf8(env, errno_name(e), NAPI_AUTO_LENGTH, &code);
+  napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+  napi_create_error(env, code, message, &err);
+  napi_create_int32(env, -e, &num);
+  napi_set_named_property(env, err, "errno", num);
+  napi_value sc;
+  napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sc);
+  napi_set_named_property(env, err, "syscall", sc);
+  napi_throw(env, err);
+  return NULL;
+}
+
+/* Reads up to 3 integer arguments (fd, offset, length); returns 0 and throws TypeError on bad input. */
+static int get_args(napi_env env, napi_callback_info info, size_t want, int64_t *out) {
+  napi_value argv[3];
+  size_t argc = 3;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  if (argc < want) {
+    napi_throw_type_error(env, NULL, "blockferry_native: missing arguments");
+    return 0;
+  }
+  for (size_t i = 0; i < want; i++) {
+    if (napi_get_value_int64(env, argv[i], &out[i]) != napi_ok) {
+      napi_throw_type_error(env, NULL, "blockferry_native: arguments must be numbers");
+      return 0;
+    }
+  }
+  return 1;
+}
+
+static napi_value undef(napi_env env) {
+  napi_value u;
+  napi_get_undefined(env, &u);
+  return u;
+}
+
+static napi_value num(napi_env env, int64_t v) {
+  napi_value r;
+  napi_create_int64(env, v, &r);
+  return r;
+}
+
+static napi_value do_fallocate(napi_env env, napi_callback_info info, int mode, const char *name) {
+  int64_t a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  int r;
+  do r = fallocate((int)a[0], mode, (off_t)a[1], (off_t)a[2]); while (r < 0 && errno == EINTR);
+  if (r < 0) return throw_errno(env, name, errno);
+  return undef(env);
+}
+
+static napi_value punch_hole(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, "fallocate(PUNCH_HOLE)");
+}
+
+static napi_value zero_range(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "fallocate(ZERO_RANGE)");
+}
+
+static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *name) {
+  int64_t a[2];
+  if (!get_args(env, info, 2, a)) return NULL;
+  off_t r = lseek((int)a[0], (off_t)a[1], whence);
+  if (r < 0) {
+    if (errno == ENXIO) return num(env, -1); /* no data (or hole) at or after offset */
+    return throw_errno(env, name, errno);
+  }
+  return num(env, (int64_t)r);
+}
+
+static napi_value seek_data(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_DATA, "lseek(SEEK_DATA)"); }
+static napi_value seek_hole(napi_env env, napi_callback_info info) { return do_seek(env, info, SEEK_HOLE, "lseek(SEEK_HOLE)"); }
+
+static napi_value block_device_size(napi_env env, napi_callback_info info) {
+  int64_t a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  uint64_t size = 0;
+  if (ioctl((int)a[0], BLKGETSIZE64, &size) < 0) return throw_errno(env, "ioctl(BLKGETSIZE64)", errno);
+  return num(env, (int64_t)size);
+}
+
+static napi_value do_blk_range(napi_env env, napi_callback_info info, unsigned long req, const char *name) {
+  int64_t a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  uint64_t range[2] = {(uint64_t)a[1], (uint64_t)a[2]};
+  if (ioctl((int)a[0], req, range) < 0) return throw_errno(env, name, errno);
+  return undef(env);
+}
+
+static napi_value blk_discard(napi_env env, napi_callback_info info) { return do_blk_range(env, info, BLKDISCARD, "ioctl(BLKDISCARD)"); }
+static napi_value blk_zero_out(napi_env env, napi_callback_info info) { return do_blk_range(env, info, BLKZEROOUT, "ioctl(BLKZEROOUT)"); }
+
+static napi_value fadvise_will_need(napi_env env, napi_callback_info info) {
+  int64_t a[3];
+  if (!get_args(env, info, 3, a)) return NULL;
+  int r = posix_fadvise((int)a[0], (off_t)a[1], (off_t)a[2], POSIX_FADV_WILLNEED);
+  if (r != 0) return throw_errno(env, "posix_fadvise(WILLNEED)", r);
+  return undef(env);
+}
+
+static napi_value init(napi_env env, napi_value exports) {
+  napi_property_descriptor props[] = {
+    {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
+    {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
+    {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
+    {"blockDeviceSize", NULL, block_device_size, NULL, NULL, NULL, napi_default, NULL},
+    {"blkDiscard", NULL, blk_discard, NULL, NULL, NULL, napi_default, NULL},
+    {"blkZeroOut", NULL, blk_zero_out, NULL, NULL, NULL, napi_default, NULL},
+    {"fadviseWillNeed", NULL, fadvise_will_need, NULL, NULL, NULL, napi_default, NULL},
+  };
+  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  return exports;
+}
+
+NAPI_MODULE(NODE_GYP_MODULE_NAME, init)

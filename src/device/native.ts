@@ -1,0 +1,47 @@
+// Loads the optional C helper (build/Release/blockferry_native.node) that exposes fallocate, SEEK_DATA/HOLE,
+// block-device ioctls and fadvise. Missing or disabled (BLOCKFERRY_NO_NATIVE=1) → null, and callers fall back.
+import fs from 'node:fs';
+import path from 'node:path';
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+
+export interface NativeHelper {
+  punchHole(fd: number, offset: number, length: number): void;
+  zeroRange(fd: number, offset: number, length: number): void;
+  /** Next data offset at or after `offset`, or -1 when there is none (ENXIO). */
+  seekData(fd: number, offset: number): number;
+  /** Next hole offset at or after `offset`, or -1 (ENXIO: offset at or past EOF). */
+  seekHole(fd: number, offset: number): number;
+  blockDeviceSize(fd: number): number;
+  blkDiscard(fd: number, offset: number, length: number): void;
+  blkZeroOut(fd: number, offset: number, length: number): void;
+  fadviseWillNeed(fd: number, offset: number, length: number): void;
+}
+
+let cached: NativeHelper | null | undefined;
+
+/** The package root: the nearest ancestor holding package.json (works from dist/device and src/device). */
+function packageRoot(): string | null {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    if (fs.existsSync(path.join(dir, 'package.json'))) return dir;
+    const up = path.dirname(dir);
+    if (up === dir) return null;
+    dir = up;
+  }
+}
+
+export function loadNative(): NativeHelper | null {
+  if (process.env.BLOCKFERRY_NO_NATIVE === '1') return null;
+  if (cached !== undefined) return cached;
+  cached = null;
+  const root = packageRoot();
+  if (root) {
+    try {
+      cached = createRequire(import.meta.url)(path.join(root, 'build', 'Release', 'blockferry_native.node')) as NativeHelper;
+    } catch {
+      // Not built (no compiler at install time): the device reports fewer capabilities and the core emulates.
+    }
+  }
+  return cached;
+}

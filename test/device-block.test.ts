@@ -1,0 +1,54 @@
+// FileDevice over a real block device (a loop device over a temp file): size via BLKGETSIZE64 and via sysfs,
+// BLKDISCARD and BLKZEROOUT, and no block status (a block device has no holes to report).
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { FileDevice } from '../src/device/file-device.js';
+
+const MiB = 2 ** 20;
+/** Backing file size: big enough for several MiB-aligned ranges, small enough to be instant. */
+const LOOP_SIZE = 16 * MiB;
+
+function attachLoop(t: { testdir(): string; teardown(fn: () => unknown): void }): string {
+  const dir = t.testdir();
+  const file = path.join(dir, 'backing.img');
+  fs.writeFileSync(file, Buffer.alloc(0));
+  fs.truncateSync(file, LOOP_SIZE);
+  const dev = execFileSync('losetup', ['-f', '--show', file], { encoding: 'utf8' }).trim();
+  t.teardown(() => execFileSync('losetup', ['-d', dev]));
+  return dev;
+}
+
+t.test('block device: size, read/write, discard and zero-out', async (t) => {
+  const loop = attachLoop(t);
+  const dev = await FileDevice.open({ path: loop });
+  t.teardown(() => dev.close());
+  t.equal(dev.isBlockDevice, true);
+  t.equal(dev.size, LOOP_SIZE, 'BLKGETSIZE64');
+  t.equal(dev.nativeAvailable, true);
+  t.match(dev.capabilities, { trim: true, zeroes: true, blockStatus: false });
+  const again = await FileDevice.open({ path: loop, size: LOOP_SIZE }); // --size never creates or resizes a device
+  t.equal(again.size, LOOP_SIZE);
+  await again.close();
+  const data = randomBytes(4 * MiB);
+  await dev.write(0, data);
+  t.same(await dev.read(0, data.length), data);
+  await dev.writeZeroes(MiB, MiB);
+  t.same(await dev.read(MiB, MiB), Buffer.alloc(MiB), 'BLKZEROOUT zeroed the range');
+  t.same(await dev.read(0, MiB), data.subarray(0, MiB), 'neighbour untouched');
+  await dev.trim(2 * MiB, MiB); // loop devices discard by punching the backing file: reads as zeroes
+  t.same(await dev.read(2 * MiB, MiB), Buffer.alloc(MiB), 'BLKDISCARD');
+  t.same(await dev.read(3 * MiB, MiB), data.subarray(3 * MiB), 'neighbour untouched');
+  await dev.flush();
+});
+
+t.test('block device size from sysfs without the native helper', async (t) => {
+  const loop = attachLoop(t);
+  const dev = await FileDevice.open({ path: loop, noNative: true });
+  t.teardown(() => dev.close());
+  t.equal(dev.isBlockDevice, true);
+  t.equal(dev.size, LOOP_SIZE);
+  t.equal(dev.capabilities.trim, false);
+});

@@ -1,0 +1,140 @@
+// FileDevice against real temp files: creation and sizing, positional I/O, real hole punching and zero ranges
+// (checked through st_blocks and SEEK_DATA), block status, read-only refusal, and the no-native fallback.
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { FileDevice } from '../src/device/file-device.js';
+
+const MiB = 2 ** 20;
+/** The two things a helper needs from a tap test. */
+type Test = { testdir(): string; teardown(fn: () => unknown): void };
+
+async function openTemp(t: Test, opts: { size?: number; noNative?: boolean; readOnly?: boolean } = {}) {
+  const dir = t.testdir();
+  const file = path.join(dir, 'disk.img');
+  const dev = await FileDevice.open({ path: file, size: opts.size ?? 8 * MiB, noNative: opts.noNative });
+  t.teardown(() => dev.close());
+  return { dev, file, dir };
+}
+
+t.test('creates a sparse file of the given size; reopening keeps it; a different size is a usage error', async (t) => {
+  const { dev, file } = await openTemp(t, { size: 64 * MiB });
+  t.equal(dev.size, 64 * MiB);
+  t.equal(fs.statSync(file).size, 64 * MiB);
+  t.equal(fs.statSync(file).blocks, 0, 'created sparse');
+  t.equal(dev.isBlockDevice, false);
+  const again = await FileDevice.open({ path: file });
+  t.equal(again.size, 64 * MiB);
+  await again.close();
+  await t.rejects(FileDevice.open({ path: file, size: 32 * MiB }), { code: 'ERR_USAGE', message: /exists with 67108864 bytes/ });
+  await t.rejects(FileDevice.open({ path: path.join(path.dirname(file), 'missing.img') }), {
+    code: 'ERR_USAGE',
+    message: /does not exist; pass --size to create it/,
+  });
+});
+
+t.test('native helper is loaded and capabilities say so', async (t) => {
+  const { dev } = await openTemp(t);
+  t.equal(dev.nativeAvailable, true, 'build/Release/blockferry_native.node must be built (npx node-gyp rebuild)');
+  t.match(dev.capabilities, { trim: true, zeroes: true, fastZero: true, blockStatus: true, fua: true, flush: true, multiConn: true, readOnly: false });
+});
+
+t.test('write/read round-trip at unaligned offsets, small (sync) and large (thread pool)', async (t) => {
+  const { dev, file } = await openTemp(t);
+  const small = randomBytes(1000);
+  const large = randomBytes(3 * MiB + 7);
+  await dev.write(4097, small);
+  await dev.write(MiB + 3, large, { fua: true });
+  t.same(await dev.read(4097, small.length), small);
+  t.same(await dev.read(MiB + 3, large.length), large);
+  t.same(await dev.read(4000, 97), Buffer.alloc(97), 'unwritten range reads as zeroes');
+  await dev.flush();
+  const disk = fs.readFileSync(file);
+  t.same(disk.subarray(MiB + 3, MiB + 3 + large.length), large, 'data reached the file');
+});
+
+t.test('trim punches a real hole; blockStatus reports it', async (t) => {
+  const { dev, file } = await openTemp(t);
+  await dev.write(0, randomBytes(4 * MiB));
+  await dev.flush();
+  const before = fs.statSync(file).blocks;
+  t.same(await dev.blockStatus(0, 4 * MiB), [{ length: 4 * MiB, hole: false, zero: false }]);
+  await dev.trim(MiB, 2 * MiB);
+  t.same(await dev.read(MiB, 2 * MiB), Buffer.alloc(2 * MiB));
+  const after = fs.statSync(file).blocks;
+  t.ok(after <= before - (2 * MiB) / 512, `blocks dropped by 2 MiB (${before} -> ${after})`);
+  t.same(await dev.blockStatus(0, 8 * MiB), [
+    { length: MiB, hole: false, zero: false },
+    { length: 2 * MiB, hole: true, zero: true },
+    { length: MiB, hole: false, zero: false },
+    { length: 4 * MiB, hole: true, zero: true },
+  ]);
+  t.same(await dev.blockStatus(MiB + 4096, 4096), [{ length: 4096, hole: true, zero: true }], 'clipped to the request');
+});
+
+t.test('writeZeroes punches by default and keeps blocks allocated with noHole', async (t) => {
+  const { dev, file } = await openTemp(t);
+  await dev.write(0, randomBytes(4 * MiB));
+  await dev.flush();
+  const full = fs.statSync(file).blocks;
+  await dev.writeZeroes(0, MiB, { noHole: true });
+  t.same(await dev.read(0, MiB), Buffer.alloc(MiB));
+  t.equal(fs.statSync(file).blocks, full, 'zero-range kept the blocks');
+  t.same((await dev.blockStatus(0, MiB))[0], { length: MiB, hole: false, zero: false }, 'still allocated');
+  await dev.writeZeroes(2 * MiB, MiB, { fastZero: true, fua: true });
+  t.same(await dev.read(2 * MiB, MiB), Buffer.alloc(MiB));
+  t.ok(fs.statSync(file).blocks < full, 'default zeroing punched a hole');
+  t.same(await dev.read(MiB, MiB).then((b) => b.equals(Buffer.alloc(MiB))), false, 'neighbours untouched');
+});
+
+t.test('read-only refuses writes, trims and zeroing with EROFS', async (t) => {
+  const { dev, file } = await openTemp(t);
+  await dev.write(0, Buffer.from('hello'));
+  const ro = await FileDevice.open({ path: file, readOnly: true });
+  t.teardown(() => ro.close());
+  t.equal(ro.capabilities.readOnly, true);
+  t.same(await ro.read(0, 5), Buffer.from('hello'));
+  await t.rejects(ro.write(0, Buffer.from('x')), { code: 'EROFS' });
+  await t.rejects(ro.trim(0, 4096), { code: 'EROFS' });
+  await t.rejects(ro.writeZeroes(0, 4096), { code: 'EROFS' });
+});
+
+t.test('short read at EOF of a file returns zeroes, not garbage', async (t) => {
+  const { dev, file } = await openTemp(t, { size: MiB });
+  await dev.write(MiB - 10, Buffer.alloc(10, 0xaa));
+  fs.truncateSync(file, MiB - 5); // the file shrank under us: the tail must read as zeroes
+  const buf = await dev.read(MiB - 10, 10);
+  t.same(buf, Buffer.concat([Buffer.alloc(5, 0xaa), Buffer.alloc(5)]));
+});
+
+t.test('without the native helper: fewer capabilities, I/O still works, zeroing by writing', async (t) => {
+  const { dev, file } = await openTemp(t, { noNative: true });
+  t.equal(dev.nativeAvailable, false);
+  t.match(dev.capabilities, { trim: false, zeroes: false, fastZero: false, blockStatus: false, fua: false, flush: true });
+  const data = randomBytes(10000);
+  await dev.write(123, data);
+  t.same(await dev.read(123, data.length), data);
+  await dev.writeZeroes(100, 5000);
+  t.same(await dev.read(100, 5000), Buffer.alloc(5000));
+  await t.rejects(dev.writeZeroes(0, 4096, { fastZero: true }), { code: 'ENOTSUP' });
+  await dev.trim(0, 4096); // a hint, ignored
+  t.same(await dev.read(5100, 100), data.subarray(5100 - 123, 5200 - 123));
+  t.ok(fs.statSync(file).size === 8 * MiB);
+});
+
+t.test('BLOCKFERRY_NO_NATIVE=1 disables the helper', async (t) => {
+  process.env.BLOCKFERRY_NO_NATIVE = '1';
+  t.teardown(() => { delete process.env.BLOCKFERRY_NO_NATIVE; });
+  const { dev } = await openTemp(t);
+  t.equal(dev.nativeAvailable, false);
+  t.equal(dev.capabilities.trim, false);
+});
+
+t.test('whole-disk trim of a 10 GiB sparse image is one cheap call', async (t) => {
+  const { dev, file } = await openTemp(t, { size: 10 * 2 ** 30 });
+  await dev.write(5 * 2 ** 30, randomBytes(MiB));
+  await dev.trim(0, dev.size);
+  t.equal(fs.statSync(file).blocks, 0);
+  t.same(await dev.blockStatus(0, dev.size), [{ length: dev.size, hole: true, zero: true }]);
+});
