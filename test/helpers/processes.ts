@@ -67,3 +67,38 @@ export function run(cmd: string, args: string[], opts: { input?: Buffer } = {}):
     p.stdin.end(opts.input);
   });
 }
+
+export interface Replaying {
+  child: ChildProcess;
+  url: string;
+  port: number;
+  exited: Promise<number | null>;
+}
+
+/** Starts `blockferry replay` and waits for its `listening on ws://...` line. */
+export function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
+  const child = spawn(process.execPath, [CLI, 'replay', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
+  let err = '';
+  child.stderr!.on('data', (d) => (err += d));
+  teardown?.(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+    return exited;
+  });
+  return new Promise((resolve, reject) => {
+    let out = '';
+    const timer = setTimeout(() => reject(new Error(`replay did not start in 20 s:\n${err}`)), 20_000);
+    child.stdout!.on('data', (d) => {
+      out += d;
+      const m = /listening on (ws:\/\/[^:]+:(\d+))/.exec(out);
+      if (m) {
+        clearTimeout(timer);
+        resolve({ child, url: m[1], port: Number(m[2]), exited });
+      }
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      reject(new Error(`replay exited (${code}) before listening:\n${err}`));
+    });
+  });
+}

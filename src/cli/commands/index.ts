@@ -2,7 +2,8 @@
 import type { CommandModule } from 'yargs';
 import { command as demo } from './demo.js';
 import { command as journal, replayLocalCommand } from './journal.js';
+import { command as replay } from './replay.js';
 import { command as serve } from './serve.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export const commands: CommandModule<any, any>[] = [serve, demo, journal, replayLocalCommand];
+export const commands: CommandModule<any, any>[] = [serve, replay, demo, journal, replayLocalCommand];

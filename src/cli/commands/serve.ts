@@ -8,6 +8,7 @@ import { FileDevice } from '../../device/file-device.js';
 import { Journal } from '../../journal/journal.js';
 import { MirrorDevice } from '../../mirror/mirror-device.js';
 import { NbdServer } from '../../nbd/server.js';
+import { Replicator } from '../../replicator/replicator.js';
 import { UsageError } from '../../util/errors.js';
 import { createLogger, type Logger } from '../../util/logger.js';
 import { formatBytes, parseSize } from '../../util/size.js';
@@ -17,6 +18,8 @@ import { isLoopback, parseHostPort, type HostPort } from '../listen.js';
 const DEFAULT_JOURNAL_MAX = '8G';
 /** How long a graceful stop lets in-flight NBD requests finish. */
 const SHUTDOWN_GRACE_MS = 10_000;
+/** How long a graceful stop waits for replicas to acknowledge what is journaled. */
+const REPLICATION_DRAIN_MS = 10_000;
 const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export interface ServeImage {
@@ -34,6 +37,8 @@ export interface ServeOptions {
   journal?: string | false;
   journalMax?: number;
   durability?: 'sync' | 'commit';
+  /** Replayer URLs (ws://HOST:PORT); every journaled volume is shipped to each. */
+  replicateTo?: string[];
   logger?: Logger;
 }
 
@@ -44,6 +49,7 @@ export interface ServedVolume {
   journal?: Journal;
   mirror?: MirrorDevice;
   volumeId?: string;
+  replicators: Replicator[];
 }
 
 export interface ServeHandle {
@@ -75,7 +81,7 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly });
   const dir = journalDirFor(opts, img);
-  if (!dir) return { name: img.name, path: img.path, device: file };
+  if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
   try {
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, logger: log });
@@ -88,7 +94,10 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     if (mirror.recovery.entries > 0) {
       log.warn({ volume: img.name, ...mirror.recovery }, 'the last run did not stop cleanly; re-applied the journal tail');
     }
-    return { name: img.name, path: img.path, device: mirror, journal, mirror, volumeId };
+    const replicators = (opts.replicateTo ?? []).map(
+      (url) => new Replicator({ url, volume: img.name, volumeId: volumeId!, size: file.size, journal: journal!, logger: log }),
+    );
+    return { name: img.name, path: img.path, device: mirror, journal, mirror, volumeId, replicators };
   } catch (err) {
     await journal?.close().catch(() => undefined);
     await file.close().catch(() => undefined);
@@ -119,6 +128,11 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
       readOnly: opts.readOnly,
     })),
   });
+  if (opts.replicateTo?.length && volumes.every((v) => !v.journal)) {
+    await closeVolumes(volumes);
+    throw new UsageError('--replicate-to needs the journal: drop --no-journal / --read-only');
+  }
+  for (const v of volumes) for (const r of v.replicators) r.start();
   const uris: string[] = [];
   try {
     if (opts.socket) {
@@ -148,6 +162,8 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
     close: () =>
       (closing ??= (async () => {
         await server.close({ graceMs: SHUTDOWN_GRACE_MS });
+        // Give replicas a bounded time to take what is journaled; what they miss is resent on reconnect.
+        await Promise.all(volumes.flatMap((v) => v.replicators.map((r) => r.stop(REPLICATION_DRAIN_MS))));
         await closeVolumes(volumes);
       })()),
   };
@@ -155,6 +171,7 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
 
 async function closeVolumes(volumes: ServedVolume[]): Promise<void> {
   for (const v of volumes) {
+    for (const r of v.replicators) await r.stop(0);
     // The mirror closes the image it wraps after draining and checkpointing.
     await v.device.close().catch(() => undefined);
     await v.journal?.close().catch(() => undefined);
@@ -181,7 +198,7 @@ function volumeStatus(v: ServedVolume): Record<string, unknown> {
           maxBytes: j.maxBytes,
         }
       : null,
-    replicas: [],
+    replicas: v.replicators.map((r) => r.status()),
   };
 }
 
@@ -199,6 +216,7 @@ interface ServeArgs {
   journal?: string | boolean;
   'journal-max': string;
   durability: 'sync' | 'commit';
+  'replicate-to'?: string[];
   'log-level'?: string;
 }
 
@@ -226,7 +244,9 @@ export const command: CommandModule<object, ServeArgs> = {
         default: 'sync' as const,
         describe: 'sync: each journal commit is fsynced before the image changes (survives power loss); commit: ordered in the OS cache, fsynced on FLUSH/FUA (survives a process crash)',
       })
+      .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
+      .example('$0 serve --image disk.img --size 10G --replicate-to ws://backup:7070', 'serve and replicate to a backup site')
       .example('$0 serve --image disk.img --size 10G', 'serve a new 10 GiB sparse image on 127.0.0.1:10809 as export "disk"')
       .example('$0 serve --image a=/srv/a.img --image b=/dev/vdb --listen 127.0.0.1:10809', 'two exports from one server')
       .example('nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk', 'attach it with the Linux kernel client') as Argv<ServeArgs>,
@@ -242,6 +262,7 @@ export const command: CommandModule<object, ServeArgs> = {
       journal,
       journalMax: parseSize(args['journal-max'], '--journal-max'),
       durability: args.durability,
+      replicateTo: args['replicate-to'],
       logger: log,
     });
     for (const uri of handle.uris) process.stdout.write(`listening on ${uri}\n`);

@@ -1,0 +1,33 @@
+// `blockferry replay`: the backup site. Accepts primaries over WebSocket and keeps DIR/<volume>.img.
+import type { Argv, CommandModule } from 'yargs';
+import { ReplayServer } from '../../replayer/replay-server.js';
+import { createLogger } from '../../util/logger.js';
+import { isLoopback, parseHostPort } from '../listen.js';
+import { waitForSignals } from './serve.js';
+
+interface ReplayArgs {
+  listen: string;
+  'data-dir': string;
+  'log-level'?: string;
+}
+
+export const command: CommandModule<object, ReplayArgs> = {
+  command: 'replay',
+  describe: 'Receive journals from primaries and keep replica images (the backup site)',
+  builder: (y: Argv) =>
+    y
+      .option('listen', { type: 'string', default: '127.0.0.1:7070', describe: 'WebSocket address to listen on' })
+      .option('data-dir', { type: 'string', demandOption: true, describe: 'Where replicas live: DIR/<volume>.img and its state' })
+      .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error' })
+      .example('$0 replay --listen 127.0.0.1:7070 --data-dir /srv/replicas', 'then: blockferry serve ... --replicate-to ws://127.0.0.1:7070') as Argv<ReplayArgs>,
+  handler: async (args) => {
+    const log = createLogger({ level: args['log-level'] });
+    const where = parseHostPort(args.listen, '--listen');
+    if (!isLoopback(where.host)) log.warn({ host: where.host }, 'the replayer listens beyond loopback without TLS or tokens: anyone who reaches it can write replicas');
+    const server = new ReplayServer({ dataDir: args['data-dir'], logger: log });
+    const addr = await server.listen(where);
+    const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
+    process.stdout.write(`listening on ws://${host}:${addr.port}\n`);
+    await waitForSignals(log, () => server.close());
+  },
+};

@@ -1,0 +1,192 @@
+// The backup site: a WebSocket server holding any number of volumes. Per batch of entries it verifies every
+// CRC, applies strictly in seq order, fsyncs the replica, persists the applied seq, then acknowledges.
+// Duplicates (seq <= applied) are ignored, so re-sent entries after a reconnect are harmless; a gap or a
+// corrupt entry is refused with a close code and nothing of it is applied.
+import fs from 'node:fs';
+import path from 'node:path';
+import { open, type RootDatabase } from 'lmdb';
+import { WebSocketServer, type WebSocket } from 'ws';
+import { FileDevice } from '../device/file-device.js';
+import { verifyEntry } from '../journal/entry.js';
+import type { JournalEntry } from '../journal/types.js';
+import { applyEntry } from '../mirror/mirror-device.js';
+import { silentLogger, type Logger } from '../util/logger.js';
+import { CloseCode, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
+
+const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+interface VolumeState {
+  appliedSeq: number;
+  volumeId: string | null;
+  size: number;
+}
+
+class Volume {
+  busy = false;
+  private constructor(
+    readonly name: string,
+    readonly device: FileDevice,
+    private readonly db: RootDatabase,
+    public state: VolumeState,
+  ) {}
+
+  static async open(dir: string, name: string, size: number): Promise<Volume> {
+    const db = open({ path: path.join(dir, `${name}.state.mdb`) });
+    const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size };
+    const image = path.join(dir, `${name}.img`);
+    const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size });
+    return new Volume(name, device, db, state);
+  }
+
+  /** Durable: the replica image holds everything up to appliedSeq. */
+  async save(): Promise<void> {
+    await this.db.put('state', this.state);
+    await this.db.flushed;
+  }
+
+  async close(): Promise<void> {
+    await this.device.close();
+    await this.db.close();
+  }
+}
+
+export interface ReplayServerOptions {
+  dataDir: string;
+  logger?: Logger;
+}
+
+export class ReplayServer {
+  private wss: WebSocketServer | undefined;
+  private readonly volumes = new Map<string, Promise<Volume>>();
+  private readonly log: Logger;
+
+  constructor(private readonly opts: ReplayServerOptions) {
+    this.log = (opts.logger ?? silentLogger).child({ component: 'replayer' });
+    fs.mkdirSync(opts.dataDir, { recursive: true });
+  }
+
+  async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
+    const wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES });
+    await new Promise<void>((resolve, reject) => {
+      wss.once('listening', resolve);
+      wss.once('error', reject);
+    });
+    wss.on('connection', (ws, req) => this.onConnection(ws, req.socket.remoteAddress ?? '?'));
+    this.wss = wss;
+    const a = wss.address() as { address: string; port: number };
+    return { host: a.address, port: a.port };
+  }
+
+  status(): Record<string, unknown> {
+    return { dataDir: this.opts.dataDir, volumes: [...this.volumes.keys()] };
+  }
+
+  private volume(name: string, size: number): Promise<Volume> {
+    let v = this.volumes.get(name);
+    if (!v) {
+      v = Volume.open(this.opts.dataDir, name, size);
+      this.volumes.set(name, v);
+      v.catch(() => this.volumes.delete(name));
+    }
+    return v;
+  }
+
+  private onConnection(ws: WebSocket, peer: string): void {
+    const log = this.log.child({ peer });
+    let vol: Volume | undefined;
+    let chain = Promise.resolve();
+    const fail = (code: number, errCode: string, message: string) => {
+      log.warn({ code: errCode }, message);
+      if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'error', code: errCode, message }));
+      ws.close(code, message.slice(0, 120));
+    };
+    ws.on('error', (err) => log.debug({ err }, 'socket error'));
+    ws.on('close', () => {
+      if (vol) vol.busy = false;
+    });
+    ws.on('message', (raw: Buffer, isBinary: boolean) => {
+      // Messages are handled one after another: a batch is applied and acknowledged before the next.
+      chain = chain.then(async () => {
+        if (ws.readyState !== ws.OPEN) return;
+        let msg: Message;
+        try {
+          if (!isBinary) throw new Error('text frame');
+          msg = decode(raw);
+        } catch (err) {
+          return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', (err as Error).message);
+        }
+        if (!vol) {
+          if (msg.t !== 'hello') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `expected hello, got ${msg.t}`);
+          if (!VOLUME_NAME.test(msg.volume)) return fail(CloseCode.PROTOCOL, 'ERR_VOLUME_NAME', `invalid volume name ${JSON.stringify(msg.volume)}`);
+          let v: Volume;
+          try {
+            v = await this.volume(msg.volume, msg.size);
+          } catch (err) {
+            return fail(CloseCode.STORAGE, 'ERR_STORAGE', `cannot open volume ${msg.volume}: ${(err as Error).message}`);
+          }
+          if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
+          if (v.device.size !== msg.size) {
+            return fail(CloseCode.VOLUME_MISMATCH, 'ERR_VOLUME_SIZE', `volume ${msg.volume} is ${v.device.size} bytes here, the primary says ${msg.size}`);
+          }
+          if (v.state.volumeId && v.state.volumeId !== msg.volumeId) {
+            return fail(
+              CloseCode.VOLUME_MISMATCH,
+              'ERR_VOLUME_MISMATCH',
+              `volume ${msg.volume} here replicates primary volume ${v.state.volumeId}, not ${msg.volumeId}; refusing to overwrite it`,
+            );
+          }
+          if (!v.state.volumeId) {
+            v.state.volumeId = msg.volumeId;
+            await v.save();
+          }
+          v.busy = true;
+          vol = v;
+          log.info({ volume: v.name, appliedSeq: v.state.appliedSeq }, 'primary connected');
+          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq }));
+          return;
+        }
+        if (msg.t !== 'entries') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
+        await this.applyBatch(vol, msg.entries, fail);
+        if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: vol.state.appliedSeq }));
+      });
+    });
+  }
+
+  private async applyBatch(v: Volume, entries: JournalEntry[], fail: (c: number, code: string, m: string) => void): Promise<void> {
+    // Verify the whole batch before touching the replica: a corrupt or gapped batch applies nothing.
+    let expect = v.state.appliedSeq + 1;
+    const todo = [];
+    for (const e of entries) {
+      if (e.seq < expect) continue; // a duplicate after a reconnect
+      if (e.seq !== expect) return fail(CloseCode.GAP, 'ERR_SEQUENCE_GAP', `volume ${v.name}: expected seq ${expect}, got ${e.seq}`);
+      try {
+        verifyEntry(e);
+      } catch (err) {
+        return fail(CloseCode.CORRUPT, 'ERR_JOURNAL_CORRUPT', `volume ${v.name}: ${(err as Error).message}`);
+      }
+      if (e.offset + e.length > v.device.size && e.length > 0) {
+        return fail(CloseCode.CORRUPT, 'ERR_ENTRY_RANGE', `volume ${v.name}: seq ${e.seq} reaches past the end of the volume`);
+      }
+      todo.push(e);
+      expect++;
+    }
+    if (todo.length === 0) return;
+    try {
+      for (const e of todo) await applyEntry(v.device, e);
+      await v.device.flush();
+      v.state.appliedSeq = todo[todo.length - 1].seq;
+      await v.save();
+    } catch (err) {
+      return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${v.name}: applying failed: ${(err as Error).message}`);
+    }
+  }
+
+  async close(): Promise<void> {
+    if (this.wss) {
+      for (const c of this.wss.clients) c.close(1001, 'replayer stopping');
+      await new Promise<void>((resolve) => this.wss!.close(() => resolve()));
+    }
+    for (const v of this.volumes.values()) await (await v).close().catch(() => undefined);
+    this.volumes.clear();
+  }
+}

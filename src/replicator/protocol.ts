@@ -1,0 +1,77 @@
+// The replication wire protocol: msgpack messages over WebSocket, each `{ v, t, ... }`. decode() checks every
+// field's type so a hostile or broken peer gets a clear error (and a close), never a crash or a bad apply.
+import { Packr } from 'msgpackr';
+import { BlockferryError } from '../util/errors.js';
+import type { JournalEntry } from '../journal/types.js';
+
+export const PROTOCOL_VERSION = 1;
+/** Largest WebSocket message either side accepts: one batch of entries plus framing. */
+export const MAX_MESSAGE_BYTES = 64 * 2 ** 20;
+/** WebSocket close codes (4000-4999 are for applications). */
+export const CloseCode = {
+  PROTOCOL: 4000,
+  VOLUME_MISMATCH: 4009,
+  BUSY: 4010,
+  CORRUPT: 4022,
+  GAP: 4023,
+  STORAGE: 4028,
+} as const;
+
+export type Message =
+  | { v: number; t: 'hello'; volume: string; volumeId: string; size: number }
+  | { v: number; t: 'welcome'; appliedSeq: number }
+  | { v: number; t: 'entries'; entries: JournalEntry[] }
+  | { v: number; t: 'ack'; seq: number }
+  | { v: number; t: 'error'; code: string; message: string };
+
+const packr = new Packr({ useRecords: false, mapsAsObjects: true });
+
+export function encode(msg: Message): Buffer {
+  return packr.pack(msg);
+}
+
+export class ProtocolError extends BlockferryError {
+  constructor(message: string) {
+    super('ERR_REPLICATION_PROTOCOL', message);
+  }
+}
+
+const isInt = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
+
+export function decode(buf: Buffer): Message {
+  let m: Record<string, unknown>;
+  try {
+    m = packr.unpack(buf) as Record<string, unknown>;
+  } catch (err) {
+    throw new ProtocolError(`malformed message: ${(err as Error).message}`);
+  }
+  if (typeof m !== 'object' || m === null) throw new ProtocolError('message is not a map');
+  if (m.v !== PROTOCOL_VERSION) throw new ProtocolError(`protocol version ${String(m.v)} is not ${PROTOCOL_VERSION}`);
+  switch (m.t) {
+    case 'hello':
+      if (typeof m.volume !== 'string' || typeof m.volumeId !== 'string' || !isInt(m.size)) throw new ProtocolError('bad hello');
+      return m as Message;
+    case 'welcome':
+      if (!isInt(m.appliedSeq)) throw new ProtocolError('bad welcome');
+      return m as Message;
+    case 'ack':
+      if (!isInt(m.seq)) throw new ProtocolError('bad ack');
+      return m as Message;
+    case 'error':
+      if (typeof m.code !== 'string' || typeof m.message !== 'string') throw new ProtocolError('bad error message');
+      return m as Message;
+    case 'entries': {
+      if (!Array.isArray(m.entries)) throw new ProtocolError('entries is not an array');
+      for (const e of m.entries as Array<Record<string, unknown>>) {
+        if (typeof e !== 'object' || e === null || !isInt(e.seq) || !isInt(e.kind) || !isInt(e.offset) || !isInt(e.length) || !isInt(e.crc)) {
+          throw new ProtocolError('malformed entry');
+        }
+        if (e.data !== undefined && !Buffer.isBuffer(e.data) && !(e.data instanceof Uint8Array)) throw new ProtocolError('entry data is not binary');
+        if (e.data instanceof Uint8Array && !Buffer.isBuffer(e.data)) e.data = Buffer.from(e.data.buffer, e.data.byteOffset, e.data.byteLength);
+      }
+      return m as Message;
+    }
+    default:
+      throw new ProtocolError(`unknown message type ${String(m.t)}`);
+  }
+}
