@@ -16,8 +16,9 @@ export interface Served {
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
-export function startServe(args: string[], teardown?: (fn: () => unknown) => void): Promise<Served> {
-  const child = spawn(process.execPath, [CLI, 'serve', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+/** Starts `blockferry <command>` and resolves once stdout prints a line matching `ready` (20 s at most). */
+function startCli(command: string, args: string[], ready: RegExp, teardown?: (fn: () => unknown) => void) {
+  const child = spawn(process.execPath, [CLI, command, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
   let err = '';
   child.stderr!.on('data', (d) => (err += d));
@@ -25,32 +26,37 @@ export function startServe(args: string[], teardown?: (fn: () => unknown) => voi
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     return exited;
   });
-  return new Promise((resolve, reject) => {
+  return new Promise<{ child: ChildProcess; exited: Promise<number | null>; match: RegExpExecArray; stderr: () => string }>((resolve, reject) => {
     let out = '';
-    const timer = setTimeout(() => reject(new Error(`serve did not start in 20 s:\n${err}`)), 20_000);
+    const timer = setTimeout(() => reject(new Error(`${command} did not start in 20 s:\n${err}`)), 20_000);
     child.stdout!.on('data', (d) => {
       out += d;
-      const m = /listening on (nbd:\/\/[^:]+:(\d+)\/\S*)/.exec(out);
+      const m = ready.exec(out);
       if (m) {
         clearTimeout(timer);
-        resolve({
-          child,
-          port: Number(m[2]),
-          uri: m[1],
-          exited,
-          stderr: () => err,
-          stop: (signal = 'SIGTERM') => {
-            if (child.exitCode === null && child.signalCode === null) child.kill(signal);
-            return exited;
-          },
-        });
+        resolve({ child, exited, match: m, stderr: () => err });
       }
     });
     child.once('exit', (code) => {
       clearTimeout(timer);
-      reject(new Error(`serve exited (${code}) before listening:\n${err}`));
+      reject(new Error(`${command} exited (${code}) before listening:\n${err}`));
     });
   });
+}
+
+export async function startServe(args: string[], teardown?: (fn: () => unknown) => void): Promise<Served> {
+  const { child, exited, match, stderr } = await startCli('serve', args, /listening on (nbd:\/\/[^:]+:(\d+)\/\S*)/, teardown);
+  return {
+    child,
+    port: Number(match[2]),
+    uri: match[1],
+    exited,
+    stderr,
+    stop: (signal = 'SIGTERM') => {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      return exited;
+    },
+  };
 }
 
 export function run(cmd: string, args: string[], opts: { input?: Buffer } = {}): Promise<{ stdout: string; stderr: string }> {
@@ -76,29 +82,7 @@ export interface Replaying {
 }
 
 /** Starts `blockferry replay` and waits for its `listening on ws://...` line. */
-export function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
-  const child = spawn(process.execPath, [CLI, 'replay', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-  const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));
-  let err = '';
-  child.stderr!.on('data', (d) => (err += d));
-  teardown?.(() => {
-    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
-    return exited;
-  });
-  return new Promise((resolve, reject) => {
-    let out = '';
-    const timer = setTimeout(() => reject(new Error(`replay did not start in 20 s:\n${err}`)), 20_000);
-    child.stdout!.on('data', (d) => {
-      out += d;
-      const m = /listening on (ws:\/\/[^:]+:(\d+))/.exec(out);
-      if (m) {
-        clearTimeout(timer);
-        resolve({ child, url: m[1], port: Number(m[2]), exited });
-      }
-    });
-    child.once('exit', (code) => {
-      clearTimeout(timer);
-      reject(new Error(`replay exited (${code}) before listening:\n${err}`));
-    });
-  });
+export async function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
+  const { child, exited, match } = await startCli('replay', args, /listening on (ws:\/\/[^:]+:(\d+))/, teardown);
+  return { child, url: match[1], port: Number(match[2]), exited };
 }
