@@ -165,3 +165,28 @@ t.test('replay-local rebuilds the primary from base + journal, and a prefix with
   await replayLocal({ journal: path.join(dir, 'j'), base, out, until: 150 });
   t.ok(fs.readFileSync(out).equals(mid!), '--until 150 gives the state after seq 150');
 });
+
+t.test('closing the journal fails appends still waiting for space instead of leaving them hanging', async (t) => {
+  const j = await Journal.open({ dir: t.testdir(), maxBytes: 16 * 1024 });
+  j.registerConsumer('replica');
+  await j.append(EntryKind.WRITE, 0, 12000, Buffer.alloc(12000)).done;
+  const waiting = j.append(EntryKind.WRITE, 0, 12000, Buffer.alloc(12000));
+  const refused = t.rejects(waiting.done, { code: 'ESHUTDOWN', message: /seq 2/ });
+  await j.close();
+  await refused;
+});
+
+for (const durability of ['sync', 'commit'] as const) {
+  t.test(`durability ${durability}: flushed appends survive a reopen`, async (t) => {
+    const dir = t.testdir();
+    const j = await Journal.open({ dir, durability });
+    const d = randomBytes(4096);
+    const done = j.append(EntryKind.WRITE, 0, d.length, d).done;
+    await done;
+    await j.flush();
+    await j.close();
+    const j2 = await Journal.open({ dir, durability });
+    t.ok(j2.read(1)[0].data!.equals(d));
+    await j2.close();
+  });
+}

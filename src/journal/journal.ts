@@ -38,6 +38,7 @@ interface Pending {
   seq: number;
   value: Buffer;
   start: () => void;
+  fail: (err: Error) => void;
 }
 
 export class Journal extends EventEmitter {
@@ -90,6 +91,18 @@ export class Journal extends EventEmitter {
       // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.
       path: path.join(opts.dir, 'journal.mdb'),
       mapSize: Math.ceil(maxBytes * 1.25) + MAP_HEADROOM,
+      ...(durability === 'sync'
+        ? {
+            // Commits become visible first and are fsynced after, overlapping the next batch, in the order
+            // LMDB needs to stay intact across a power cut; each write's `flushed` says when it is durable.
+            overlappingSync: true,
+            separateFlushed: true,
+          }
+        : {
+            // Commits only reach the OS cache (a SIGKILL loses nothing); flush() syncs the environment.
+            noSync: true,
+            overlappingSync: false,
+          }),
     });
     const entries = root.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
     const meta = root.openDB<unknown, string>({ name: 'meta' });
@@ -130,11 +143,15 @@ export class Journal extends EventEmitter {
     const value = encodeValue(kind, offset, length, entryCrc(kind, offset, length, data), Date.now(), data, this.cum);
     this.cum = valueCum(value);
     let startCommit!: () => void;
-    const started = new Promise<void>((resolve) => (startCommit = resolve));
+    let failStart!: (err: Error) => void;
+    const started = new Promise<void>((resolve, reject) => {
+      startCommit = resolve;
+      failStart = reject;
+    });
     const done = started.then(() => this.commit(seq, value));
     if (this.waitingForSpace.length > 0 || !this.hasRoom(value.length)) {
       // Order is kept: once one append waits, every later one queues behind it.
-      this.waitingForSpace.push({ seq, value, start: startCommit });
+      this.waitingForSpace.push({ seq, value, start: startCommit, fail: failStart });
       this.emit('full', this.stats);
       this.prune();
     } else {
@@ -327,9 +344,10 @@ export class Journal extends EventEmitter {
 
   async close(): Promise<void> {
     if (this.isClosed) return;
-    // Appends waiting for space cannot complete; say so rather than hang.
     this.isClosed = true;
     for (const w of this.waiters.splice(0)) w.resolve();
+    // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.
+    for (const p of this.waitingForSpace.splice(0)) p.fail(new BlockferryError('ESHUTDOWN', `journal closed before seq ${p.seq} had room to be written`));
     await this.meta.put('log', { head: this.committed, cum: this.cum } satisfies LogMeta);
     if (this.durability === 'sync') await this.root.flushed;
     else await this.syncEnv();

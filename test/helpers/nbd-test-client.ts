@@ -34,7 +34,19 @@ export class NbdTestClient extends EventEmitter {
     const sock = net.connect(o.port, o.host);
     sock.setNoDelay(true);
     const c = new NbdTestClient(sock, o.structured ?? false);
-    await c.handshake(o.exportName ?? '');
+    // A socket error must reject the handshake or reach the client's 'error' listeners; an 'error' event
+    // with no listener would kill the whole test process (and skip its teardown).
+    let failed: Error | undefined;
+    sock.on('error', (e) => {
+      failed = e;
+      if (c.listenerCount('error') > 0) c.emit('error', e);
+    });
+    try {
+      await c.handshake(o.exportName ?? '');
+    } catch (err) {
+      sock.destroy();
+      throw failed ?? err;
+    }
     return c;
   }
 
@@ -111,7 +123,6 @@ export class NbdTestClient extends EventEmitter {
       for (const p of this.pending.values()) p.reject(new Error('connection closed'));
       this.pending.clear();
     });
-    this.sock.on('error', (e) => this.emit('error', e));
     if (this.buf.length) {
       const rest = this.buf;
       this.buf = Buffer.alloc(0);
