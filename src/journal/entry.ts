@@ -3,15 +3,12 @@
 // entries received over the wire with the same functions.
 import { crc32c } from '@node-rs/crc32';
 import { JournalCorruptError } from '../util/errors.js';
+import { writeU64 } from '../util/u64.js';
 import { EntryKind, type JournalEntry } from './types.js';
 
 const CRC_HEADER = 17; // kind u8 + offset u64 + length u64
 
-function u64(buf: Buffer, value: number, at: number): void {
-  buf.writeUInt32BE(Math.floor(value / 2 ** 32), at);
-  buf.writeUInt32BE(value >>> 0, at + 4);
-}
-
+/** Stored fields are read as written (unguarded): a corrupt value is caught by the CRC, not here. */
 function r64(buf: Buffer, at: number): number {
   return buf.readUInt32BE(at) * 2 ** 32 + buf.readUInt32BE(at + 4);
 }
@@ -19,8 +16,8 @@ function r64(buf: Buffer, at: number): number {
 export function entryCrc(kind: number, offset: number, length: number, data?: Buffer): number {
   const h = Buffer.allocUnsafe(CRC_HEADER);
   h.writeUInt8(kind, 0);
-  u64(h, offset, 1);
-  u64(h, length, 9);
+  writeU64(h, offset, 1);
+  writeU64(h, length, 9);
   const c = crc32c(h);
   return data ? crc32c(data, c) : c;
 }
@@ -52,8 +49,8 @@ export function encodeValue(kind: number, offset: number, length: number, crc: n
   const b = Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));
   b.writeUInt32BE(kind << 24, 0);
   b.writeUInt32BE(crc, 4);
-  u64(b, offset, 8);
-  u64(b, length, 16);
+  writeU64(b, offset, 8);
+  writeU64(b, length, 16);
   b.writeDoubleBE(ts, 24);
   b.writeDoubleBE(cum + b.length, 32);
   if (data) data.copy(b, VALUE_HEADER);

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
+import { decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
@@ -355,4 +355,3 @@ export class Journal extends EventEmitter {
   }
 }
 
-export { VALUE_HEADER };

@@ -116,9 +116,7 @@ export class MirrorDevice implements BlockDevice {
     if (err) return Promise.reject(err);
     const { seq, done } = this.journal.append(EntryKind.ZERO, offset, length);
     // The range must read as zeroes on every copy; NO_HOLE/FAST_ZERO are local allocation policy only.
-    return this.order.run(seq, offset, offset + length, done, () =>
-      this.inner.capabilities.zeroes ? this.inner.writeZeroes(offset, length, { noHole: opts?.noHole }) : writeZeroBuffers(this.inner, offset, length),
-    );
+    return this.order.run(seq, offset, offset + length, done, () => applyZero(this.inner, offset, length, opts?.noHole));
   }
 
   /**
@@ -218,8 +216,8 @@ export class MirrorDevice implements BlockDevice {
 }
 
 /** Makes a range read as zeroes on the image, natively when it can. */
-async function applyZero(dev: BlockDevice, offset: number, length: number): Promise<void> {
-  if (dev.capabilities.zeroes) return dev.writeZeroes(offset, length);
+async function applyZero(dev: BlockDevice, offset: number, length: number, noHole?: boolean): Promise<void> {
+  if (dev.capabilities.zeroes) return dev.writeZeroes(offset, length, { noHole });
   return writeZeroBuffers(dev, offset, length);
 }
 

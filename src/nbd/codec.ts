@@ -9,6 +9,7 @@ import {
   ReplyFlag,
   ReplyType,
 } from './constants.js';
+import { readU64, writeU64 } from '../util/u64.js';
 
 export const REQUEST_HEADER_SIZE = 28;
 export const OPTION_HEADER_SIZE = 16;
@@ -78,17 +79,7 @@ export class ByteQueue {
   }
 }
 
-/** Reads a 64-bit unsigned field as a number; values above 2^53 come back as Infinity (always out of range). */
-export function readU64(buf: Buffer, at: number): number {
-  const hi = buf.readUInt32BE(at);
-  const lo = buf.readUInt32BE(at + 4);
-  return hi >= 0x200000 ? Infinity : hi * 2 ** 32 + lo;
-}
-
-export function writeU64(buf: Buffer, value: number, at: number): void {
-  buf.writeUInt32BE(Math.floor(value / 2 ** 32), at);
-  buf.writeUInt32BE(value >>> 0, at + 4);
-}
+export { readU64, writeU64 } from '../util/u64.js';
 
 // ---- handshake ---------------------------------------------------------------------------------
 

@@ -77,10 +77,6 @@ export class ReplayServer {
     return { host: a.address, port: a.port };
   }
 
-  status(): Record<string, unknown> {
-    return { dataDir: this.opts.dataDir, volumes: [...this.volumes.keys()] };
-  }
-
   private volume(name: string, size: number): Promise<Volume> {
     let v = this.volumes.get(name);
     if (!v) {
