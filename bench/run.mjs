@@ -2,7 +2,7 @@
 // run, each on a fresh copy of the same fully allocated random-data image. Prints a table and writes JSON to bench/results/.
 //
 // usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N]
-//   NAME: blockferry-nojournal, blockferry-journal, nbdkit, qemu-nbd
+//   NAME: blockferry-nojournal, blockferry-journal, blockferry-replicated, nbdkit, qemu-nbd
 import { spawn, execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -46,6 +46,17 @@ const SERVERS = [
     start: (img, work) => startBlockferry(['--image', img, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal')]),
   },
   {
+    // The configuration users run: journal on and shipped to a replayer (its own process, same machine).
+    name: 'blockferry-replicated',
+    blockferry: true,
+    start: async (img, work) => {
+      const replay = spawnServer(process.execPath, [CLI, 'replay', '--listen', '127.0.0.1:0', '--data-dir', path.join(work, 'replica')]);
+      const ws = await waitForLine(replay, /listening on (ws:\/\/\S+)/, 'blockferry replay');
+      const srv = await startBlockferry(['--image', img, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal'), '--replicate-to', ws]);
+      return { ...srv, extra: [replay] };
+    },
+  },
+  {
     // nbdkit's file plugin defaults to the page cache (writeback); qemu-nbd gets the same policy below.
     name: 'nbdkit',
     start: async (img, work) => {
@@ -83,12 +94,18 @@ function spawnServer(cmd, args) {
 
 async function startBlockferry(args) {
   const child = spawnServer(process.execPath, [CLI, 'serve', ...args]);
-  const uri = await new Promise((resolve, reject) => {
+  const uri = await waitForLine(child, /listening on (nbd:\/\/\S+)/, 'blockferry serve');
+  return { uri, pid: child.pid, child };
+}
+
+/** Resolves to the first capture group once the child's stdout matches `re`. */
+function waitForLine(child, re, name) {
+  return new Promise((resolve, reject) => {
     let out = '';
-    const timer = setTimeout(() => reject(new Error(`blockferry serve did not listen in ${START_TIMEOUT_MS} ms:\n${child.err}`)), START_TIMEOUT_MS);
+    const timer = setTimeout(() => reject(new Error(`${name} did not listen in ${START_TIMEOUT_MS} ms:\n${child.err}`)), START_TIMEOUT_MS);
     child.stdout.on('data', (d) => {
       out += d;
-      const m = /listening on (nbd:\/\/\S+)/.exec(out);
+      const m = re.exec(out);
       if (m) {
         clearTimeout(timer);
         resolve(m[1]);
@@ -96,10 +113,9 @@ async function startBlockferry(args) {
     });
     child.once('exit', (code) => {
       clearTimeout(timer);
-      reject(new Error(`blockferry serve exited ${code} before listening:\n${child.err}`));
+      reject(new Error(`${name} exited ${code} before listening:\n${child.err}`));
     });
   });
-  return { uri, pid: child.pid, child };
 }
 
 async function waitFor(cond, child, name) {
@@ -123,6 +139,7 @@ function freePort() {
 }
 
 async function stop(srv) {
+  for (const extra of srv.extra ?? []) await stop({ child: extra });
   const { child } = srv;
   if (child.exitCode === null && child.signalCode === null) child.kill('SIGTERM');
   const done = await Promise.race([child.exited.then(() => true), new Promise((r) => setTimeout(() => r(false), 10_000))]);
@@ -232,6 +249,17 @@ async function main() {
     const jw = avg('blockferry-journal', JOBS[2]);
     const nw = avg('blockferry-nojournal', JOBS[2]);
     lines.push(`journal on / off: 1M seq write ${(jn.mibs / nj.mibs).toFixed(2)}×, 4K rand write ${(jw.iops / nw.iops).toFixed(2)}×`);
+  }
+  const rp = avg('blockferry-replicated', JOBS[0]);
+  if (rp && nj) {
+    const rw = avg('blockferry-replicated', JOBS[2]);
+    const nw = avg('blockferry-nojournal', JOBS[2]);
+    lines.push(`replicated / journal off: 1M seq write ${(rp.mibs / nj.mibs).toFixed(2)}×, 4K rand write ${(rw.iops / nw.iops).toFixed(2)}×`);
+  }
+  if (rp && jn) {
+    const rw = avg('blockferry-replicated', JOBS[2]);
+    const jw = avg('blockferry-journal', JOBS[2]);
+    lines.push(`replicated / journal only: 1M seq write ${(rp.mibs / jn.mibs).toFixed(2)}×, 4K rand write ${(rw.iops / jw.iops).toFixed(2)}×`);
   }
   for (const [name, mib] of Object.entries(rss)) lines.push(`${name}: peak RSS ${mib.toFixed(0)} MiB (VmHWM)`);
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');

@@ -51,6 +51,11 @@ export class Connection {
   private draining = false; // DISC received or server closing: no new requests
   private readonly idle: Array<() => void> = [];
   private handshakeTimer: NodeJS.Timeout | undefined;
+  private corked = false;
+  private readonly uncork = (): void => {
+    this.corked = false;
+    this.socket.uncork();
+  };
   readonly closed: Promise<void>;
 
   constructor(
@@ -100,15 +105,19 @@ export class Connection {
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
   }
 
+  /**
+   * Replies produced in the same turn (a group commit resolves dozens of writes at once) leave in one
+   * writev: the socket stays corked until the current tick and its promise jobs are done.
+   */
   private send(bufs: Buffer[]): void {
     if (this.phase === 'closed' || this.socket.destroyed) return;
     let ok = true;
-    if (bufs.length === 1) ok = this.socket.write(bufs[0]);
-    else {
-      (this.socket as Duplex & { cork?: () => void }).cork?.();
-      for (const b of bufs) ok = this.socket.write(b) && ok;
-      (this.socket as Duplex & { uncork?: () => void }).uncork?.();
+    if (!this.corked) {
+      this.corked = true;
+      this.socket.cork();
+      process.nextTick(this.uncork);
     }
+    for (const b of bufs) ok = this.socket.write(b) && ok;
     if (!ok) {
       this.writeBlocked = true;
       this.updateFlow();

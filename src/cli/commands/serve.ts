@@ -241,8 +241,8 @@ export const command: CommandModule<object, ServeArgs> = {
       .option('journal-max', { type: 'string', default: DEFAULT_JOURNAL_MAX, describe: 'Journal size cap; writes wait for space beyond it' })
       .option('durability', {
         choices: ['sync', 'commit'] as const,
-        default: 'sync' as const,
-        describe: 'sync: each journal commit is fsynced before the image changes (survives power loss); commit: ordered in the OS cache, fsynced on FLUSH/FUA (survives a process crash)',
+        default: 'commit' as const,
+        describe: 'commit: writes of one loop turn committed together (OS cache) before the image changes, fsynced on FLUSH/FUA; sync: every commit fsynced first (power-cut safe at every instant, slower)',
       })
       .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
