@@ -9,6 +9,7 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { OrderedApply } from './ordered-apply.js';
+import { CHUNK_BYTES, hashChunks } from '../replicator/chunk-hash.js';
 
 /** Checkpoint (fsync image + record seq) this often while writes flow, so recovery and pruning stay short. */
 const CHECKPOINT_INTERVAL_MS = 5_000;
@@ -166,6 +167,15 @@ export class MirrorDevice implements BlockDevice {
       this.gate = undefined;
       open();
     }
+  }
+
+  /**
+   * Digests of chunks [first, first+count) of the image, once the changes in flight there have landed (the
+   * resync comparison; a chunk written meanwhile is fine either way: see Replicator).
+   */
+  async hashChunks(first: number, count: number): Promise<Buffer> {
+    await this.order.drainRange(first * CHUNK_BYTES, Math.min(this.size, (first + count) * CHUNK_BYTES));
+    return hashChunks(this.inner, first, count);
   }
 
   /** fsync the image and record that it is durable up to the applied watermark. */

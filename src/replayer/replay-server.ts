@@ -2,6 +2,14 @@
 // CRC, applies strictly in seq order, fsyncs the replica, persists the applied seq, then acknowledges.
 // Duplicates (seq <= applied) are ignored, so re-sent entries after a reconnect are harmless; a gap or a
 // corrupt entry is refused with a close code and nothing of it is applied.
+//
+// Crash consistency: a batch is first stored in the volume's state database (a redo record, fsynced), then
+// applied, then the image is fsynced and the applied seq recorded. A replayer killed or powered off mid-batch
+// finishes that batch from the redo record when it opens the volume again, before anything can read it, so the
+// replica is always the primary's state as of some seq, even if the primary never comes back.
+//
+// Resync: a replica that is new or missed entries the journal no longer has is inconsistent (consistentFrom
+// -1) until the primary has compared chunk digests, shipped the differing chunks and said `synced`.
 import fs from 'node:fs';
 import path from 'node:path';
 import { open, type RootDatabase } from 'lmdb';
@@ -10,6 +18,7 @@ import { FileDevice } from '../device/file-device.js';
 import { verifyEntry } from '../journal/entry.js';
 import type { JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
+import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CloseCode, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
@@ -19,6 +28,11 @@ interface VolumeState {
   appliedSeq: number;
   volumeId: string | null;
   size: number;
+  /**
+   * null (or absent, in states written before resync existed): consistent. -1: inconsistent (new, or a resync
+   * is under way). N >= 0: consistent once the entries through seq N are applied.
+   */
+  consistentFrom?: number | null;
 }
 
 class Volume {
@@ -30,17 +44,55 @@ class Volume {
     public state: VolumeState,
   ) {}
 
-  static async open(dir: string, name: string, size: number): Promise<Volume> {
+  static async open(dir: string, name: string, size: number, log: Logger): Promise<Volume> {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
-    const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size };
+    const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
     const image = path.join(dir, `${name}.img`);
     const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size });
-    return new Volume(name, device, db, state);
+    const v = new Volume(name, device, db, state);
+    await v.finishPending(log);
+    return v;
   }
 
-  /** Durable: the replica image holds everything up to appliedSeq. */
+  get consistent(): boolean {
+    return this.state.consistentFrom === null || this.state.consistentFrom === undefined;
+  }
+
+  /** Completes a batch that a crash interrupted, from its redo record. */
+  private async finishPending(log: Logger): Promise<void> {
+    const pending = this.db.get('pending') as JournalEntry[] | undefined;
+    if (!pending || pending.length === 0) return;
+    const todo = pending.filter((e) => e.seq > this.state.appliedSeq);
+    log.warn({ volume: this.name, entries: todo.length }, 'finishing a batch interrupted by a crash');
+    for (const e of todo) {
+      if (e.data && !Buffer.isBuffer(e.data)) e.data = Buffer.from(e.data as Uint8Array);
+      verifyEntry(e);
+      await applyEntry(this.device, e);
+    }
+    await this.device.flush();
+    if (todo.length > 0) this.state.appliedSeq = todo[todo.length - 1].seq;
+    this.markApplied();
+    await this.save();
+  }
+
+  /** A replica waiting for seq N becomes consistent once it has applied N. */
+  markApplied(): void {
+    const from = this.state.consistentFrom;
+    if (from !== null && from !== undefined && from >= 0 && this.state.appliedSeq >= from) this.state.consistentFrom = null;
+  }
+
+  /** Stores the batch about to be applied, durably, so a crash mid-apply can be finished on restart. */
+  async savePending(entries: JournalEntry[]): Promise<void> {
+    await this.db.put('pending', entries);
+    await this.db.flushed;
+  }
+
+  /** Durable: the replica image holds everything up to appliedSeq (and the redo record is dropped). */
   async save(): Promise<void> {
-    await this.db.put('state', this.state);
+    await this.db.transaction(() => {
+      this.db.put('state', this.state);
+      this.db.remove('pending');
+    });
     await this.db.flushed;
   }
 
@@ -80,7 +132,7 @@ export class ReplayServer {
   private volume(name: string, size: number): Promise<Volume> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = Volume.open(this.opts.dataDir, name, size);
+      v = Volume.open(this.opts.dataDir, name, size, this.log);
       this.volumes.set(name, v);
       v.catch(() => this.volumes.delete(name));
     }
@@ -90,6 +142,7 @@ export class ReplayServer {
   private onConnection(ws: WebSocket, peer: string): void {
     const log = this.log.child({ peer });
     let vol: Volume | undefined;
+    let verifier = false;
     let chain = Promise.resolve();
     const fail = (code: number, errCode: string, message: string) => {
       log.warn({ code: errCode }, message);
@@ -98,7 +151,7 @@ export class ReplayServer {
     };
     ws.on('error', (err) => log.debug({ err }, 'socket error'));
     ws.on('close', () => {
-      if (vol) vol.busy = false;
+      if (vol && !verifier) vol.busy = false;
     });
     ws.on('message', (raw: Buffer, isBinary: boolean) => {
       // Messages are handled one after another: a batch is applied and acknowledged before the next.
@@ -114,11 +167,23 @@ export class ReplayServer {
         if (!vol) {
           if (msg.t !== 'hello') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `expected hello, got ${msg.t}`);
           if (!VOLUME_NAME.test(msg.volume)) return fail(CloseCode.PROTOCOL, 'ERR_VOLUME_NAME', `invalid volume name ${JSON.stringify(msg.volume)}`);
+          verifier = msg.role === 'verify';
+          if (verifier && !this.volumes.has(msg.volume) && !fs.existsSync(path.join(this.opts.dataDir, `${msg.volume}.img`))) {
+            return fail(CloseCode.VOLUME_MISMATCH, 'ERR_NO_VOLUME', `there is no replica of volume ${msg.volume} here`);
+          }
           let v: Volume;
           try {
             v = await this.volume(msg.volume, msg.size);
           } catch (err) {
             return fail(CloseCode.STORAGE, 'ERR_STORAGE', `cannot open volume ${msg.volume}: ${(err as Error).message}`);
+          }
+          if (verifier) {
+            if (v.device.size !== msg.size) {
+              return fail(CloseCode.VOLUME_MISMATCH, 'ERR_VOLUME_SIZE', `volume ${msg.volume} is ${v.device.size} bytes here, the image to verify is ${msg.size}`);
+            }
+            vol = v;
+            ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null }));
+            return;
           }
           if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
           if (v.device.size !== msg.size) {
@@ -137,8 +202,36 @@ export class ReplayServer {
           }
           v.busy = true;
           vol = v;
-          log.info({ volume: v.name, appliedSeq: v.state.appliedSeq }, 'primary connected');
-          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq }));
+          log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
+          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null }));
+          return;
+        }
+        if (msg.t === 'digests?') {
+          // Computed here, in order with the batches: the digests describe the replica as of appliedSeq.
+          if (msg.first >= chunkCount(vol.device.size)) return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `chunk ${msg.first} is past the end of the volume`);
+          let digests: Buffer;
+          try {
+            digests = await hashChunks(vol.device, msg.first, msg.count);
+          } catch (err) {
+            return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${vol.name}: reading the replica failed: ${(err as Error).message}`);
+          }
+          if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests', id: msg.id, first: msg.first, appliedSeq: vol.state.appliedSeq, digests }));
+          return;
+        }
+        if (verifier) return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `a verify connection cannot send ${msg.t}`);
+        if (msg.t === 'resync') {
+          // Entries before fromSeq will never arrive: from here the replica is inconsistent until `synced`.
+          log.warn({ volume: vol.name, appliedSeq: vol.state.appliedSeq, fromSeq: msg.fromSeq }, 'resync: the replica is inconsistent until the primary has sent every differing chunk');
+          vol.state.appliedSeq = msg.fromSeq - 1;
+          vol.state.consistentFrom = -1;
+          await vol.save();
+          return;
+        }
+        if (msg.t === 'synced') {
+          vol.state.consistentFrom = msg.seq;
+          vol.markApplied();
+          await vol.save();
+          log.info({ volume: vol.name, consistentFrom: msg.seq, consistent: vol.consistent }, 'resync finished on the primary');
           return;
         }
         if (msg.t !== 'entries') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
@@ -168,9 +261,11 @@ export class ReplayServer {
     }
     if (todo.length === 0) return;
     try {
+      await v.savePending(todo);
       for (const e of todo) await applyEntry(v.device, e);
       await v.device.flush();
       v.state.appliedSeq = todo[todo.length - 1].seq;
+      v.markApplied();
       await v.save();
     } catch (err) {
       return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${v.name}: applying failed: ${(err as Error).message}`);

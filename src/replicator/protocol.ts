@@ -17,12 +17,25 @@ export const CloseCode = {
   STORAGE: 4028,
 } as const;
 
+/**
+ * hello/welcome open a link. A `verify` peer (blockferry verify) may only ask for digests. Resync: the primary
+ * sends `resync` (entries before fromSeq will never come: the replica is inconsistent from now on), compares
+ * digests (`digests?` → `digests`, computed at the replica's applied seq, in order with the entries), ships the
+ * differing chunks as ordinary entries, and ends with `synced` (consistent again once applied through seq).
+ */
 export type Message =
-  | { v: number; t: 'hello'; volume: string; volumeId: string; size: number }
-  | { v: number; t: 'welcome'; appliedSeq: number }
+  | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify' }
+  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
   | { v: number; t: 'ack'; seq: number }
+  | { v: number; t: 'resync'; fromSeq: number }
+  | { v: number; t: 'synced'; seq: number }
+  | { v: number; t: 'digests?'; id: number; first: number; count: number }
+  | { v: number; t: 'digests'; id: number; first: number; appliedSeq: number; digests: Buffer }
   | { v: number; t: 'error'; code: string; message: string };
+
+/** Most chunks one digest request may ask for (bounds the replayer's work per message). */
+export const MAX_DIGEST_CHUNKS = 4096;
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true });
 
@@ -50,9 +63,26 @@ export function decode(buf: Buffer): Message {
   switch (m.t) {
     case 'hello':
       if (typeof m.volume !== 'string' || typeof m.volumeId !== 'string' || !isInt(m.size)) throw new ProtocolError('bad hello');
+      if (m.role !== undefined && m.role !== 'primary' && m.role !== 'verify') throw new ProtocolError('bad hello role');
       return m as Message;
     case 'welcome':
       if (!isInt(m.appliedSeq)) throw new ProtocolError('bad welcome');
+      if (m.consistentFrom !== undefined && m.consistentFrom !== null && !(Number.isSafeInteger(m.consistentFrom) && (m.consistentFrom as number) >= -1)) {
+        throw new ProtocolError('bad welcome');
+      }
+      return m as Message;
+    case 'resync':
+      if (!isInt(m.fromSeq) || m.fromSeq < 1) throw new ProtocolError('bad resync');
+      return m as Message;
+    case 'synced':
+      if (!isInt(m.seq)) throw new ProtocolError('bad synced');
+      return m as Message;
+    case 'digests?':
+      if (!isInt(m.id) || !isInt(m.first) || !isInt(m.count) || m.count < 1 || m.count > MAX_DIGEST_CHUNKS) throw new ProtocolError('bad digest request');
+      return m as Message;
+    case 'digests':
+      if (!isInt(m.id) || !isInt(m.first) || !isInt(m.appliedSeq) || !(m.digests instanceof Uint8Array)) throw new ProtocolError('bad digests');
+      if (!Buffer.isBuffer(m.digests)) m.digests = Buffer.from(m.digests.buffer, m.digests.byteOffset, m.digests.byteLength);
       return m as Message;
     case 'ack':
       if (!isInt(m.seq)) throw new ProtocolError('bad ack');

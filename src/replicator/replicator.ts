@@ -1,9 +1,18 @@
 // Ships one volume's journal to one replica: hello → the replica's applied seq → batches from there, at most
 // a window of unacknowledged bytes in flight (a replica that stops reading cannot grow our heap). Acks
 // advance the journal's retention. Reconnects with exponential backoff and jitter; pings find a dead link.
+//
+// Resync (initial sync of a new replica, or one that missed entries the journal no longer has): shipping goes
+// on as usual while a second loop walks the volume, asks the replica for chunk digests (computed in order with
+// the entries it has applied), compares them with the primary's, and has the mirror append each differing
+// chunk's current bytes as an ordinary entry. Those entries travel in the same ordered stream as new writes, so
+// the replica ends exactly equal to the primary: a chunk whose digest matched at replica seq A and primary seq
+// P >= A is equal after the replica applies (A, P], because every byte a later write touches gets that write's
+// bytes and every other byte already matched.
 import WebSocket from 'ws';
 import type { Journal } from '../journal/journal.js';
 import { silentLogger, type Logger } from '../util/logger.js';
+import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode } from './protocol.js';
 
 /** Unacknowledged bytes in flight per replica. */
@@ -18,7 +27,15 @@ const BACKOFF_MAX_MS = 10_000;
 const PING_INTERVAL_MS = 2_000;
 const PING_TIMEOUT_MS = 6_000;
 
-export type ReplicaState = 'connecting' | 'continuous' | 'backlog' | 'disconnected' | 'needs-resync';
+export type ReplicaState = 'connecting' | 'continuous' | 'backlog' | 'resync' | 'disconnected' | 'needs-resync';
+
+/** What resync needs from the primary's volume (the mirror layer provides it). */
+export interface ResyncSource {
+  /** Digests of chunks [first, first+count) of the primary image, after in-flight writes there have landed. */
+  hashChunks(first: number, count: number): Promise<Buffer>;
+  /** Appends the current bytes of a range as a WRITE entry in the ordered stream; resolves to its seq. */
+  captureRange(offset: number, length: number): Promise<number>;
+}
 
 export interface ReplicatorOptions {
   url: string;
@@ -26,6 +43,13 @@ export interface ReplicatorOptions {
   volumeId: string;
   size: number;
   journal: Journal;
+  /** Needed to resync; without it a replica that needs one is reported as needs-resync. */
+  source?: ResyncSource;
+  /**
+   * True when the journal holds every change since the image was all zeroes (serve created both): a new,
+   * zero-filled replica then needs no digest comparison, only the journal from seq 1.
+   */
+  journalFromEmpty?: boolean;
   logger?: Logger;
 }
 
@@ -40,13 +64,21 @@ export class Replicator {
   private attempt = 0;
   private wake: (() => void) | undefined;
   private lastError: string | undefined;
+  private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
+  private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
+  private nextRequestId = 1;
   private readonly log: Logger;
   readonly consumerId: string;
 
   constructor(private readonly opts: ReplicatorOptions) {
     this.log = (opts.logger ?? silentLogger).child({ component: 'replicator', replica: opts.url, volume: opts.volume });
-    this.consumerId = `replica:${opts.url}#${opts.volume}`;
+    this.consumerId = Replicator.consumerIdFor(opts.url, opts.volume);
     this.ackedSeq = opts.journal.registerConsumer(this.consumerId, 1).ackedSeq;
+  }
+
+  /** The journal consumer a replica of `volume` at `url` acknowledges under. */
+  static consumerIdFor(url: string, volume: string): string {
+    return `replica:${url}#${volume}`;
   }
 
   start(): void {
@@ -61,7 +93,8 @@ export class Replicator {
       const oldest = this.opts.journal.read(this.ackedSeq + 1, { maxEntries: 1 })[0];
       if (oldest) lagSeconds = Math.max(0, (Date.now() - oldest.ts) / 1000);
     }
-    return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, lagEntries, lagSeconds, lastError: this.lastError ?? null };
+    const resync = this.resync ? { ...this.resync, percent: Math.floor((100 * this.resync.doneBytes) / this.resync.totalBytes) } : null;
+    return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, lagEntries, lagSeconds, resync, lastError: this.lastError ?? null };
   }
 
   private connect(): void {
@@ -92,7 +125,10 @@ export class Replicator {
       if (msg.t === 'welcome') {
         this.attempt = 0;
         this.lastError = undefined;
-        this.onWelcome(ws, msg.appliedSeq);
+        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null);
+      } else if (msg.t === 'digests') {
+        this.digestWaiters.get(msg.id)?.(msg.digests);
+        this.digestWaiters.delete(msg.id);
       } else if (msg.t === 'ack') {
         this.onAck(msg.seq);
       } else if (msg.t === 'error') {
@@ -108,6 +144,7 @@ export class Replicator {
       clearInterval(ping);
       this.ws = undefined;
       this.wake?.();
+      this.digestWaiters.clear();
       if (this.state !== 'needs-resync') this.state = 'disconnected';
       if (this.stopped) return;
       const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this.attempt++);
@@ -115,16 +152,30 @@ export class Replicator {
     });
   }
 
-  private onWelcome(ws: WebSocket, applied: number): void {
+  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null): void {
     const j = this.opts.journal;
-    if (applied + 1 < j.stats.tailSeq) {
-      // The journal no longer has what this replica needs: a hash-compare resync is required (not built yet).
+    const { tailSeq, committedSeq } = j.stats;
+    // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
+    // the journal does not start from an empty image, or a resync was interrupted: compare digests.
+    const gap = applied + 1 < tailSeq || applied > committedSeq;
+    const isNew = applied === 0 && consistentFrom === -1;
+    const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
+    if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
-      this.lastError = `replica is at seq ${applied} but the journal starts at ${j.stats.tailSeq}`;
+      this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
       this.log.error(this.lastError);
       ws.close(1000);
       this.stopped = true;
       return;
+    }
+    if (needsResync) {
+      const fromSeq = gap ? tailSeq : applied + 1;
+      ws.send(encode({ v: PROTOCOL_VERSION, t: 'resync', fromSeq }));
+      applied = fromSeq - 1;
+      this.ackedSeq = Math.min(this.ackedSeq, applied);
+    } else if (isNew) {
+      // The journal covers the image from all zeroes, and a new replica is all zeroes: shipping suffices.
+      ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq: 0 }));
     }
     if (applied > this.ackedSeq) {
       this.ackedSeq = applied;
@@ -133,8 +184,52 @@ export class Replicator {
     this.nextSeq = applied + 1;
     this.inflight = [];
     this.inflightBytes = 0;
-    this.state = 'continuous';
+    this.state = needsResync ? 'resync' : 'continuous';
     void this.ship(ws);
+    if (needsResync) {
+      this.runResync(ws).catch((err) => {
+        if (this.ws !== ws) return; // the link went away; the next connection starts over
+        this.lastError = `resync failed: ${(err as Error).message}`;
+        this.log.error({ err }, 'resync failed; reconnecting to start over');
+        ws.terminate();
+      });
+    }
+  }
+
+  /** Walks the volume comparing digests; differing chunks enter the journal; ends with `synced`. */
+  private async runResync(ws: WebSocket): Promise<void> {
+    const source = this.opts.source!;
+    const total = chunkCount(this.opts.size);
+    this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
+    this.log.info({ bytes: this.opts.size }, 'resync: comparing chunk digests with the replica');
+    for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
+      if (this.ws !== ws || this.stopped) return;
+      const count = Math.min(CHUNKS_PER_REQUEST, total - first);
+      const id = this.nextRequestId++;
+      const theirs = new Promise<Buffer>((resolve) => this.digestWaiters.set(id, resolve));
+      ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests?', id, first, count }));
+      const [replica, primary] = await Promise.all([theirs, source.hashChunks(first, count)]);
+      if (this.ws !== ws) return;
+      // Adjacent differing chunks go as one capture (one entry), up to 32 chunks (8 MiB).
+      const diff = differingChunks(primary, replica);
+      for (let i = 0; i < diff.length; ) {
+        let n = 1;
+        while (i + n < diff.length && diff[i + n] === diff[i] + n && n < 32) n++;
+        const offset = (first + diff[i]) * CHUNK_BYTES;
+        const length = Math.min(n * CHUNK_BYTES, this.opts.size - offset);
+        await source.captureRange(offset, length);
+        this.resync.sentBytes += length;
+        i += n;
+      }
+      this.resync.doneBytes = Math.min(this.opts.size, (first + count) * CHUNK_BYTES);
+    }
+    if (this.ws !== ws) return;
+    // Every differing chunk is in the journal at or below this seq: the replica is consistent once it has it.
+    const seq = this.opts.journal.stats.headSeq;
+    ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
+    this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
+    this.resync = undefined;
+    this.state = 'continuous';
   }
 
   private onAck(seq: number): void {
@@ -166,7 +261,7 @@ export class Replicator {
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
-      this.state = j.stats.committedSeq - this.ackedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
+      if (!this.resync) this.state = j.stats.committedSeq - this.ackedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
       ws.send(msg);
     }
   }

@@ -1,6 +1,7 @@
 // `blockferry serve`: the primary. Opens each image (creating a sparse one with --size), wraps it in the
 // mirror layer with its journal (recovering first), serves it over NBD, and ships the journal to replicas.
 import { randomUUID } from 'node:crypto';
+import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
 import type { BlockDevice } from '../../device/block-device.js';
@@ -79,6 +80,7 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 }
 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
+  const imageIsNew = !fs.existsSync(img.path);
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly });
   const dir = journalDirFor(opts, img);
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
@@ -89,13 +91,34 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     if (!volumeId) {
       volumeId = randomUUID();
       await journal.setMeta('volumeId', volumeId);
+      // A new journal for an image created just now holds every change since all zeroes: a new replica needs
+      // only the journal. Any other image's existing contents reach replicas by digest comparison.
+      await journal.setMeta('fromEmpty', imageIsNew && journal.stats.headSeq === 0);
     }
     const mirror = await MirrorDevice.open({ device: file, journal, logger: log });
     if (mirror.recovery.entries > 0) {
       log.warn({ volume: img.name, ...mirror.recovery }, 'the last run did not stop cleanly; re-applied the journal tail');
     }
+    // A replica no longer named by --replicate-to must not hold the journal's retention forever.
+    const consumerIds = new Set((opts.replicateTo ?? []).map((url) => Replicator.consumerIdFor(url, img.name)));
+    for (const c of journal.consumers()) {
+      if (c.id.startsWith('replica:') && !consumerIds.has(c.id)) {
+        log.info({ volume: img.name, consumer: c.id, ackedSeq: c.ackedSeq }, 'forgetting a replica no longer in --replicate-to');
+        journal.removeConsumer(c.id);
+      }
+    }
     const replicators = (opts.replicateTo ?? []).map(
-      (url) => new Replicator({ url, volume: img.name, volumeId: volumeId!, size: file.size, journal: journal!, logger: log }),
+      (url) =>
+        new Replicator({
+          url,
+          volume: img.name,
+          volumeId: volumeId!,
+          size: file.size,
+          journal: journal!,
+          source: mirror,
+          journalFromEmpty: journal!.getMeta<boolean>('fromEmpty') === true,
+          logger: log,
+        }),
     );
     return { name: img.name, path: img.path, device: mirror, journal, mirror, volumeId, replicators };
   } catch (err) {

@@ -1,0 +1,122 @@
+// Initial sync and resync by chunk digests, and `blockferry verify`, with real processes:
+// - an image that already holds data gets a new replica: only differing chunks are shipped, writes continue
+//   meanwhile, and the replica ends byte-identical;
+// - a replica that lost everything while the journal was pruned past it is resynced from the digests;
+// - verify says identical, then finds a byte flipped in the replica and names its range (exit 3).
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { NbdTestClient } from './helpers/nbd-test-client.js';
+import { CLI, startReplay, startServe } from './helpers/processes.js';
+import { spawn } from 'node:child_process';
+
+const SIZE = 48 * 2 ** 20;
+const CHUNK = 256 * 2 ** 10;
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function converges(primary: string, replica: string, ms = 90_000): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (fs.existsSync(replica) && fs.readFileSync(primary).equals(fs.readFileSync(replica))) return true;
+    await sleep(250);
+  }
+  return false;
+}
+
+/** `blockferry verify`, resolving to its exit code and output (it exits non-zero on purpose). */
+function verify(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, 'verify', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    p.on('error', reject);
+    p.on('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+/** Random writes from two connections while something else (the resync) runs. */
+async function writes(port: number, n: number): Promise<void> {
+  const a = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'disk' });
+  const b = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'disk' });
+  for (let i = 0; i < n; i++) {
+    const ops = [];
+    for (let k = 0; k < 16; k++) {
+      const off = Math.floor(Math.random() * (SIZE - 70_000));
+      ops.push((k % 2 ? a : b).write(off, randomBytes(512 + Math.floor(Math.random() * 65_536))));
+    }
+    await Promise.all(ops);
+  }
+  await a.flush();
+  await a.close();
+  await b.close();
+}
+
+t.test('a new replica of an image with data: digest sync while writes continue, then verify', async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  // Existing contents: random data in every other 1 MiB, holes between (both paths of the digest code).
+  const fd = fs.openSync(image, 'w');
+  fs.ftruncateSync(fd, SIZE);
+  for (let off = 0; off < SIZE; off += 2 * 2 ** 20) fs.writeSync(fd, randomBytes(2 ** 20), 0, 2 ** 20, off);
+  fs.closeSync(fd);
+  const replicaDir = path.join(dir, 'replica');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--listen', '127.0.0.1:0', '--replicate-to', replay.url], t.teardown);
+
+  await writes(s.port, 20);
+  const replica = path.join(replicaDir, 'disk.img');
+  t.ok(await converges(image, replica), 'the replica equals the primary: existing data synced, new writes applied in order');
+  t.match(s.stderr(), /resync: comparing chunk digests/, 'serve ran a digest comparison for the new replica');
+
+  const ok = await verify(['--image', `disk=${image}`, '--replica', replay.url]);
+  t.equal(ok.code, 0, `verify exits 0 when identical\n${ok.stderr}`);
+  t.match(ok.stdout, /identical/, 'and says so');
+
+  // A flipped byte in the replica (bit rot at the backup site): verify finds that chunk and only that one.
+  const at = 17 * CHUNK + 1234;
+  const rfd = fs.openSync(replica, 'r+');
+  const b = Buffer.alloc(1);
+  fs.readSync(rfd, b, 0, 1, at);
+  b[0] ^= 0xff;
+  fs.writeSync(rfd, b, 0, 1, at);
+  fs.closeSync(rfd);
+  const bad = await verify(['--image', `disk=${image}`, '--replica', replay.url, '--retries', '1', '--json']);
+  t.equal(bad.code, 3, `verify exits 3 when the replica differs\n${bad.stderr}`);
+  const report = JSON.parse(bad.stdout);
+  t.same(report.differing, [{ offset: 17 * CHUNK, length: CHUNK }], 'the differing range is the chunk holding the flipped byte');
+
+  const unknown = await verify(['--image', `nosuch=${image}`, '--replica', replay.url]);
+  t.equal(unknown.code, 1, 'verify of a volume the replayer does not have fails (exit 1)');
+  t.match(unknown.stderr, /no replica of volume nosuch/, 'with a message naming it');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+t.test('a replica that lost everything after the journal was pruned past it is resynced by digests', async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const replicaDir = path.join(dir, 'replica');
+  const replica = path.join(replicaDir, 'disk.img');
+  const serveArgs = (url: string) => ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--replicate-to', url];
+
+  let replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  let s = await startServe(serveArgs(replay.url), t.teardown);
+  await writes(s.port, 20);
+  t.ok(await converges(image, replica), 'first replica converges (journal from an empty image: no digest pass needed)');
+  t.equal(await s.stop(), 0, 'serve stops cleanly (the replica acknowledged everything, so the journal is pruned)');
+  replay.child.kill('SIGKILL');
+  await replay.exited;
+
+  // The backup site loses its disk; a new replayer starts empty, on another port.
+  fs.rmSync(replicaDir, { recursive: true, force: true });
+  replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  s = await startServe(serveArgs(replay.url), t.teardown);
+  await writes(s.port, 10);
+  t.ok(await converges(image, replica), 'the new, empty replica converges: everything before the journal tail came by digests');
+  t.match(s.stderr(), /resync: comparing chunk digests/, 'serve resynced it by digests (the journal no longer started at seq 1)');
+  const ok = await verify(['--image', `disk=${image}`, '--replica', replay.url]);
+  t.equal(ok.code, 0, `verify agrees\n${ok.stdout}${ok.stderr}`);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
