@@ -3,10 +3,12 @@
 // Duplicates (seq <= applied) are ignored, so re-sent entries after a reconnect are harmless; a gap or a
 // corrupt entry is refused with a close code and nothing of it is applied.
 //
-// Crash consistency: a batch is first stored in the volume's state database (a redo record, fsynced), then
-// applied, then the image is fsynced and the applied seq recorded. A replayer killed or powered off mid-batch
-// finishes that batch from the redo record when it opens the volume again, before anything can read it, so the
-// replica is always the primary's state as of some seq, even if the primary never comes back.
+// Durability follows the primary's FLUSHes, as a disk's does: entries are applied in seq order to the page
+// cache and acknowledged as applied at once; at every FLUSH marker the replica image is fsynced and the applied
+// seq recorded before anything after the marker is applied. So after a SIGKILL the replica holds a prefix of the
+// stream, and after a power cut it holds everything up to its last recorded FLUSH plus some of what followed:
+// the same crash-consistency a disk gives the primary. Between FLUSHes a background sync (each second, or
+// every 256 MiB) makes the applied seq durable too; only durable seqs let the primary prune its journal.
 //
 // Resync: a replica that is new or missed entries the journal no longer has is inconsistent (consistentFrom
 // -1) until the primary has compared chunk digests, shipped the differing chunks and said `synced`.
@@ -14,9 +16,10 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { open, type RootDatabase } from 'lmdb';
 import { WebSocketServer, type WebSocket } from 'ws';
+import type { ReplayStatusBody, ReplayVolumeStatus } from '../admin/status-types.js';
 import { FileDevice } from '../device/file-device.js';
 import { verifyEntry } from '../journal/entry.js';
-import type { JournalEntry } from '../journal/types.js';
+import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
 import { silentLogger, type Logger } from '../util/logger.js';
@@ -37,6 +40,10 @@ interface VolumeState {
 
 class Volume {
   busy = false;
+  /** Address of the connected primary (admin status). */
+  peer: string | null = null;
+  /** When a batch was last applied, ms since the epoch (admin status). */
+  lastApplyAt: number | null = null;
   private constructor(
     readonly name: string,
     readonly device: FileDevice,
@@ -44,35 +51,25 @@ class Volume {
     public state: VolumeState,
   ) {}
 
-  static async open(dir: string, name: string, size: number, log: Logger): Promise<Volume> {
+  static async open(dir: string, name: string, size: number): Promise<Volume> {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
     const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
     const image = path.join(dir, `${name}.img`);
     const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size });
-    const v = new Volume(name, device, db, state);
-    await v.finishPending(log);
-    return v;
+    return new Volume(name, device, db, state);
   }
+
+  /** Highest seq whose entries, and all before it, are on stable storage with the state recording it. */
+  durableSeq = 0;
+  /** Bytes applied since the last sync. */
+  unsyncedBytes = 0;
+  /** Told when durableSeq moves (the connected primary's ack). */
+  onDurable: ((seq: number) => void) | undefined;
+  private syncing: Promise<void> | undefined;
+  timer: NodeJS.Timeout | undefined;
 
   get consistent(): boolean {
     return this.state.consistentFrom === null || this.state.consistentFrom === undefined;
-  }
-
-  /** Completes a batch that a crash interrupted, from its redo record. */
-  private async finishPending(log: Logger): Promise<void> {
-    const pending = this.db.get('pending') as JournalEntry[] | undefined;
-    if (!pending || pending.length === 0) return;
-    const todo = pending.filter((e) => e.seq > this.state.appliedSeq);
-    log.warn({ volume: this.name, entries: todo.length }, 'finishing a batch interrupted by a crash');
-    for (const e of todo) {
-      if (e.data && !Buffer.isBuffer(e.data)) e.data = Buffer.from(e.data as Uint8Array);
-      verifyEntry(e);
-      await applyEntry(this.device, e);
-    }
-    await this.device.flush();
-    if (todo.length > 0) this.state.appliedSeq = todo[todo.length - 1].seq;
-    this.markApplied();
-    await this.save();
   }
 
   /** A replica waiting for seq N becomes consistent once it has applied N. */
@@ -81,26 +78,37 @@ class Volume {
     if (from !== null && from !== undefined && from >= 0 && this.state.appliedSeq >= from) this.state.consistentFrom = null;
   }
 
-  /** Stores the batch about to be applied, durably, so a crash mid-apply can be finished on restart. */
-  async savePending(entries: JournalEntry[]): Promise<void> {
-    await this.db.put('pending', entries);
-    await this.db.flushed;
-  }
-
-  /** Durable: the replica image holds everything up to appliedSeq (and the redo record is dropped). */
-  async save(): Promise<void> {
-    await this.db.transaction(() => {
-      this.db.put('state', this.state);
-      this.db.remove('pending');
-    });
-    await this.db.flushed;
+  /** fsyncs the image, then records the state with everything applied so far; one at a time. */
+  async sync(): Promise<void> {
+    while (this.syncing) await this.syncing;
+    this.syncing = (async () => {
+      const seq = this.state.appliedSeq;
+      const snapshot = { ...this.state };
+      this.unsyncedBytes = 0;
+      await this.device.flush();
+      await this.db.put('state', snapshot);
+      await this.db.flushed;
+      this.durableSeq = seq;
+      this.onDurable?.(seq);
+    })();
+    try {
+      await this.syncing;
+    } finally {
+      this.syncing = undefined;
+    }
   }
 
   async close(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    await this.sync().catch(() => undefined);
     await this.device.close();
     await this.db.close();
   }
 }
+
+/** Background sync cadence while entries flow without FLUSHes. */
+const SYNC_INTERVAL_MS = 1000;
+const SYNC_BYTES = 256 * 2 ** 20;
 
 export interface ReplayServerOptions {
   dataDir: string;
@@ -132,7 +140,14 @@ export class ReplayServer {
   private volume(name: string, size: number): Promise<Volume> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = Volume.open(this.opts.dataDir, name, size, this.log);
+      v = Volume.open(this.opts.dataDir, name, size).then((vol) => {
+        vol.durableSeq = vol.state.appliedSeq;
+        vol.timer = setInterval(() => {
+          if (vol.state.appliedSeq !== vol.durableSeq) vol.sync().catch((err) => this.log.error({ err, volume: name }, 'syncing the replica failed'));
+        }, SYNC_INTERVAL_MS);
+        vol.timer.unref();
+        return vol;
+      });
       this.volumes.set(name, v);
       v.catch(() => this.volumes.delete(name));
     }
@@ -151,7 +166,11 @@ export class ReplayServer {
     };
     ws.on('error', (err) => log.debug({ err }, 'socket error'));
     ws.on('close', () => {
-      if (vol && !verifier) vol.busy = false;
+      if (vol && !verifier) {
+        vol.busy = false;
+        vol.peer = null;
+        vol.onDurable = undefined;
+      }
     });
     ws.on('message', (raw: Buffer, isBinary: boolean) => {
       // Messages are handled one after another: a batch is applied and acknowledged before the next.
@@ -198,10 +217,15 @@ export class ReplayServer {
           }
           if (!v.state.volumeId) {
             v.state.volumeId = msg.volumeId;
-            await v.save();
+            await v.sync();
           }
           v.busy = true;
+          v.peer = peer;
           vol = v;
+          const self = v;
+          v.onDurable = (seq) => {
+            if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: self.state.appliedSeq, durableSeq: seq }));
+          };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
           ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null }));
           return;
@@ -224,19 +248,19 @@ export class ReplayServer {
           log.warn({ volume: vol.name, appliedSeq: vol.state.appliedSeq, fromSeq: msg.fromSeq }, 'resync: the replica is inconsistent until the primary has sent every differing chunk');
           vol.state.appliedSeq = msg.fromSeq - 1;
           vol.state.consistentFrom = -1;
-          await vol.save();
+          await vol.sync();
           return;
         }
         if (msg.t === 'synced') {
           vol.state.consistentFrom = msg.seq;
           vol.markApplied();
-          await vol.save();
+          await vol.sync();
           log.info({ volume: vol.name, consistentFrom: msg.seq, consistent: vol.consistent }, 'resync finished on the primary');
           return;
         }
         if (msg.t !== 'entries') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
         await this.applyBatch(vol, msg.entries, fail);
-        if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: vol.state.appliedSeq }));
+        if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: vol.state.appliedSeq, durableSeq: vol.durableSeq }));
       });
     });
   }
@@ -261,15 +285,36 @@ export class ReplayServer {
     }
     if (todo.length === 0) return;
     try {
-      await v.savePending(todo);
-      for (const e of todo) await applyEntry(v.device, e);
-      await v.device.flush();
-      v.state.appliedSeq = todo[todo.length - 1].seq;
+      for (const e of todo) {
+        if (e.kind === EntryKind.FLUSH) {
+          // Everything before the marker is on stable storage before anything after it is applied.
+          v.state.appliedSeq = e.seq;
+          v.markApplied();
+          await v.sync();
+          continue;
+        }
+        await applyEntry(v.device, e);
+        v.state.appliedSeq = e.seq;
+        v.unsyncedBytes += e.kind === EntryKind.WRITE ? e.length : 0;
+      }
+      v.lastApplyAt = Date.now();
       v.markApplied();
-      await v.save();
+      if (v.unsyncedBytes >= SYNC_BYTES) await v.sync();
     } catch (err) {
       return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${v.name}: applying failed: ${(err as Error).message}`);
     }
+  }
+
+  /** Every volume this process has opened, for the admin server's /status. */
+  async status(): Promise<ReplayStatusBody> {
+    const volumes: ReplayVolumeStatus[] = [];
+    for (const p of this.volumes.values()) {
+      const v = await p.catch(() => undefined);
+      if (!v) continue;
+      const { appliedSeq, volumeId } = v.state;
+      volumes.push({ volume: v.name, size: v.device.size, appliedSeq, connected: v.busy, primary: v.peer, volumeId, consistent: v.consistent, lastApplyAt: v.lastApplyAt });
+    }
+    return { volumes: volumes.sort((a, b) => a.volume.localeCompare(b.volume)) };
   }
 
   async close(): Promise<void> {

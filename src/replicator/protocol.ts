@@ -27,7 +27,8 @@ export type Message =
   | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify' }
   | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
-  | { v: number; t: 'ack'; seq: number }
+  /** seq: applied (visible in the replica); durableSeq: on its stable storage (what retention may drop). */
+  | { v: number; t: 'ack'; seq: number; durableSeq?: number }
   | { v: number; t: 'resync'; fromSeq: number }
   | { v: number; t: 'synced'; seq: number }
   | { v: number; t: 'digests?'; id: number; first: number; count: number }
@@ -85,7 +86,7 @@ export function decode(buf: Buffer): Message {
       if (!Buffer.isBuffer(m.digests)) m.digests = Buffer.from(m.digests.buffer, m.digests.byteOffset, m.digests.byteLength);
       return m as Message;
     case 'ack':
-      if (!isInt(m.seq)) throw new ProtocolError('bad ack');
+      if (!isInt(m.seq) || (m.durableSeq !== undefined && !isInt(m.durableSeq))) throw new ProtocolError('bad ack');
       return m as Message;
     case 'error':
       if (typeof m.code !== 'string' || typeof m.message !== 'string') throw new ProtocolError('bad error message');

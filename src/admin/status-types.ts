@@ -1,0 +1,99 @@
+// The shapes `GET /status` returns. One snapshot feeds the JSON, the Prometheus gauges, `blockferry status`
+// and the status page, so they can never disagree.
+
+/** Changes clients made through NBD: counts since start and rates over the last few seconds. */
+export interface Throughput {
+  /** WRITE, TRIM and WRITE_ZEROES requests completed. */
+  ops: number;
+  /** Data bytes of completed WRITEs (trims and zeroing carry no data). */
+  bytes: number;
+  opsPerSecond: number;
+  bytesPerSecond: number;
+}
+
+/** One replica of one volume, as its replicator on the primary sees it. */
+export interface ReplicaStatus {
+  url: string;
+  volume: string;
+  /** continuous | backlog | resync | connecting | disconnected | needs-resync (DESIGN.md lists the states). */
+  state: string;
+  /** Highest seq the replica has applied durably and acknowledged. */
+  ackedSeq: number;
+  /** Highest seq the replica has applied (visible there, maybe not yet fsynced): lag is counted from it. */
+  appliedSeq?: number;
+  /** Committed entries the replica has not applied yet. */
+  lagEntries: number;
+  /** Journal bytes of those entries (payload and entry headers); null if the journal could not be read there. */
+  lagBytes: number | null;
+  /** Age of the oldest entry the replica lacks: what a disaster now would lose (RPO). */
+  lagSeconds: number;
+  resync?: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number; percent: number } | null;
+  lastError?: string | null;
+}
+
+export interface JournalStatus {
+  headSeq: number;
+  committedSeq: number;
+  tailSeq: number;
+  /** Retention point: every consumer (replicas, the image checkpoint) has everything up to here. */
+  ackedSeq: number;
+  checkpointSeq: number;
+  appliedSeq: number | null;
+  entries: number;
+  bytes: number;
+  maxBytes: number;
+}
+
+export interface ServeVolumeStatus {
+  volume: string;
+  volumeId: string | null;
+  image: string;
+  size: number;
+  /** null when served with --no-journal or --read-only. */
+  journal: JournalStatus | null;
+  writes: Throughput | null;
+  replicas: ReplicaStatus[];
+}
+
+export interface ServeStatusBody {
+  volumes: ServeVolumeStatus[];
+  /** All volumes together. */
+  writes: Throughput;
+}
+
+export interface ReplayVolumeStatus {
+  volume: string;
+  size: number;
+  /** Highest seq applied and durable in the replica image. */
+  appliedSeq: number;
+  /** A primary is connected and shipping to this volume now. */
+  connected: boolean;
+  /** Address of the connected primary, or null. */
+  primary: string | null;
+  /** The primary volume this replica belongs to (set by the first primary that connected). */
+  volumeId: string | null;
+  /** false while a resync is under way: the image is then not yet a consistent earlier state. */
+  consistent: boolean;
+  /** When the last batch was applied (ms since the epoch), or null if none since this process started. */
+  lastApplyAt: number | null;
+}
+
+export interface ReplayStatusBody {
+  volumes: ReplayVolumeStatus[];
+}
+
+/** Fields the admin server adds around every body. */
+export interface StatusEnvelope {
+  role: 'serve' | 'replay';
+  version: string;
+  pid: number;
+  /** ms since the epoch. */
+  startedAt: number;
+  now: number;
+  /** Sentences naming what needs an operator's attention; empty when all is well. */
+  attention: string[];
+}
+
+export type ServeStatus = StatusEnvelope & ServeStatusBody & { role: 'serve' };
+export type ReplayStatus = StatusEnvelope & ReplayStatusBody & { role: 'replay' };
+export type AdminStatus = ServeStatus | ReplayStatus;
