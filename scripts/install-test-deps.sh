@@ -9,6 +9,7 @@ declare -A need=(
   [fio]=fio [nbdkit]=nbdkit [mkfs.ext4]=e2fsprogs [e2fsck]=e2fsprogs
   [fusermount3]=fuse3 [losetup]=mount [blockdev]=util-linux
   [qemu-system-x86_64]=qemu-system-x86 [nbd-client]=nbd-client [cpio]=cpio [gcc]=gcc
+  [chromium]=chromium  # the status-page browser test (driven by playwright-core)
 )
 missing=()
 for cmd in "${!need[@]}"; do

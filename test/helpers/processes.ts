@@ -13,6 +13,8 @@ export interface Served {
   uri: string;
   exited: Promise<number | null>;
   stderr(): string;
+  /** Everything printed on stdout so far (e.g. the `admin on http://...` line). */
+  stdout(): string;
   stop(signal?: NodeJS.Signals): Promise<number | null>;
 }
 
@@ -26,15 +28,15 @@ function startCli(command: string, args: string[], ready: RegExp, teardown?: (fn
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
     return exited;
   });
-  return new Promise<{ child: ChildProcess; exited: Promise<number | null>; match: RegExpExecArray; stderr: () => string }>((resolve, reject) => {
-    let out = '';
+  let out = '';
+  return new Promise<{ child: ChildProcess; exited: Promise<number | null>; match: RegExpExecArray; stderr: () => string; stdout: () => string }>((resolve, reject) => {
     const timer = setTimeout(() => reject(new Error(`${command} did not start in 20 s:\n${err}`)), 20_000);
     child.stdout!.on('data', (d) => {
       out += d;
       const m = ready.exec(out);
       if (m) {
         clearTimeout(timer);
-        resolve({ child, exited, match: m, stderr: () => err });
+        resolve({ child, exited, match: m, stderr: () => err, stdout: () => out });
       }
     });
     child.once('exit', (code) => {
@@ -45,13 +47,14 @@ function startCli(command: string, args: string[], ready: RegExp, teardown?: (fn
 }
 
 export async function startServe(args: string[], teardown?: (fn: () => unknown) => void): Promise<Served> {
-  const { child, exited, match, stderr } = await startCli('serve', args, /listening on (nbd:\/\/[^:]+:(\d+)\/\S*)/, teardown);
+  const { child, exited, match, stderr, stdout } = await startCli('serve', args, /listening on (nbd:\/\/[^:]+:(\d+)\/\S*)/, teardown);
   return {
     child,
     port: Number(match[2]),
     uri: match[1],
     exited,
     stderr,
+    stdout,
     stop: (signal = 'SIGTERM') => {
       if (child.exitCode === null && child.signalCode === null) child.kill(signal);
       return exited;
@@ -79,10 +82,11 @@ export interface Replaying {
   url: string;
   port: number;
   exited: Promise<number | null>;
+  stdout(): string;
 }
 
 /** Starts `blockferry replay` and waits for its `listening on ws://...` line. */
 export async function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
-  const { child, exited, match } = await startCli('replay', args, /listening on (ws:\/\/[^:]+:(\d+))/, teardown);
-  return { child, url: match[1], port: Number(match[2]), exited };
+  const { child, exited, match, stdout } = await startCli('replay', args, /listening on (ws:\/\/[^:]+:(\d+))/, teardown);
+  return { child, url: match[1], port: Number(match[2]), exited, stdout };
 }

@@ -4,7 +4,8 @@ import { command as demo } from './demo.js';
 import { command as journal, replayLocalCommand } from './journal.js';
 import { command as replay } from './replay.js';
 import { command as serve } from './serve.js';
+import { command as status } from './status.js';
 import { command as verify } from './verify.js';
 
 // eslint-disable-next-line @typescript-eslint/no-explicit-any
-export const commands: CommandModule<any, any>[] = [serve, replay, demo, journal, replayLocalCommand, verify];
+export const commands: CommandModule<any, any>[] = [serve, replay, status, demo, journal, replayLocalCommand, verify];

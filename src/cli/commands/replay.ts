@@ -1,5 +1,7 @@
 // `blockferry replay`: the backup site. Accepts primaries over WebSocket and keeps DIR/<volume>.img.
 import type { Argv, CommandModule } from 'yargs';
+import { ADMIN_OPTION, startAdminFromFlag } from '../../admin/cli.js';
+import type { AdminServer } from '../../admin/server.js';
 import { ReplayServer } from '../../replayer/replay-server.js';
 import { createLogger } from '../../util/logger.js';
 import { isLoopback, parseHostPort } from '../listen.js';
@@ -8,6 +10,7 @@ import { waitForSignals } from './serve.js';
 interface ReplayArgs {
   listen: string;
   'data-dir': string;
+  admin?: string;
   'log-level'?: string;
 }
 
@@ -18,6 +21,7 @@ export const command: CommandModule<object, ReplayArgs> = {
     y
       .option('listen', { type: 'string', default: '127.0.0.1:7070', describe: 'WebSocket address to listen on' })
       .option('data-dir', { type: 'string', demandOption: true, describe: 'Where replicas live: DIR/<volume>.img and its state' })
+      .option('admin', ADMIN_OPTION)
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error' })
       .example('$0 replay --listen 127.0.0.1:7070 --data-dir /srv/replicas', 'then: blockferry serve ... --replicate-to ws://127.0.0.1:7070') as Argv<ReplayArgs>,
   handler: async (args) => {
@@ -26,8 +30,20 @@ export const command: CommandModule<object, ReplayArgs> = {
     if (!isLoopback(where.host)) log.warn({ host: where.host }, 'the replayer listens beyond loopback without TLS or tokens: anyone who reaches it can write replicas');
     const server = new ReplayServer({ dataDir: args['data-dir'], logger: log });
     const addr = await server.listen(where);
+    let admin: AdminServer | undefined;
+    if (args.admin) {
+      try {
+        admin = await startAdminFromFlag(args.admin, { role: 'replay', status: () => server.status() }, log);
+      } catch (err) {
+        await server.close();
+        throw err;
+      }
+    }
     const host = addr.host.includes(':') ? `[${addr.host}]` : addr.host;
     process.stdout.write(`listening on ws://${host}:${addr.port}\n`);
-    await waitForSignals(log, () => server.close());
+    await waitForSignals(log, async () => {
+      await admin?.close();
+      await server.close();
+    });
   },
 };

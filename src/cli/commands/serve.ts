@@ -4,6 +4,10 @@ import { randomUUID } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
+import { ADMIN_OPTION, startAdminFromFlag } from '../../admin/cli.js';
+import type { AdminServer } from '../../admin/server.js';
+import type { ServeStatusBody, ServeVolumeStatus } from '../../admin/status-types.js';
+import { WriteMeter, sumThroughput } from '../../admin/write-meter.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
 import { Journal } from '../../journal/journal.js';
@@ -51,13 +55,15 @@ export interface ServedVolume {
   mirror?: MirrorDevice;
   volumeId?: string;
   replicators: Replicator[];
+  /** Counts what clients change, for status (wraps `device` as NBD serves it). */
+  meter?: WriteMeter;
 }
 
 export interface ServeHandle {
   volumes: ServedVolume[];
   /** URIs clients use, e.g. nbd://127.0.0.1:10809/disk. */
   uris: string[];
-  status(): Record<string, unknown>;
+  status(): ServeStatusBody;
   close(): Promise<void>;
 }
 
@@ -142,12 +148,13 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
     await closeVolumes(volumes);
     throw err;
   }
+  for (const v of volumes) v.meter = new WriteMeter(v.device);
   const server = new NbdServer({
     logger: log,
     exports: volumes.map((v) => ({
       name: v.name,
       description: `blockferry volume ${v.name}${v.journal ? ' (journaled)' : ''}`,
-      device: v.device,
+      device: v.meter ?? v.device,
       readOnly: opts.readOnly,
     })),
   });
@@ -194,6 +201,7 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
 
 async function closeVolumes(volumes: ServedVolume[]): Promise<void> {
   for (const v of volumes) {
+    v.meter?.stop();
     for (const r of v.replicators) await r.stop(0);
     // The mirror closes the image it wraps after draining and checkpointing.
     await v.device.close().catch(() => undefined);
@@ -201,7 +209,7 @@ async function closeVolumes(volumes: ServedVolume[]): Promise<void> {
   }
 }
 
-function volumeStatus(v: ServedVolume): Record<string, unknown> {
+function volumeStatus(v: ServedVolume): ServeVolumeStatus {
   const j = v.journal?.stats;
   return {
     volume: v.name,
@@ -221,13 +229,14 @@ function volumeStatus(v: ServedVolume): Record<string, unknown> {
           maxBytes: j.maxBytes,
         }
       : null,
+    writes: v.meter?.status() ?? null,
     replicas: v.replicators.map((r) => r.status()),
   };
 }
 
-export function serveStatus(volumes: ServedVolume[]): Record<string, unknown> {
+export function serveStatus(volumes: ServedVolume[]): ServeStatusBody {
   const all = volumes.map(volumeStatus);
-  return { ...all[0], volumes: all };
+  return { volumes: all, writes: sumThroughput(all.map((v) => v.writes)) };
 }
 
 interface ServeArgs {
@@ -240,6 +249,7 @@ interface ServeArgs {
   'journal-max': string;
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
+  admin?: string;
   'log-level'?: string;
 }
 
@@ -268,8 +278,10 @@ export const command: CommandModule<object, ServeArgs> = {
         describe: 'commit: writes of one loop turn committed together (OS cache) before the image changes, fsynced on FLUSH/FUA; sync: every commit fsynced first (power-cut safe at every instant, slower)',
       })
       .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
+      .option('admin', ADMIN_OPTION)
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
       .example('$0 serve --image disk.img --size 10G --replicate-to ws://backup:7070', 'serve and replicate to a backup site')
+      .example('$0 serve --image disk.img --replicate-to ws://backup:7070 --admin 127.0.0.1:9101', 'with status at http://127.0.0.1:9101/ (page, /status, /metrics)')
       .example('$0 serve --image disk.img --size 10G', 'serve a new 10 GiB sparse image on 127.0.0.1:10809 as export "disk"')
       .example('$0 serve --image a=/srv/a.img --image b=/dev/vdb --listen 127.0.0.1:10809', 'two exports from one server')
       .example('nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk', 'attach it with the Linux kernel client') as Argv<ServeArgs>,
@@ -288,6 +300,16 @@ export const command: CommandModule<object, ServeArgs> = {
       replicateTo: args['replicate-to'],
       logger: log,
     });
+    // Printed before the `listening on` lines, so whoever waits for those knows the admin address too.
+    let admin: AdminServer | undefined;
+    if (args.admin) {
+      try {
+        admin = await startAdminFromFlag(args.admin, { role: 'serve', status: () => handle.status() }, log);
+      } catch (err) {
+        await handle.close();
+        throw err;
+      }
+    }
     for (const uri of handle.uris) process.stdout.write(`listening on ${uri}\n`);
     const first = handle.volumes[0];
     const tcp = handle.uris.find((u) => u.startsWith('nbd://'));
@@ -298,7 +320,10 @@ export const command: CommandModule<object, ServeArgs> = {
           `   (${formatBytes(first.device.size)}${first.journal ? ', journaled' : ''})\n`,
       );
     }
-    await waitForSignals(log, () => handle.close());
+    await waitForSignals(log, async () => {
+      await admin?.close();
+      await handle.close();
+    });
   },
 };
 

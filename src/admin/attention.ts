@@ -1,0 +1,34 @@
+// What needs an operator's attention, in words. Used by the admin server (the `attention` field of /status,
+// which the page shows) and by `blockferry status` (its exit code), so both judge the same way.
+import type { ReplayStatusBody, ServeStatusBody } from './status-types.js';
+
+/** A journal this full is close to making writes wait (or, later, to switching a replica to a bitmap). */
+export const JOURNAL_ATTENTION_RATIO = 0.9;
+
+/** The one replica state that needs nothing: shipping as fast as entries are written. */
+export const HEALTHY_STATE = 'continuous';
+
+export function serveAttention(s: ServeStatusBody): string[] {
+  const out: string[] = [];
+  for (const v of s.volumes) {
+    for (const r of v.replicas) {
+      if (r.state === HEALTHY_STATE) continue;
+      const lag = `${r.lagEntries} entries, ${r.lagSeconds.toFixed(1)} s behind`;
+      out.push(`volume ${v.volume}: replica ${r.url} is ${r.state} (${lag})${r.lastError ? `: ${r.lastError}` : ''}`);
+    }
+    const j = v.journal;
+    if (j && j.maxBytes > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * j.maxBytes) {
+      out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / j.maxBytes)}% of its cap; writes wait when it is full`);
+    }
+  }
+  return out;
+}
+
+export function replayAttention(s: ReplayStatusBody): string[] {
+  const out: string[] = [];
+  for (const v of s.volumes) {
+    if (!v.connected) out.push(`volume ${v.volume}: no primary is connected (replica at seq ${v.appliedSeq})`);
+    if (!v.consistent) out.push(`volume ${v.volume}: the replica is inconsistent until the primary finishes its resync`);
+  }
+  return out;
+}
