@@ -6,6 +6,7 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, startReplay, startServe } from './helpers/processes.js';
@@ -118,5 +119,47 @@ t.test('a replica that lost everything after the journal was pruned past it is r
   t.match(s.stderr(), /resync: comparing chunk digests/, 'serve resynced it by digests (the journal no longer started at seq 1)');
   const ok = await verify(['--image', `disk=${image}`, '--replica', replay.url]);
   t.equal(ok.code, 0, `verify agrees\n${ok.stdout}${ok.stderr}`);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+t.test('long outage: the journal fills while the replica is away; a dirty bitmap takes over and writes go on', async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const replicaDir = path.join(dir, 'replica');
+  const replica = path.join(replicaDir, 'disk.img');
+  // A fixed port, so the replayer can come back where serve keeps calling.
+  const port = await new Promise<number>((resolve) => {
+    const srv = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(p));
+    });
+  });
+  let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+  const s = await startServe(
+    ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url],
+    t.teardown,
+  );
+  await writes(s.port, 4);
+  t.ok(await converges(image, replica), 'replica in step before the outage');
+  replay.child.kill('SIGKILL');
+  await replay.exited;
+
+  // ~24 MiB of writes into the first 8 MiB only: six times the journal cap. Without the bitmap these would
+  // wait for the absent replica forever.
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  for (let i = 0; i < 48; i++) {
+    const ops = [];
+    for (let k = 0; k < 8; k++) ops.push(c.write(Math.floor(Math.random() * (8 * 2 ** 20 - 65_536)), randomBytes(65_536)));
+    await Promise.all(ops);
+  }
+  await c.flush();
+  await c.close();
+  t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
+
+  replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+  t.ok(await converges(image, replica), 'the returning replica converges byte for byte');
+  const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());
+  t.ok(m, 'the resync compared only the dirty regions');
+  t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });

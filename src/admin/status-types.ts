@@ -28,6 +28,8 @@ export interface ReplicaStatus {
   /** Age of the oldest entry the replica lacks: what a disaster now would lose (RPO). */
   lagSeconds: number;
   resync?: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number; percent: number } | null;
+  /** Bytes marked in the dirty-region bitmap (a replica that was away when the journal filled); 0 otherwise. */
+  dirtyBytes?: number;
   lastError?: string | null;
 }
 

@@ -48,6 +48,9 @@ interface Pending {
   reject: (err: Error) => void;
 }
 
+/** A change's kind and byte range, as a dirty-region tracker needs it. */
+export type ChangeListener = (kind: EntryKind, offset: number, length: number) => void;
+
 export class Journal extends EventEmitter {
   private head: number;
   private committed: number;
@@ -67,6 +70,8 @@ export class Journal extends EventEmitter {
   private readonly batchMeta = new Map<string, unknown>();
   private batchScheduled = false;
   private batchWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
+  /** Told of every change as it is appended (a replica tracking dirty regions while it is away). */
+  private readonly changeListeners = new Set<ChangeListener>();
   /** Set when a commit failed: the journal then refuses appends (its seqs would have a gap). */
   private failure: BlockferryError | undefined;
   private readonly log: Logger;
@@ -155,6 +160,7 @@ export class Journal extends EventEmitter {
     if (this.isClosed) throw new BlockferryError('ESHUTDOWN', 'the journal is closed');
     if (this.failure) throw this.failure;
     const seq = ++this.head;
+    if (this.changeListeners.size > 0) for (const fn of this.changeListeners) fn(kind, offset, length);
     const value = encodeValue(kind, offset, length, entryCrc(kind, offset, length, data), Date.now(), data, this.cum);
     this.cum = valueCum(value);
     let resolve!: () => void;
@@ -324,6 +330,32 @@ export class Journal extends EventEmitter {
       if (out.length >= maxEntries || bytes >= maxBytes) break;
     }
     return out;
+  }
+
+  /**
+   * Reports every change from `fromSeq` on: those stored, those still waiting for space, and, through
+   * `listener` (which stays installed until removeChangeListener), every later one. Used when a replica stops
+   * holding the journal and switches to a dirty-region bitmap.
+   */
+  async trackChanges(fromSeq: number, listener: ChangeListener): Promise<void> {
+    this.changeListeners.add(listener);
+    // Appends already admitted commit without needing room: wait for them, then read them back.
+    const admitted = this.head - this.waitingForSpace.length;
+    if (this.committed < admitted) await this.waitFor(admitted - 1);
+    const from = Math.max(fromSeq, this.tail);
+    for (const { key, value } of this.entries.getRange({ start: from, end: this.committed + 1 })) {
+      const e = decodeValue(key as number, value);
+      listener(e.kind, e.offset, e.length);
+    }
+    for (const p of this.waitingForSpace) {
+      if (p.seq < from) continue;
+      const e = decodeValue(p.seq, p.value);
+      listener(e.kind, e.offset, e.length);
+    }
+  }
+
+  removeChangeListener(listener: ChangeListener): void {
+    this.changeListeners.delete(listener);
   }
 
   waitFor(afterSeq: number, signal?: AbortSignal): Promise<void> {

@@ -74,6 +74,8 @@ export class MirrorDevice implements BlockDevice {
       // that is only affordable when the image zeroes natively. Otherwise TRIM is an ignored hint.
       trim: inner.zeroes,
     };
+    // A full journal may only be waiting for the checkpoint to pass what it holds: checkpoint now.
+    this.journal.on('full', this.onJournalFull);
     const interval = opts.checkpointIntervalMs ?? CHECKPOINT_INTERVAL_MS;
     if (interval > 0) {
       this.checkpointTimer = setInterval(() => {
@@ -84,6 +86,11 @@ export class MirrorDevice implements BlockDevice {
       this.checkpointTimer.unref();
     }
   }
+
+  private readonly onJournalFull = (): void => {
+    if (this.closed || this.checkpointing || this.order.appliedSeq <= this.checkpointSeq) return;
+    this.checkpoint().catch((err) => this.log.error({ err }, 'checkpoint for a full journal failed'));
+  };
 
   /** Highest seq applied to the image with all before it. */
   get appliedSeq(): number {
@@ -201,6 +208,7 @@ export class MirrorDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.journal.off('full', this.onJournalFull);
     if (this.checkpointTimer) clearInterval(this.checkpointTimer);
     await this.order.drain();
     if (this.order.failedSeq === Infinity) await this.checkpoint();

@@ -9,9 +9,16 @@
 // the replica ends exactly equal to the primary: a chunk whose digest matched at replica seq A and primary seq
 // P >= A is equal after the replica applies (A, P], because every byte a later write touches gets that write's
 // bytes and every other byte already matched.
+//
+// Long outage (DRBD's bitmap): when the journal reaches its cap while this replica is away and is what keeps
+// the journal from pruning, the replica stops holding the journal. Every change it has not acknowledged, and
+// every later one, marks its chunk in a dirty bitmap instead; writes go on. When the replica returns, the
+// resync compares only the dirty chunks. (The bitmap lives in memory: if serve restarts meanwhile, the
+// returning replica is compared over the whole volume.)
 import WebSocket from 'ws';
 import type { ReplicaStatus } from '../admin/status-types.js';
-import type { Journal } from '../journal/journal.js';
+import type { ChangeListener, Journal } from '../journal/journal.js';
+import { EntryKind } from '../journal/types.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { lagBytes } from './lag-bytes.js';
@@ -71,6 +78,14 @@ export class Replicator {
   private lastError: string | undefined;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
+  /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
+  private dirty: Uint8Array | undefined;
+  /** Installed while the replica is away and does not hold the journal. */
+  private tracking: ChangeListener | undefined;
+  /** A resync began and has not reached `synced`: the replica may differ anywhere. */
+  private resyncIncomplete = false;
+  /** The first seq the bitmap accounts for: a replica behind it needs a full comparison. */
+  private dirtyFrom = 0;
   private nextRequestId = 1;
   private readonly log: Logger;
   readonly consumerId: string;
@@ -80,6 +95,7 @@ export class Replicator {
     this.consumerId = Replicator.consumerIdFor(opts.url, opts.volume);
     this.ackedSeq = opts.journal.registerConsumer(this.consumerId, 1).ackedSeq;
     this.appliedSeq = this.ackedSeq;
+    opts.journal.on('full', this.onJournalFull);
   }
 
   /** The journal consumer a replica of `volume` at `url` acknowledges under. */
@@ -100,7 +116,7 @@ export class Replicator {
       if (oldest) lagSeconds = Math.max(0, (Date.now() - oldest.ts) / 1000);
     }
     const resync = this.resync ? { ...this.resync, percent: Math.floor((100 * this.resync.doneBytes) / this.resync.totalBytes) } : null;
-    return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, appliedSeq: this.appliedSeq, lagEntries, lagBytes: lagBytes(this.opts.journal, this.appliedSeq), lagSeconds, resync, lastError: this.lastError ?? null };
+    return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, appliedSeq: this.appliedSeq, lagEntries, lagBytes: lagBytes(this.opts.journal, this.appliedSeq), lagSeconds, resync, dirtyBytes: this.dirty ? this.dirtyBytes() : 0, lastError: this.lastError ?? null };
   }
 
   private connect(): void {
@@ -161,14 +177,61 @@ export class Replicator {
     });
   }
 
+  /** The journal is full: if this absent replica is what holds it, switch it to the dirty bitmap. */
+  private readonly onJournalFull = (): void => {
+    const j = this.opts.journal;
+    if (this.tracking || this.stopped || !this.opts.source) return;
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) return; // a connected replica drains the journal
+    if (this.ackedSeq > j.stats.ackedSeq) return; // not this replica: another consumer or the checkpoint
+    const fresh = !this.dirty;
+    const dirty = (this.dirty ??= new Uint8Array(chunkCount(this.opts.size)));
+    // A full resync was under way: the replica may differ anywhere.
+    if (fresh && this.resyncIncomplete) dirty.fill(1);
+    if (fresh) this.dirtyFrom = this.ackedSeq + 1;
+    const size = this.opts.size;
+    const mark: ChangeListener = (kind, offset, length) => {
+      if (kind === EntryKind.FLUSH || length === 0) return;
+      const last = Math.floor((Math.min(offset + length, size) - 1) / CHUNK_BYTES);
+      for (let c = Math.floor(offset / CHUNK_BYTES); c <= last; c++) dirty[c] = 1;
+    };
+    this.tracking = mark;
+    const from = this.ackedSeq + 1;
+    j.trackChanges(from, mark)
+      .then(() => {
+        // Every change this replica lacks is now in the bitmap: let the journal go.
+        j.removeConsumer(this.consumerId);
+        let n = 0;
+        for (const d of dirty) n += d;
+        this.log.warn({ fromSeq: from, dirtyBytes: n * CHUNK_BYTES }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
+      })
+      .catch((err) => this.log.error({ err }, 'switching to the dirty bitmap failed'));
+  };
+
+  private dirtyBytes(): number {
+    if (!this.dirty) return 0;
+    let n = 0;
+    for (const d of this.dirty) n += d;
+    return n * CHUNK_BYTES;
+  }
+
   private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null): void {
     const j = this.opts.journal;
+    if (this.tracking) {
+      // Hold the journal again from its tail, then stop marking: from here changes are shipped.
+      const acked = j.registerConsumer(this.consumerId, j.stats.tailSeq).ackedSeq;
+      this.ackedSeq = acked;
+      j.removeChangeListener(this.tracking);
+      this.tracking = undefined;
+    }
     const { tailSeq, committedSeq } = j.stats;
     // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
     // the journal does not start from an empty image, or a resync was interrupted: compare digests.
     const gap = applied + 1 < tailSeq || applied > committedSeq;
     const isNew = applied === 0 && consistentFrom === -1;
     const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
+    // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
+    // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
+    if (!needsResync || isNew || applied + 1 < this.dirtyFrom) this.dirty = undefined;
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
@@ -207,11 +270,18 @@ export class Replicator {
   private async runResync(ws: WebSocket): Promise<void> {
     const source = this.opts.source!;
     const total = chunkCount(this.opts.size);
+    const dirty = this.dirty;
+    const scope = dirty ? this.dirtyBytes() : this.opts.size;
+    this.resyncIncomplete = true;
     this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
-    this.log.info({ bytes: this.opts.size }, 'resync: comparing chunk digests with the replica');
+    this.log.info({ bytes: scope, dirtyOnly: !!dirty }, `resync: comparing chunk digests with the replica${dirty ? ' (dirty regions only)' : ''}`);
     for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
       if (this.ws !== ws || this.stopped) return;
       const count = Math.min(CHUNKS_PER_REQUEST, total - first);
+      if (dirty && !dirty.subarray(first, first + count).some((d) => d === 1)) {
+        this.resync.doneBytes = Math.min(this.opts.size, (first + count) * CHUNK_BYTES);
+        continue;
+      }
       const id = this.nextRequestId++;
       const theirs = new Promise<Buffer>((resolve) => this.digestWaiters.set(id, resolve));
       ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests?', id, first, count }));
@@ -234,6 +304,8 @@ export class Replicator {
     // Every differing chunk is in the journal at or below this seq: the replica is consistent once it has it.
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
+    this.resyncIncomplete = false;
+    if (this.dirty === dirty) this.dirty = undefined;
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
     this.resync = undefined;
     this.state = 'continuous';
