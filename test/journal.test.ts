@@ -108,6 +108,7 @@ t.test('retention: pruned only up to every consumer ack and the checkpoint', asy
   await new Promise((r) => setTimeout(r, 50));
   t.equal(j.stats.tailSeq, 16, 'never past the checkpoint (recovery needs the rest)');
   t.same(j.read(1).map((e) => e.seq)[0], 16, 'reads start at the tail');
+  t.equal(j.stats.bytes, 5 * (40 + 10), 'stored bytes count exactly the 5 kept entries (40-byte header + 10 data)');
 });
 
 t.test('at the cap, appends wait for space instead of failing or dropping', async (t) => {

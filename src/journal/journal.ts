@@ -14,7 +14,7 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
+import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
@@ -434,12 +434,16 @@ export class Journal extends EventEmitter {
     setImmediate(() => {
       try {
         const end = Math.min(upTo, this.tail + PRUNE_BATCH - 1);
-        let freed = 0;
+        // Freed bytes from the first and last entries' cumulative sizes: the data pages between are never
+        // read (pruning gigabytes must not pull them into memory).
+        let freed = this.spanBytes(this.tail, end);
         this.entries.transactionSync(() => {
-          for (const { key, value } of this.entries.getRange({ start: this.tail, end: end + 1 })) {
-            freed += value.length;
+          let sum = 0;
+          for (const key of this.entries.getKeys({ start: this.tail, end: end + 1 })) {
+            if (freed < 0) sum += this.entries.getBinaryFast(key as number)?.length ?? 0;
             this.entries.removeSync(key as number);
           }
+          if (freed < 0) freed = sum;
         });
         this.tail = end + 1;
         this.bytes -= freed;
@@ -451,6 +455,17 @@ export class Journal extends EventEmitter {
       }
       this.prune();
     });
+  }
+
+  /** Stored bytes of entries [from, to] from their `cum` fields; -1 if either end is missing. */
+  private spanBytes(from: number, to: number): number {
+    const first = this.entries.getBinaryFast(from);
+    if (!first || first.length < VALUE_HEADER) return -1;
+    const firstLen = first.length;
+    const firstCum = valueCum(first);
+    const last = this.entries.getBinaryFast(to);
+    if (!last || last.length < VALUE_HEADER) return -1;
+    return valueCum(last) - firstCum + firstLen;
   }
 
   private admitWaiting(): void {
