@@ -4,7 +4,7 @@ import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
 import type { AdminStatus } from './status-types.js';
 
 /** Every replica state a replicator reports: the state gauge has one series per state, 1 for the current one. */
-const REPLICA_STATES = ['connecting', 'continuous', 'backlog', 'resync', 'disconnected', 'needs-resync'];
+const REPLICA_STATES = ['connecting', 'continuous', 'backlog', 'resync', 'disconnected', 'needs-resync', 'split-brain'];
 
 export class StatusMetrics {
   readonly registry = new Registry();

@@ -22,12 +22,13 @@ import { verifyEntry } from '../journal/entry.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
+import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CloseCode, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
-interface VolumeState {
+export interface VolumeState {
   appliedSeq: number;
   volumeId: string | null;
   size: number;
@@ -36,6 +37,8 @@ interface VolumeState {
    * is under way). N >= 0: consistent once the entries through seq N are applied.
    */
   consistentFrom?: number | null;
+  /** Set by `blockferry promote`: this replica became a primary and accepts no more replication. */
+  promoted?: { at: string; appliedSeq: number } | null;
 }
 
 class Volume {
@@ -126,6 +129,7 @@ export class ReplayServer {
   }
 
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
+    lockDataDir(this.opts.dataDir);
     const wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES });
     await new Promise<void>((resolve, reject) => {
       wss.once('listening', resolve);
@@ -203,6 +207,15 @@ export class ReplayServer {
             vol = v;
             ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null }));
             return;
+          }
+          if (v.state.promoted) {
+            // Split brain guard: after a failover the old primary must not overwrite the new one.
+            return fail(
+              CloseCode.PROMOTED,
+              'ERR_VOLUME_PROMOTED',
+              `volume ${msg.volume} here was promoted to a primary at ${v.state.promoted.at} (seq ${v.state.promoted.appliedSeq}) and accepts no replication; ` +
+                'if this primary is the stale side, demote its image and replicate the other way (README: failover and failback)',
+            );
           }
           if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
           if (v.device.size !== msg.size) {
@@ -324,5 +337,6 @@ export class ReplayServer {
     }
     for (const v of this.volumes.values()) await (await v).close().catch(() => undefined);
     this.volumes.clear();
+    unlockDataDir(this.opts.dataDir);
   }
 }

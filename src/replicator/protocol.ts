@@ -15,6 +15,7 @@ export const CloseCode = {
   CORRUPT: 4022,
   GAP: 4023,
   STORAGE: 4028,
+  PROMOTED: 4030,
 } as const;
 
 /**

@@ -36,7 +36,7 @@ const BACKOFF_MAX_MS = 10_000;
 const PING_INTERVAL_MS = 2_000;
 const PING_TIMEOUT_MS = 6_000;
 
-export type ReplicaState = 'connecting' | 'continuous' | 'backlog' | 'resync' | 'disconnected' | 'needs-resync';
+export type ReplicaState = 'connecting' | 'continuous' | 'backlog' | 'resync' | 'disconnected' | 'needs-resync' | 'split-brain';
 
 /** What resync needs from the primary's volume (the mirror layer provides it). */
 export interface ResyncSource {
@@ -158,6 +158,8 @@ export class Replicator {
         this.onAck(msg.seq, msg.durableSeq ?? msg.seq);
       } else if (msg.t === 'error') {
         this.lastError = `${msg.code}: ${msg.message}`;
+        // The replica was promoted to a primary: both sides may now have writes of their own.
+        if (msg.code === 'ERR_VOLUME_PROMOTED') this.state = 'split-brain';
         this.log.error({ code: msg.code }, `replica refused: ${msg.message}`);
       }
     });
@@ -170,7 +172,7 @@ export class Replicator {
       this.ws = undefined;
       this.wake?.();
       this.digestWaiters.clear();
-      if (this.state !== 'needs-resync') this.state = 'disconnected';
+      if (this.state !== 'needs-resync' && this.state !== 'split-brain') this.state = 'disconnected';
       if (this.stopped) return;
       const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this.attempt++);
       setTimeout(() => this.connect(), delay / 2 + Math.random() * (delay / 2)).unref();

@@ -19,6 +19,7 @@ const STATE_LOOK = {
   connecting: { tone: 'warn', mark: '⚠', hint: 'link not established yet' },
   disconnected: { tone: 'bad', mark: '✕', hint: 'not receiving: lag grows with every write' },
   'needs-resync': { tone: 'bad', mark: '✕', hint: 'the journal no longer has what it needs; shipping stopped' },
+  'split-brain': { tone: 'bad', mark: '✕', hint: 'the replica was promoted to a primary: both sides may have writes; demote one (README: failover)' },
   bitmap: { tone: 'bad', mark: '✕', hint: 'away too long: tracking dirty regions' },
 };
 

@@ -1,0 +1,88 @@
+// Failover and failback on the replica side, done offline on a data directory (no replayer running on it):
+// promote turns a replica into an image a `serve` can take over; demote turns a (former primary's) image into
+// a replica volume that a new primary brings up to date by digest comparison, sending only what differs.
+import fs from 'node:fs';
+import path from 'node:path';
+import { open } from 'lmdb';
+import { BlockferryError } from '../util/errors.js';
+import { dataDirHolder } from './data-dir-lock.js';
+import type { VolumeState } from './replay-server.js';
+
+const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+function checkName(volume: string): void {
+  if (!VOLUME_NAME.test(volume)) throw new BlockferryError('ERR_USAGE', `invalid volume name ${JSON.stringify(volume)}`);
+}
+
+function checkIdle(dataDir: string): void {
+  const pid = dataDirHolder(dataDir);
+  if (pid !== undefined) throw new BlockferryError('ERR_DATA_DIR_BUSY', `a replayer (pid ${pid}) is running on ${dataDir}: stop it first`);
+}
+
+export interface PromoteResult {
+  volume: string;
+  image: string;
+  appliedSeq: number;
+  consistent: boolean;
+}
+
+export async function promoteVolume(dataDir: string, volume: string, opts: { force?: boolean } = {}): Promise<PromoteResult> {
+  checkName(volume);
+  checkIdle(dataDir);
+  const image = path.join(dataDir, `${volume}.img`);
+  const statePath = path.join(dataDir, `${volume}.state.mdb`);
+  if (!fs.existsSync(image) || !fs.existsSync(statePath)) throw new BlockferryError('ERR_NO_VOLUME', `there is no replica of volume ${volume} in ${dataDir}`);
+  const db = open({ path: statePath });
+  try {
+    const state = db.get('state') as VolumeState | undefined;
+    if (!state) throw new BlockferryError('ERR_NO_VOLUME', `volume ${volume} in ${dataDir} has no recorded state`);
+    if (state.promoted) throw new BlockferryError('ERR_VOLUME_PROMOTED', `volume ${volume} was already promoted at ${state.promoted.at}`);
+    const consistent = state.consistentFrom === null || state.consistentFrom === undefined;
+    if (!consistent && !opts.force) {
+      throw new BlockferryError(
+        'ERR_REPLICA_INCONSISTENT',
+        `volume ${volume} is inconsistent (a resync had not finished): it is not a state the primary ever had. Use --force only if nothing better exists`,
+      );
+    }
+    state.promoted = { at: new Date().toISOString(), appliedSeq: state.appliedSeq };
+    await db.put('state', state);
+    await db.flushed;
+    return { volume, image, appliedSeq: state.appliedSeq, consistent };
+  } finally {
+    await db.close();
+  }
+}
+
+export interface DemoteResult {
+  volume: string;
+  image: string;
+}
+
+/**
+ * Moves `image` into `dataDir` as the replica of `volume`, marked inconsistent: the next primary to replicate
+ * into it compares digests and sends only the chunks that differ (this side's own changes are overwritten:
+ * that is what demoting means).
+ */
+export async function demoteImage(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
+  checkName(volume);
+  checkIdle(dataDir);
+  fs.mkdirSync(dataDir, { recursive: true });
+  const image = path.join(dataDir, `${volume}.img`);
+  const statePath = path.join(dataDir, `${volume}.state.mdb`);
+  if (!fs.existsSync(imagePath)) throw new BlockferryError('ERR_NO_IMAGE', `${imagePath} does not exist`);
+  if (path.resolve(imagePath) !== path.resolve(image)) {
+    if (fs.existsSync(image)) throw new BlockferryError('ERR_EXISTS', `${image} already exists; move it away first`);
+    fs.renameSync(imagePath, image);
+  }
+  for (const f of [statePath, `${statePath}-lock`]) fs.rmSync(f, { force: true });
+  const db = open({ path: statePath });
+  try {
+    const size = fs.statSync(image).size;
+    const state: VolumeState = { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, promoted: null };
+    await db.put('state', state);
+    await db.flushed;
+  } finally {
+    await db.close();
+  }
+  return { volume, image };
+}
