@@ -12,6 +12,8 @@ const cli = yargs(hideBin(process.argv))
   .scriptName('blockferry')
   .usage('$0 <command> [options]\n\nAn NBD server that mirrors every write to a journal and to backup sites.')
   .demandCommand(1, 'Name a command: `blockferry --help` lists them.')
+  // Keys mirror the flags, e.g. {"image": ["disk=/srv/disk.img"], "replicate-to": ["ws://backup:7070"]}.
+  .config('config', 'A JSON file of options whose keys are the flag names; flags given on the command line win')
   .strict()
   .recommendCommands()
   .help()

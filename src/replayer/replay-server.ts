@@ -130,7 +130,8 @@ export class ReplayServer {
 
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
     lockDataDir(this.opts.dataDir);
-    const wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES });
+    // permessage-deflate is used only when a primary asks for it (serve --compress).
+    const wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
     await new Promise<void>((resolve, reject) => {
       wss.once('listening', resolve);
       wss.once('error', reject);

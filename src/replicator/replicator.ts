@@ -52,6 +52,10 @@ export interface ReplicatorOptions {
   volumeId: string;
   size: number;
   journal: Journal;
+  /** Shipping limit in bytes per second (after compression); 0 or undefined: none. */
+  maxRate?: number;
+  /** Negotiate permessage-deflate on the link (pays off on slow links with compressible data). */
+  compress?: boolean;
   /** Needed to resync; without it a replica that needs one is reported as needs-resync. */
   source?: ResyncSource;
   /**
@@ -86,6 +90,8 @@ export class Replicator {
   private resyncIncomplete = false;
   /** The first seq the bitmap accounts for: a replica behind it needs a full comparison. */
   private dirtyFrom = 0;
+  /** --max-rate pacing: when the next message may be sent. */
+  private nextSendAt = 0;
   private nextRequestId = 1;
   private readonly log: Logger;
   readonly consumerId: string;
@@ -124,7 +130,9 @@ export class Replicator {
     // A zero mask: masking guards browsers' traffic against cache-poisoning proxies, which does not apply to a
     // server-to-server link, and XOR-ing every 4 MiB batch in JavaScript (twice, with the replayer's unmask)
     // cost more CPU than the rest of shipping. ws skips both sides' loops for a zero mask.
-    const ws = new WebSocket(this.opts.url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, generateMask: (mask) => mask.fill(0) });
+    const ws = new WebSocket(this.opts.url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, generateMask: (mask) => mask.fill(0),
+      perMessageDeflate: this.opts.compress ? { threshold: 1024, zlibDeflateOptions: { level: 1 } } : false,
+    });
     this.ws = ws;
     let alive = Date.now();
     const ping = setInterval(() => {
@@ -136,6 +144,7 @@ export class Replicator {
     ws.on('pong', () => (alive = Date.now()));
     ws.on('open', () => {
       alive = Date.now();
+      this.log.info({ extensions: ws.extensions || 'none', maxRate: this.opts.maxRate ?? null }, 'replication link open');
       ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: this.opts.volume, volumeId: this.opts.volumeId, size: this.opts.size }));
     });
     ws.on('message', (raw: Buffer) => {
@@ -344,8 +353,18 @@ export class Replicator {
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
       if (!this.resync) this.state = j.stats.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
+      if (this.opts.maxRate) await this.pace(msg.length);
+      if (this.ws !== ws || ws.readyState !== ws.OPEN) break;
       ws.send(msg);
     }
+  }
+
+  /** --max-rate: each message may leave once the previous ones have had their share of the second. */
+  private async pace(bytes: number): Promise<void> {
+    const now = Date.now();
+    const at = Math.max(now, this.nextSendAt);
+    this.nextSendAt = at + (bytes / this.opts.maxRate!) * 1000;
+    if (at > now) await new Promise((r) => setTimeout(r, at - now));
   }
 
   /** Waits up to `ms` for the replica to acknowledge everything committed, then closes the link. */

@@ -59,7 +59,7 @@ class DigestClient {
 
   static connect(url: string, volume: string, size: number): Promise<{ client: DigestClient; welcome: Extract<Message, { t: 'welcome' }> }> {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000 });
+      const ws = new WebSocket(url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, perMessageDeflate: false });
       const onError = (err: Error) => reject(new BlockferryError('ERR_REPLICA_UNREACHABLE', `cannot reach the replayer at ${url}: ${err.message}`));
       ws.once('error', onError);
       ws.once('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: '', size, role: 'verify' })));

@@ -16,7 +16,7 @@ import { NbdServer } from '../../nbd/server.js';
 import { Replicator } from '../../replicator/replicator.js';
 import { UsageError } from '../../util/errors.js';
 import { createLogger, type Logger } from '../../util/logger.js';
-import { formatBytes, parseSize } from '../../util/size.js';
+import { formatBytes, parseRate, parseSize } from '../../util/size.js';
 import { isLoopback, parseHostPort, type HostPort } from '../listen.js';
 
 /** Default journal cap: large enough to ride out an afternoon's outage of a busy disk. */
@@ -44,6 +44,9 @@ export interface ServeOptions {
   durability?: 'sync' | 'commit';
   /** Replayer URLs (ws://HOST:PORT); every journaled volume is shipped to each. */
   replicateTo?: string[];
+  /** Per replica link, bytes per second; undefined: unlimited. */
+  maxRate?: number;
+  compress?: boolean;
   logger?: Logger;
 }
 
@@ -123,6 +126,8 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
           journal: journal!,
           source: mirror,
           journalFromEmpty: journal!.getMeta<boolean>('fromEmpty') === true,
+          maxRate: opts.maxRate,
+          compress: opts.compress,
           logger: log,
         }),
     );
@@ -249,6 +254,8 @@ interface ServeArgs {
   'journal-max': string;
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
+  'max-rate'?: string;
+  compress: boolean;
   admin?: string;
   'log-level'?: string;
 }
@@ -278,6 +285,8 @@ export const command: CommandModule<object, ServeArgs> = {
         describe: 'commit: writes of one loop turn committed together (OS cache) before the image changes, fsynced on FLUSH/FUA; sync: every commit fsynced first (power-cut safe at every instant, slower)',
       })
       .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
+      .option('max-rate', { type: 'string', describe: 'Limit each replication link, e.g. 50MB/s [default: unlimited]' })
+      .option('compress', { type: 'boolean', default: false, describe: 'Compress the replication link (permessage-deflate): for slow links and compressible data' })
       .option('admin', ADMIN_OPTION)
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
       .example('$0 serve --image disk.img --size 10G --replicate-to ws://backup:7070', 'serve and replicate to a backup site')
@@ -298,6 +307,8 @@ export const command: CommandModule<object, ServeArgs> = {
       journalMax: parseSize(args['journal-max'], '--journal-max'),
       durability: args.durability,
       replicateTo: args['replicate-to'],
+      maxRate: args['max-rate'] === undefined ? undefined : parseRate(args['max-rate'], '--max-rate'),
+      compress: args.compress,
       logger: log,
     });
     // Printed before the `listening on` lines, so whoever waits for those knows the admin address too.
