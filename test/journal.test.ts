@@ -191,3 +191,14 @@ for (const durability of ['sync', 'commit'] as const) {
     await j2.close();
   });
 }
+
+t.test('bytesAfter: exact stored bytes a consumer at seq still lacks', async (t) => {
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  for (let i = 1; i <= 10; i++) await j.append(EntryKind.WRITE, 0, i * 100, Buffer.alloc(i * 100, i)).done;
+  await j.append(EntryKind.TRIM, 0, 2 ** 30).done;
+  t.equal(j.bytesAfter(11), 0, 'nothing after the head');
+  t.equal(j.bytesAfter(10), 40, 'a TRIM is its 40-byte header');
+  t.equal(j.bytesAfter(7), 40 + (800 + 40) + (900 + 40) + (1000 + 40), 'headers plus data of 8, 9, 10 and the TRIM');
+  t.equal(j.bytesAfter(0), j.stats.bytes, 'from before the tail: everything stored');
+});

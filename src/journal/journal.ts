@@ -457,6 +457,22 @@ export class Journal extends EventEmitter {
     });
   }
 
+  /**
+   * Stored bytes of the committed entries after `seq` (what a replica at `seq` still lacks), exact and O(1)
+   * from the entries' cumulative-size field. Everything stored when `seq` is before the tail.
+   */
+  bytesAfter(seq: number): number {
+    if (seq >= this.committed) return 0;
+    if (seq < this.tail) return this.bytes;
+    // getBinaryFast's buffer is only valid until the next read: take each field at once.
+    const at = this.entries.getBinaryFast(seq);
+    if (!at || at.length < VALUE_HEADER) return this.bytes;
+    const atCum = valueCum(at);
+    const last = this.entries.getBinaryFast(this.committed);
+    if (!last || last.length < VALUE_HEADER) return this.bytes;
+    return valueCum(last) - atCum;
+  }
+
   /** Stored bytes of entries [from, to] from their `cum` fields; -1 if either end is missing. */
   private spanBytes(from: number, to: number): number {
     const first = this.entries.getBinaryFast(from);
