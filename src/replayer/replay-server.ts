@@ -23,6 +23,8 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
 import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
+import { checkToken, type TokenTable } from '../replicator/link-auth.js';
+import https from 'node:https';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CloseCode, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
@@ -115,11 +117,16 @@ const SYNC_BYTES = 256 * 2 ** 20;
 
 export interface ReplayServerOptions {
   dataDir: string;
+  /** Per-volume tokens (--token-file): when set, only listed volumes with their token are accepted. */
+  tokens?: TokenTable;
+  /** PEM certificate and key: serve wss:// instead of ws://. */
+  tls?: { cert: Buffer; key: Buffer };
   logger?: Logger;
 }
 
 export class ReplayServer {
   private wss: WebSocketServer | undefined;
+  private httpsServer: https.Server | undefined;
   private readonly volumes = new Map<string, Promise<Volume>>();
   private readonly log: Logger;
 
@@ -131,14 +138,25 @@ export class ReplayServer {
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
     lockDataDir(this.opts.dataDir);
     // permessage-deflate is used only when a primary asks for it (serve --compress).
-    const wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
-    await new Promise<void>((resolve, reject) => {
-      wss.once('listening', resolve);
-      wss.once('error', reject);
-    });
+    let wss: WebSocketServer;
+    if (this.opts.tls) {
+      const server = https.createServer({ cert: this.opts.tls.cert, key: this.opts.tls.key });
+      wss = new WebSocketServer({ server, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
+      await new Promise<void>((resolve, reject) => {
+        server.once('error', reject);
+        server.listen(where.port, where.host, () => resolve());
+      });
+      this.httpsServer = server;
+    } else {
+      wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
+      await new Promise<void>((resolve, reject) => {
+        wss.once('listening', resolve);
+        wss.once('error', reject);
+      });
+    }
     wss.on('connection', (ws, req) => this.onConnection(ws, req.socket.remoteAddress ?? '?'));
     this.wss = wss;
-    const a = wss.address() as { address: string; port: number };
+    const a = (this.httpsServer?.address() ?? wss.address()) as { address: string; port: number };
     return { host: a.address, port: a.port };
   }
 
@@ -192,6 +210,12 @@ export class ReplayServer {
           if (msg.t !== 'hello') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `expected hello, got ${msg.t}`);
           if (!VOLUME_NAME.test(msg.volume)) return fail(CloseCode.PROTOCOL, 'ERR_VOLUME_NAME', `invalid volume name ${JSON.stringify(msg.volume)}`);
           verifier = msg.role === 'verify';
+          if (this.opts.tokens) {
+            // Checked before the volume is opened or created; the token itself is never logged.
+            const auth = checkToken(this.opts.tokens, msg.volume, msg.token);
+            if (auth === 'unknown-volume') return fail(CloseCode.AUTH, 'ERR_UNKNOWN_VOLUME', `volume ${msg.volume} is not in this replayer's token file`);
+            if (auth === 'bad-token') return fail(CloseCode.AUTH, 'ERR_AUTH', `the token for volume ${msg.volume} was refused`);
+          }
           if (verifier && !this.volumes.has(msg.volume) && !fs.existsSync(path.join(this.opts.dataDir, `${msg.volume}.img`))) {
             return fail(CloseCode.VOLUME_MISMATCH, 'ERR_NO_VOLUME', `there is no replica of volume ${msg.volume} here`);
           }
@@ -335,6 +359,7 @@ export class ReplayServer {
     if (this.wss) {
       for (const c of this.wss.clients) c.close(1001, 'replayer stopping');
       await new Promise<void>((resolve) => this.wss!.close(() => resolve()));
+      if (this.httpsServer) await new Promise<void>((resolve) => this.httpsServer!.close(() => resolve()));
     }
     for (const v of this.volumes.values()) await (await v).close().catch(() => undefined);
     this.volumes.clear();

@@ -16,6 +16,8 @@ export const CloseCode = {
   GAP: 4023,
   STORAGE: 4028,
   PROMOTED: 4030,
+  /** Unknown volume or wrong token (replayer --token-file). */
+  AUTH: 4001,
 } as const;
 
 /**
@@ -25,7 +27,7 @@ export const CloseCode = {
  * differing chunks as ordinary entries, and ends with `synced` (consistent again once applied through seq).
  */
 export type Message =
-  | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify' }
+  | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify'; token?: string }
   | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
   /** seq: applied (visible in the replica); durableSeq: on its stable storage (what retention may drop). */
@@ -66,6 +68,7 @@ export function decode(buf: Buffer): Message {
     case 'hello':
       if (typeof m.volume !== 'string' || typeof m.volumeId !== 'string' || !isInt(m.size)) throw new ProtocolError('bad hello');
       if (m.role !== undefined && m.role !== 'primary' && m.role !== 'verify') throw new ProtocolError('bad hello role');
+      if (m.token !== undefined && (typeof m.token !== 'string' || m.token.length > 1024)) throw new ProtocolError('bad hello token');
       return m as Message;
     case 'welcome':
       if (!isInt(m.appliedSeq)) throw new ProtocolError('bad welcome');

@@ -52,6 +52,10 @@ export interface ReplicatorOptions {
   volumeId: string;
   size: number;
   journal: Journal;
+  /** Presented in the hello when the replayer checks tokens. */
+  token?: string;
+  /** wss:// trust: TLS options and an optional check of the replayer's certificate (pinning). */
+  tls?: { options: Record<string, unknown>; checkPeer?: (socket: unknown) => string | undefined };
   /** Shipping limit in bytes per second (after compression); 0 or undefined: none. */
   maxRate?: number;
   /** Negotiate permessage-deflate on the link (pays off on slow links with compressible data). */
@@ -132,6 +136,16 @@ export class Replicator {
     // cost more CPU than the rest of shipping. ws skips both sides' loops for a zero mask.
     const ws = new WebSocket(this.opts.url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, generateMask: (mask) => mask.fill(0),
       perMessageDeflate: this.opts.compress ? { threshold: 1024, zlibDeflateOptions: { level: 1 } } : false,
+      ...(this.opts.tls?.options ?? {}),
+    });
+    ws.on('upgrade', (res) => {
+      // Before the hello: a replayer that fails the pin never sees the token.
+      const err = this.opts.tls?.checkPeer?.(res.socket);
+      if (err) {
+        this.lastError = err;
+        this.log.error(err);
+        ws.terminate();
+      }
     });
     this.ws = ws;
     let alive = Date.now();
@@ -145,7 +159,7 @@ export class Replicator {
     ws.on('open', () => {
       alive = Date.now();
       this.log.info({ extensions: ws.extensions || 'none', maxRate: this.opts.maxRate ?? null }, 'replication link open');
-      ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: this.opts.volume, volumeId: this.opts.volumeId, size: this.opts.size }));
+      ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: this.opts.volume, volumeId: this.opts.volumeId, size: this.opts.size, ...(this.opts.token ? { token: this.opts.token } : {}) }));
     });
     ws.on('message', (raw: Buffer) => {
       alive = Date.now();

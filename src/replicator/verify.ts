@@ -14,6 +14,8 @@ export interface VerifyOptions {
   volume: string;
   /** Extra comparisons of differing chunks, `retryDelayMs` apart, before they count as different. */
   retries?: number;
+  token?: string;
+  tls?: { options: Record<string, unknown>; checkPeer?: (socket: unknown) => string | undefined };
   retryDelayMs?: number;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
 }
@@ -57,12 +59,24 @@ class DigestClient {
     ws.on('error', (err) => this.abort(err));
   }
 
-  static connect(url: string, volume: string, size: number): Promise<{ client: DigestClient; welcome: Extract<Message, { t: 'welcome' }> }> {
+  static connect(
+    url: string,
+    volume: string,
+    size: number,
+    auth: { token?: string; tls?: VerifyOptions['tls'] } = {},
+  ): Promise<{ client: DigestClient; welcome: Extract<Message, { t: 'welcome' }> }> {
     return new Promise((resolve, reject) => {
-      const ws = new WebSocket(url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, perMessageDeflate: false });
+      const ws = new WebSocket(url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, perMessageDeflate: false, ...(auth.tls?.options ?? {}) });
+      ws.on('upgrade', (res) => {
+        const err = auth.tls?.checkPeer?.(res.socket);
+        if (err) {
+          ws.terminate();
+          reject(new BlockferryError('ERR_REPLICA_CERTIFICATE', err));
+        }
+      });
       const onError = (err: Error) => reject(new BlockferryError('ERR_REPLICA_UNREACHABLE', `cannot reach the replayer at ${url}: ${err.message}`));
       ws.once('error', onError);
-      ws.once('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: '', size, role: 'verify' })));
+      ws.once('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: '', size, role: 'verify', ...(auth.token ? { token: auth.token } : {}) })));
       ws.once('message', (raw: Buffer) => {
         ws.off('error', onError);
         let msg: Message;
@@ -111,7 +125,7 @@ export async function verifyReplica(opts: VerifyOptions): Promise<VerifyReport> 
   const { device: dev } = opts;
   const retries = opts.retries ?? 5;
   const delay = opts.retryDelayMs ?? 1000;
-  const { client, welcome } = await DigestClient.connect(opts.url, opts.volume, dev.size);
+  const { client, welcome } = await DigestClient.connect(opts.url, opts.volume, dev.size, { token: opts.token, tls: opts.tls });
   let replicaSeq = welcome.appliedSeq;
   try {
     const total = chunkCount(dev.size);

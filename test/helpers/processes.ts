@@ -87,6 +87,6 @@ export interface Replaying {
 
 /** Starts `blockferry replay` and waits for its `listening on ws://...` line. */
 export async function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
-  const { child, exited, match, stdout } = await startCli('replay', args, /listening on (ws:\/\/[^:]+:(\d+))/, teardown);
+  const { child, exited, match, stdout } = await startCli('replay', args, /listening on (wss?:\/\/[^:]+:(\d+))/, teardown);
   return { child, url: match[1], port: Number(match[2]), exited, stdout };
 }

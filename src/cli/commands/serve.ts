@@ -13,6 +13,7 @@ import { FileDevice } from '../../device/file-device.js';
 import { Journal } from '../../journal/journal.js';
 import { MirrorDevice } from '../../mirror/mirror-device.js';
 import { NbdServer } from '../../nbd/server.js';
+import { clientTls, tokenFor } from '../../replicator/link-auth.js';
 import { Replicator } from '../../replicator/replicator.js';
 import { UsageError } from '../../util/errors.js';
 import { createLogger, type Logger } from '../../util/logger.js';
@@ -44,6 +45,11 @@ export interface ServeOptions {
   durability?: 'sync' | 'commit';
   /** Replayer URLs (ws://HOST:PORT); every journaled volume is shipped to each. */
   replicateTo?: string[];
+  /** Token file (lines of "VOLUME TOKEN"): each volume presents its token to the replayer. */
+  tokenFile?: string;
+  /** wss:// trust: a CA file and/or the replayer certificate's SHA-256 fingerprint. */
+  replicaCa?: string;
+  replicaFingerprint?: string;
   /** Per replica link, bytes per second; undefined: unlimited. */
   maxRate?: number;
   compress?: boolean;
@@ -127,6 +133,8 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
           source: mirror,
           journalFromEmpty: journal!.getMeta<boolean>('fromEmpty') === true,
           maxRate: opts.maxRate,
+          token: opts.tokenFile ? tokenFor(opts.tokenFile, img.name) : undefined,
+          tls: opts.replicaCa || opts.replicaFingerprint ? clientTls({ ca: opts.replicaCa, fingerprint: opts.replicaFingerprint }) : undefined,
           compress: opts.compress,
           logger: log,
         }),
@@ -255,6 +263,9 @@ interface ServeArgs {
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
   'max-rate'?: string;
+  'token-file'?: string;
+  'replica-ca'?: string;
+  'replica-fingerprint'?: string;
   compress: boolean;
   admin?: string;
   'log-level'?: string;
@@ -286,6 +297,9 @@ export const command: CommandModule<object, ServeArgs> = {
       })
       .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
       .option('max-rate', { type: 'string', describe: 'Limit each replication link, e.g. 50MB/s [default: unlimited]' })
+      .option('token-file', { type: 'string', describe: 'Tokens for the replayers: lines of "VOLUME TOKEN" (the same file format as replay --token-file)' })
+      .option('replica-ca', { type: 'string', describe: 'For wss:// replayers: trust this CA (PEM)' })
+      .option('replica-fingerprint', { type: 'string', describe: "For wss:// replayers: pin the replayer certificate's SHA-256 fingerprint" })
       .option('compress', { type: 'boolean', default: false, describe: 'Compress the replication link (permessage-deflate): for slow links and compressible data' })
       .option('admin', ADMIN_OPTION)
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
@@ -309,6 +323,9 @@ export const command: CommandModule<object, ServeArgs> = {
       replicateTo: args['replicate-to'],
       maxRate: args['max-rate'] === undefined ? undefined : parseRate(args['max-rate'], '--max-rate'),
       compress: args.compress,
+      tokenFile: args['token-file'],
+      replicaCa: args['replica-ca'],
+      replicaFingerprint: args['replica-fingerprint'],
       logger: log,
     });
     // Printed before the `listening on` lines, so whoever waits for those knows the admin address too.

@@ -2,6 +2,7 @@
 // through the replayer (online, nothing but digests on the wire) and reports matching or differing ranges.
 import type { Argv, CommandModule } from 'yargs';
 import { FileDevice } from '../../device/file-device.js';
+import { clientTls, tokenFor } from '../../replicator/link-auth.js';
 import { verifyReplica, type VerifyReport } from '../../replicator/verify.js';
 import { formatBytes } from '../../util/size.js';
 import { parseImageArg } from './serve.js';
@@ -15,6 +16,9 @@ interface VerifyArgs {
   volume?: string;
   retries: number;
   json: boolean;
+  'token-file'?: string;
+  'replica-ca'?: string;
+  'replica-fingerprint'?: string;
 }
 
 export function formatReport(r: VerifyReport): string {
@@ -36,6 +40,9 @@ export const command: CommandModule<object, VerifyArgs> = {
       .option('volume', { type: 'string', describe: 'Volume name at the replayer [default: the image name]' })
       .option('retries', { type: 'number', default: 5, describe: 'Re-compare differing chunks this many times, 1 s apart (the replica may be catching up)' })
       .option('json', { type: 'boolean', default: false, describe: 'Print the report as JSON' })
+      .option('token-file', { type: 'string', describe: 'Token file (lines of "VOLUME TOKEN") when the replayer checks tokens' })
+      .option('replica-ca', { type: 'string', describe: 'For wss://: trust this CA (PEM)' })
+      .option('replica-fingerprint', { type: 'string', describe: "For wss://: pin the replayer certificate's SHA-256 fingerprint" })
       .example('$0 verify --image /srv/disk.img --replica ws://backup:7070', 'exit 0 when identical, 3 when they differ')
       .epilogue('Exit status: 0 identical, 3 differing ranges found, 1 error (unreachable, unknown volume, size mismatch), 2 usage.') as Argv<VerifyArgs>,
   handler: async (args) => {
@@ -48,6 +55,8 @@ export const command: CommandModule<object, VerifyArgs> = {
         url: args.replica,
         volume: args.volume ?? img.name,
         retries: args.retries,
+        token: args['token-file'] ? tokenFor(args['token-file'], args.volume ?? img.name) : undefined,
+        tls: args['replica-ca'] || args['replica-fingerprint'] ? clientTls({ ca: args['replica-ca'], fingerprint: args['replica-fingerprint'] }) : undefined,
         onProgress: tty ? (done, total) => process.stderr.write(`\rverify: ${Math.floor((100 * done) / total)}% of ${formatBytes(total)}`) : undefined,
       });
       if (tty) process.stderr.write('\n');
