@@ -66,6 +66,21 @@ t.test('a flipped byte in a stored entry is named by seq, never returned', async
   t.throws(() => j2.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 3 .*CRC32C mismatch/ });
 });
 
+t.test('a truncated last entry: the journal still opens, and reading it names the seq', async (t) => {
+  const dir = t.testdir();
+  const j = await Journal.open({ dir });
+  for (let i = 0; i < 3; i++) await j.append(EntryKind.WRITE, 0, 512, randomBytes(512)).done;
+  await j.close();
+  const raw = open({ path: path.join(dir, 'journal.mdb') });
+  const entries = raw.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
+  await entries.put(3, Buffer.alloc(7)); // shorter than an entry header
+  await raw.close();
+  const j2 = await Journal.open({ dir });
+  t.teardown(() => j2.close());
+  t.equal(j2.stats.headSeq, 3, 'opened; the head is still seq 3');
+  t.throws(() => j2.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 3 .*shorter than its header/ });
+});
+
 t.test('a corrupt offset is caught too (the CRC covers the header)', async (t) => {
   const dir = t.testdir();
   const j = await Journal.open({ dir });
