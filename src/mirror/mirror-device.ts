@@ -9,6 +9,7 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { OrderedApply } from './ordered-apply.js';
+import { SpaceGuard } from './space-guard.js';
 import { CHUNK_BYTES, hashChunks } from '../replicator/chunk-hash.js';
 
 /** Checkpoint (fsync image + record seq) this often while writes flow, so recovery and pruning stay short. */
@@ -22,6 +23,8 @@ export interface MirrorOptions {
   device: BlockDevice;
   journal: Journal;
   logger?: Logger;
+  /** Refuse changes with ENOSPC while these paths' filesystems have less than reserveBytes free. */
+  space?: { paths: string[]; reserveBytes: number };
   /** Checkpoint period; 0 disables the timer (checkpoints then happen on flush and close only). */
   checkpointIntervalMs?: number;
 }
@@ -48,6 +51,7 @@ export class MirrorDevice implements BlockDevice {
   // While captureRange reads the image, new changes wait here so that none gets a seq below the capture's.
   private gate: Promise<void> | undefined;
   private closed = false;
+  private readonly space: SpaceGuard | undefined;
 
   static async open(opts: MirrorOptions): Promise<MirrorDevice> {
     const log = (opts.logger ?? silentLogger).child({ component: 'mirror' });
@@ -58,6 +62,7 @@ export class MirrorDevice implements BlockDevice {
   private constructor(opts: MirrorOptions, log: Logger, recovery: RecoveryReport) {
     this.journal = opts.journal;
     this.inner = opts.device;
+    this.space = opts.space ? new SpaceGuard(opts.space.paths, opts.space.reserveBytes) : undefined;
     this.size = opts.device.size;
     this.log = log;
     this.recovery = recovery;
@@ -103,7 +108,7 @@ export class MirrorDevice implements BlockDevice {
 
   write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {
     if (this.gate) return this.gate.then(() => this.write(offset, data));
-    const err = this.unusable();
+    const err = this.unusable() ?? this.noSpace(data.length);
     if (err) return Promise.reject(err);
     const { seq, done } = this.journal.append(EntryKind.WRITE, offset, data.length, data);
     return this.order.run(seq, offset, offset + data.length, done, () => this.inner.write(offset, data));
@@ -112,7 +117,7 @@ export class MirrorDevice implements BlockDevice {
   trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
     if (!this.capabilities.trim) return Promise.resolve();
     if (this.gate) return this.gate.then(() => this.trim(offset, length));
-    const err = this.unusable();
+    const err = this.unusable() ?? this.noSpace(0);
     if (err) return Promise.reject(err);
     const { seq, done } = this.journal.append(EntryKind.TRIM, offset, length);
     return this.order.run(seq, offset, offset + length, done, () => applyZero(this.inner, offset, length));
@@ -120,7 +125,7 @@ export class MirrorDevice implements BlockDevice {
 
   writeZeroes(offset: number, length: number, opts?: ZeroOptions): Promise<void> {
     if (this.gate) return this.gate.then(() => this.writeZeroes(offset, length, opts));
-    const err = this.unusable();
+    const err = this.unusable() ?? this.noSpace(0);
     if (err) return Promise.reject(err);
     const { seq, done } = this.journal.append(EntryKind.ZERO, offset, length);
     // The range must read as zeroes on every copy; NO_HOLE/FAST_ZERO are local allocation policy only.
@@ -209,6 +214,7 @@ export class MirrorDevice implements BlockDevice {
     if (this.closed) return;
     this.closed = true;
     this.journal.off('full', this.onJournalFull);
+    this.space?.close();
     if (this.checkpointTimer) clearInterval(this.checkpointTimer);
     await this.order.drain();
     if (this.order.failedSeq === Infinity) await this.checkpoint();
@@ -218,6 +224,16 @@ export class MirrorDevice implements BlockDevice {
   private assertUsable(): void {
     const err = this.unusable();
     if (err) throw err;
+  }
+
+  /** ENOSPC when the journal's or image's filesystem is down to its reserve (the change is not journaled). */
+  private noSpace(bytes: number): BlockferryError | undefined {
+    try {
+      this.space?.take(bytes + 64);
+      return undefined;
+    } catch (err) {
+      return err as BlockferryError;
+    }
   }
 
   private unusable(): BlockferryError | undefined {

@@ -50,6 +50,8 @@ export interface ServeOptions {
   /** wss:// trust: a CA file and/or the replayer certificate's SHA-256 fingerprint. */
   replicaCa?: string;
   replicaFingerprint?: string;
+  /** Free space kept on the journal's and image's filesystems; below it writes get ENOSPC. 0: no check. */
+  minFree?: number;
   /** Per replica link, bytes per second; undefined: unlimited. */
   maxRate?: number;
   compress?: boolean;
@@ -110,7 +112,14 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
       // only the journal. Any other image's existing contents reach replicas by digest comparison.
       await journal.setMeta('fromEmpty', imageIsNew && journal.stats.headSeq === 0);
     }
-    const mirror = await MirrorDevice.open({ device: file, journal, logger: log });
+    // The image's filesystem matters only for a file (holes fill up); a block device has its size.
+    const spacePaths = fs.statSync(img.path).isBlockDevice() ? [dir] : [dir, img.path];
+    const mirror = await MirrorDevice.open({
+      device: file,
+      journal,
+      logger: log,
+      space: opts.minFree ? { paths: spacePaths, reserveBytes: opts.minFree } : undefined,
+    });
     if (mirror.recovery.entries > 0) {
       log.warn({ volume: img.name, ...mirror.recovery }, 'the last run did not stop cleanly; re-applied the journal tail');
     }
@@ -263,6 +272,7 @@ interface ServeArgs {
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
   'max-rate'?: string;
+  'min-free': string;
   'token-file'?: string;
   'replica-ca'?: string;
   'replica-fingerprint'?: string;
@@ -289,6 +299,7 @@ export const command: CommandModule<object, ServeArgs> = {
       .option('journal', {
         describe: 'Journal directory (LMDB) [default: IMAGE.journal beside the image]; --no-journal serves without one',
       })
+      .option('min-free', { type: 'string', default: '64M', describe: "Free space kept on the journal's and image's filesystems: below it writes get ENOSPC (nothing is journaled) until space returns; 0 disables" })
       .option('journal-max', { type: 'string', default: DEFAULT_JOURNAL_MAX, describe: 'Journal size cap; writes wait for space beyond it' })
       .option('durability', {
         choices: ['sync', 'commit'] as const,
@@ -323,6 +334,7 @@ export const command: CommandModule<object, ServeArgs> = {
       replicateTo: args['replicate-to'],
       maxRate: args['max-rate'] === undefined ? undefined : parseRate(args['max-rate'], '--max-rate'),
       compress: args.compress,
+      minFree: parseSize(args['min-free'], '--min-free'),
       tokenFile: args['token-file'],
       replicaCa: args['replica-ca'],
       replicaFingerprint: args['replica-fingerprint'],

@@ -1,0 +1,54 @@
+// Full disks, refused cleanly: before a change is journaled, the filesystems holding the journal and the
+// image must keep `reserveBytes` free. When they do not, the change is refused with ENOSPC (the NBD client
+// sees ENOSPC) and nothing is journaled, so the journal stays consistent and no sequence number is spent;
+// when space returns, writes are taken again. Free space is polled (statfs) and, between polls, the bytes
+// taken since are subtracted, so a burst cannot run far past the reserve.
+import fs from 'node:fs';
+import { BlockferryError } from '../util/errors.js';
+import { formatBytes } from '../util/size.js';
+
+const POLL_MS = 250;
+
+export class SpaceGuard {
+  private readonly free = new Map<string, number>();
+  private takenSincePoll = 0;
+  private readonly timer: NodeJS.Timeout;
+
+  constructor(
+    private readonly paths: string[],
+    readonly reserveBytes: number,
+  ) {
+    this.poll();
+    this.timer = setInterval(() => this.poll(), POLL_MS);
+    this.timer.unref();
+  }
+
+  private poll(): void {
+    for (const p of this.paths) {
+      try {
+        const s = fs.statfsSync(p);
+        this.free.set(p, s.bavail * s.bsize);
+      } catch {
+        // The path may be gone for a moment; keep the last figure.
+      }
+    }
+    this.takenSincePoll = 0;
+  }
+
+  /** Throws ENOSPC when taking `bytes` more would leave less than the reserve on any of the filesystems. */
+  take(bytes: number): void {
+    for (const [p, free] of this.free) {
+      if (free - this.takenSincePoll - bytes < this.reserveBytes) {
+        throw new BlockferryError(
+          'ENOSPC',
+          `no space: ${p} has ${formatBytes(Math.max(0, free - this.takenSincePoll))} free, less than the ${formatBytes(this.reserveBytes)} kept in reserve (--min-free); writes resume when space is freed`,
+        );
+      }
+    }
+    this.takenSincePoll += bytes;
+  }
+
+  close(): void {
+    clearInterval(this.timer);
+  }
+}

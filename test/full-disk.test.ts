@@ -1,0 +1,112 @@
+// Full disks, on small tmpfs mounts the test makes (and unmounts, even on failure):
+// - the primary's journal filesystem fills: writes get ENOSPC, reads and other clients keep working, nothing
+//   half-journaled; when space is freed, writes are taken again with no restart, and the image still equals
+//   zeroes + journal;
+// - the replica's filesystem fills: the replayer stops applying and says why, the replica stays what it was,
+//   and once space returns it converges to the primary byte for byte.
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
+import { CLI, run, startReplay, startServe } from './helpers/processes.js';
+
+const ENOSPC = 28;
+const MiB = 2 ** 20;
+
+/** A tmpfs of `size` on a new mount point outside the test dir (tap removes that while mounts would pin it). */
+async function tmpfs(t: { teardown(fn: () => unknown): void }, size: string): Promise<string> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'blockferry-fulldisk-'));
+  await run('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir]);
+  t.teardown(async () => {
+    // Lazy: a process being stopped may still hold a file there for a moment.
+    await run('umount', ['-l', dir]).catch(() => undefined);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return dir;
+}
+
+/** Fills `dir` with a file until `leaveBytes` are left free. */
+function fill(dir: string, leaveBytes: number): string {
+  const s = fs.statfsSync(dir);
+  const n = Math.max(0, s.bavail * s.bsize - leaveBytes);
+  const file = path.join(dir, 'filler');
+  const fd = fs.openSync(file, 'w');
+  const chunk = Buffer.alloc(MiB, 1);
+  for (let done = 0; done < n; done += MiB) fs.writeSync(fd, chunk, 0, Math.min(MiB, n - done));
+  fs.closeSync(fd);
+  return file;
+}
+
+t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume when space returns", async (t) => {
+  const dir = t.testdir();
+  const jfs = await tmpfs(t, '64m');
+  const filler = fill(jfs, 24 * MiB);
+  const image = path.join(dir, 'disk.img');
+  const journal = path.join(jfs, 'journal');
+  const s = await startServe(['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--min-free', '8M'], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+
+  let accepted = 0;
+  let refusal: unknown;
+  for (let i = 0; i < 64 && !refusal; i++) {
+    try {
+      await c.write((i % 60) * MiB, randomBytes(MiB));
+      accepted++;
+    } catch (err) {
+      refusal = err;
+    }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  t.ok(accepted > 0, `${accepted} MiB were written before the disk was nearly full`);
+  t.ok(refusal instanceof NbdError && refusal.errno === ENOSPC, `then a write got ENOSPC (${String(refusal)})`);
+  t.ok((await c.read(0, 4096)).length === 4096, 'reads still work');
+  const other = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  t.equal((await other.read(MiB, 512)).length, 512, 'a second client is still served');
+  await other.close();
+
+  fs.rmSync(filler);
+  await new Promise((r) => setTimeout(r, 600));
+  await c.write(0, randomBytes(MiB));
+  t.pass('once space is freed, writes are taken again (no restart)');
+  await c.flush();
+  await c.close();
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+
+  const rebuilt = path.join(dir, 'rebuilt.img');
+  await run(process.execPath, [CLI, 'replay-local', '--journal', journal, '--size', '64M', '--out', rebuilt]);
+  t.ok(fs.readFileSync(rebuilt).equals(fs.readFileSync(image)), 'the image equals zeroes + journal: no write is in one and not the other');
+});
+
+t.test("the replica's disk fills: the replayer stops applying, then converges when space returns", async (t) => {
+  const dir = t.testdir();
+  const rfs = await tmpfs(t, '48m');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', rfs], t.teardown);
+  const image = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${image}`, '--size', '32M', '--listen', '127.0.0.1:0', '--replicate-to', replay.url], t.teardown);
+  // Let the replica (a sparse 32 MiB file) be created, then leave it 4 MiB to grow into.
+  const replica = path.join(rfs, 'disk.img');
+  for (let i = 0; i < 100 && !fs.existsSync(replica); i++) await new Promise((r) => setTimeout(r, 50));
+  const filler = fill(rfs, 4 * MiB);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  for (let i = 0; i < 12; i++) await c.write(i * 2 * MiB, randomBytes(MiB));
+  await c.flush();
+  await c.close();
+  let saw = false;
+  for (let i = 0; i < 100 && !saw; i++) {
+    saw = /ERR_STORAGE/.test(s.stderr());
+    if (!saw) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.ok(saw, 'the replayer refused to go on (ERR_STORAGE reported to the primary)');
+  t.notOk(fs.readFileSync(image).equals(fs.readFileSync(replica)), 'the replica is behind, not a mix passed off as current');
+
+  fs.rmSync(filler);
+  let same = false;
+  for (let i = 0; i < 300 && !same; i++) {
+    same = fs.readFileSync(image).equals(fs.readFileSync(replica));
+    if (!same) await new Promise((r) => setTimeout(r, 100));
+  }
+  t.ok(same, 'with space back, the replica converges byte for byte');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
