@@ -185,7 +185,8 @@ export class ReplayServer {
     const fail = (code: number, errCode: string, message: string) => {
       log.warn({ code: errCode }, message);
       if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'error', code: errCode, message }));
-      ws.close(code, message.slice(0, 120));
+      // A close reason may be at most 123 bytes: keep it ASCII (peer input can put anything in a message).
+      ws.close(code, message.replace(/[^\x20-\x7e]/g, '?').slice(0, 120));
     };
     ws.on('error', (err) => log.debug({ err }, 'socket error'));
     ws.on('close', () => {
