@@ -28,8 +28,8 @@ const MAX_INFLIGHT_REQUESTS = 256;
 const MAX_INFLIGHT_BYTES = 64 * 2 ** 20;
 /** Options per connection: a client that keeps haggling forever is a denial of service. */
 const MAX_OPTIONS = 1024;
-/** Time allowed from accept to the end of the handshake. */
-const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Time allowed from accept to the end of the handshake (NbdServer's handshakeTimeoutMs overrides it). */
+export const HANDSHAKE_TIMEOUT_MS = 30_000;
 
 type Phase = 'flags' | 'option-header' | 'option-data' | 'request' | 'payload' | 'discard' | 'closed';
 
@@ -62,6 +62,7 @@ export class Connection {
     private readonly socket: Duplex,
     private readonly exports: NbdExport[],
     private readonly log: Logger,
+    handshakeTimeoutMs = HANDSHAKE_TIMEOUT_MS,
   ) {
     this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -74,7 +75,7 @@ export class Connection {
     this.handshakeTimer = setTimeout(() => {
       this.log.warn('handshake not finished in time; closing');
       this.destroy();
-    }, HANDSHAKE_TIMEOUT_MS);
+    }, handshakeTimeoutMs);
     this.handshakeTimer.unref();
     this.send([encodeServerGreeting(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES)]);
   }

@@ -12,6 +12,10 @@ export type { NbdExport } from './negotiation.js';
 export interface NbdServerOptions {
   exports: NbdExport[];
   logger?: Logger;
+  /** Simultaneous clients [default 512]. */
+  maxConnections?: number;
+  /** Time from accept to the end of the handshake [default 30 s]. */
+  handshakeTimeoutMs?: number;
 }
 
 /** Simultaneous clients accepted; beyond it new sockets are closed at once (a flood must not exhaust fds). */
@@ -22,11 +26,15 @@ export class NbdServer extends EventEmitter {
   private readonly conns = new Set<Connection>();
   private readonly log: Logger;
   private readonly exports: NbdExport[];
+  private readonly maxConnections: number;
+  private readonly handshakeTimeoutMs: number | undefined;
 
   constructor(opts: NbdServerOptions) {
     super();
     if (opts.exports.length === 0) throw new Error('NbdServer needs at least one export');
     this.exports = opts.exports;
+    this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS;
+    this.handshakeTimeoutMs = opts.handshakeTimeoutMs;
     this.log = (opts.logger ?? silentLogger).child({ component: 'nbd' });
   }
 
@@ -53,7 +61,7 @@ export class NbdServer extends EventEmitter {
   }
 
   private accept(sock: net.Socket): void {
-    if (this.conns.size >= MAX_CONNECTIONS) {
+    if (this.conns.size >= this.maxConnections) {
       this.log.warn({ peer: sock.remoteAddress }, 'too many connections; refusing one');
       sock.destroy();
       return;
@@ -65,7 +73,7 @@ export class NbdServer extends EventEmitter {
   /** Serves one already-connected stream (a TCP/Unix socket, or an in-memory duplex in tests). */
   handleConnection(stream: Duplex): void {
     const peer = (stream as net.Socket).remoteAddress ?? 'local';
-    const conn = new Connection(stream, this.exports, this.log.child({ peer }));
+    const conn = new Connection(stream, this.exports, this.log.child({ peer }), this.handshakeTimeoutMs);
     this.conns.add(conn);
     void conn.closed.then(() => this.conns.delete(conn));
   }
