@@ -14,6 +14,7 @@
 // -1) until the primary has compared chunk digests, shipped the differing chunks and said `synced`.
 import fs from 'node:fs';
 import path from 'node:path';
+import type { Duplex } from 'node:stream';
 import { open, type RootDatabase } from 'lmdb';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { ReplayStatusBody, ReplayVolumeStatus } from '../admin/status-types.js';
@@ -114,6 +115,13 @@ class Volume {
 /** Background sync cadence while entries flow without FLUSHes. */
 const SYNC_INTERVAL_MS = 1000;
 const SYNC_BYTES = 256 * 2 ** 20;
+/**
+ * A primary's link that has carried no bytes for this long is dead: a network partition sends no FIN or RST, and
+ * without this its volume would stay busy (refusing the primary's reconnects) for as long as the kernel keeps the
+ * socket. Pinged at a third of it, so a live but idle primary always answers in time; longer than the primary's own
+ * 6 s ping timeout, so a dead link is normally noticed there first.
+ */
+const PEER_TIMEOUT_MS = 10_000;
 
 export interface ReplayServerOptions {
   dataDir: string;
@@ -154,7 +162,7 @@ export class ReplayServer {
         wss.once('error', reject);
       });
     }
-    wss.on('connection', (ws, req) => this.onConnection(ws, req.socket.remoteAddress ?? '?'));
+    wss.on('connection', (ws, req) => this.onConnection(ws, req.socket.remoteAddress ?? '?', req.socket));
     this.wss = wss;
     const a = (this.httpsServer?.address() ?? wss.address()) as { address: string; port: number };
     return { host: a.address, port: a.port };
@@ -177,8 +185,18 @@ export class ReplayServer {
     return v;
   }
 
-  private onConnection(ws: WebSocket, peer: string): void {
+  private onConnection(ws: WebSocket, peer: string, socket: Duplex): void {
     const log = this.log.child({ peer });
+    // Liveness counts every byte received, not whole messages: on a slow link a pong can queue behind a batch.
+    let heard = Date.now();
+    socket.on('data', () => (heard = Date.now()));
+    const heartbeat = setInterval(() => {
+      if (Date.now() - heard > PEER_TIMEOUT_MS) {
+        log.warn({ volume: vol?.name, silentMs: Date.now() - heard }, 'nothing heard from the primary: the link is dead, dropping it');
+        ws.terminate();
+      } else if (ws.readyState === ws.OPEN) ws.ping();
+    }, PEER_TIMEOUT_MS / 3);
+    heartbeat.unref();
     let vol: Volume | undefined;
     let verifier = false;
     let chain = Promise.resolve();
@@ -190,10 +208,17 @@ export class ReplayServer {
     };
     ws.on('error', (err) => log.debug({ err }, 'socket error'));
     ws.on('close', () => {
+      clearInterval(heartbeat);
       if (vol && !verifier) {
-        vol.busy = false;
-        vol.peer = null;
-        vol.onDurable = undefined;
+        // The volume is free only once this link's message in hand is done: a batch still being applied would
+        // otherwise go on moving the replica after the primary's next link was welcomed at an earlier seq.
+        const v = vol;
+        const release = () => {
+          v.busy = false;
+          v.peer = null;
+          v.onDurable = undefined;
+        };
+        void chain.then(release, release);
       }
     });
     ws.on('message', (raw: Buffer, isBinary: boolean) => {

@@ -39,9 +39,9 @@ function startCli(command: string, args: string[], ready: RegExp, teardown?: (fn
         resolve({ child, exited, match: m, stderr: () => err, stdout: () => out });
       }
     });
-    child.once('exit', (code) => {
+    child.once('exit', (code, signal) => {
       clearTimeout(timer);
-      reject(new Error(`${command} exited (${code}) before listening:\n${err}`));
+      reject(new Error(`${command} exited (${code ?? signal}) before listening:\n${err}`));
     });
   });
 }
