@@ -325,6 +325,10 @@ export class ReplayServer {
         if (msg.t !== 'entries') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
         await this.applyBatch(vol, msg.entries, fail);
         if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: vol.state.appliedSeq, durableSeq: vol.durableSeq }));
+      }).catch((err: Error) => {
+        // Anything a handler did not expect (a failed sync or state write): drop this link, keep serving others.
+        log.error({ err }, 'handling a message failed');
+        fail(CloseCode.STORAGE, 'ERR_STORAGE', `the replayer failed: ${err.message}`);
       });
     });
   }
