@@ -1,6 +1,7 @@
 // The one place that owns a client socket: greeting, framing options and requests out of the byte stream,
-// backpressure (bounded in-flight requests and bytes), out-of-order replies, and shutdown.
+// the STARTTLS upgrade, backpressure (bounded in-flight requests and bytes), out-of-order replies, and shutdown.
 import type { Duplex } from 'node:stream';
+import tls from 'node:tls';
 import type { Logger } from '../util/logger.js';
 import {
   ClientFlag,
@@ -20,6 +21,7 @@ import {
   type Request,
 } from './codec.js';
 import { Negotiation, type NbdExport, type Session } from './negotiation.js';
+import type { NbdTls } from './tls.js';
 import { errorReply, execute, validate } from './transmission.js';
 
 /** Requests in flight per connection before we stop reading (the kernel client keeps up to 128). */
@@ -31,7 +33,7 @@ const MAX_OPTIONS = 1024;
 /** Time allowed from accept to the end of the handshake (NbdServer's handshakeTimeoutMs overrides it). */
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
 
-type Phase = 'flags' | 'option-header' | 'option-data' | 'request' | 'payload' | 'discard' | 'closed';
+type Phase = 'flags' | 'option-header' | 'option-data' | 'tls-handshake' | 'request' | 'payload' | 'discard' | 'closed';
 
 export class Connection {
   private readonly queue = new ByteQueue();
@@ -56,22 +58,29 @@ export class Connection {
     this.corked = false;
     this.socket.uncork();
   };
-  readonly closed: Promise<void>;
+  private resolveClosed!: () => void;
+  readonly closed = new Promise<void>((resolve) => (this.resolveClosed = resolve));
+  private readonly onSocketData = (chunk: Buffer): void => this.onData(chunk);
+  private readonly onSocketError = (err: Error): void => {
+    // A failed TLS handshake (no or a refused client certificate, a plain-text client) is worth a warning.
+    if (this.phase === 'tls-handshake') this.log.warn({ err }, `TLS handshake failed: ${err.message}`);
+    else this.log.debug({ err }, 'socket error');
+  };
+  private readonly onSocketClose = (): void => this.onClose();
+  private readonly onSocketDrain = (): void => {
+    this.writeBlocked = false;
+    this.updateFlow();
+  };
 
+  /** `socket` becomes a TLSSocket over the same stream after NBD_OPT_STARTTLS; `tls` undefined: NOTLS. */
   constructor(
-    private readonly socket: Duplex,
+    private socket: Duplex,
     private readonly exports: NbdExport[],
     private readonly log: Logger,
     handshakeTimeoutMs = HANDSHAKE_TIMEOUT_MS,
+    private readonly tls?: NbdTls,
   ) {
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('data', (chunk: Buffer) => this.onData(chunk));
-    socket.on('error', (err) => this.log.debug({ err }, 'socket error'));
-    socket.on('close', () => this.onClose());
-    socket.on('drain', () => {
-      this.writeBlocked = false;
-      this.updateFlow();
-    });
+    this.attach(socket);
     this.handshakeTimer = setTimeout(() => {
       this.log.warn('handshake not finished in time; closing');
       this.destroy();
@@ -101,9 +110,17 @@ export class Connection {
     return new Promise((resolve) => this.idle.push(resolve));
   }
 
+  private attach(socket: Duplex): void {
+    socket.on('data', this.onSocketData);
+    socket.on('error', this.onSocketError);
+    socket.on('close', this.onSocketClose);
+    socket.on('drain', this.onSocketDrain);
+  }
+
   private onClose(): void {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
+    this.resolveClosed();
   }
 
   /**
@@ -170,7 +187,14 @@ export class Connection {
           const flags = this.queue.take(4).readUInt32BE(0);
           const known = ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE | ClientFlag.NBD_FLAG_C_NO_ZEROES;
           if (flags & ~known) return this.protocolError(`unknown client flags 0x${flags.toString(16)}`);
-          this.negotiation = new Negotiation(this.exports, (flags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0);
+          // The spec allows TLS only once fixed newstyle is agreed: without it a TLS-only server has nothing to offer.
+          const fixed = (flags & ClientFlag.NBD_FLAG_C_FIXED_NEWSTYLE) !== 0;
+          if (!fixed && this.tls?.mode === 'require') {
+            this.log.warn('this server requires TLS, which needs fixed newstyle, and the client did not agree to it; closing');
+            return this.destroy();
+          }
+          const tlsMode = fixed && this.tls ? this.tls.mode : 'off';
+          this.negotiation = new Negotiation(this.exports, (flags & ClientFlag.NBD_FLAG_C_NO_ZEROES) !== 0, tlsMode);
           this.phase = 'option-header';
           break;
         }
@@ -191,6 +215,7 @@ export class Connection {
           if (this.draining && option !== Opt.NBD_OPT_ABORT) return this.destroy();
           const out = this.negotiation.handle(option, data);
           this.log.debug({ option: nameOf(Opt, option) }, 'option');
+          if (out.next === 'starttls') return this.startTls(out.replies);
           this.send(out.replies);
           if (out.next === 'close') {
             this.socket.end();
@@ -207,6 +232,8 @@ export class Connection {
           }
           break;
         }
+        case 'tls-handshake':
+          return;
         case 'request': {
           if (this.queue.length < REQUEST_HEADER_SIZE) return;
           const r = decodeRequest(this.queue.take(REQUEST_HEADER_SIZE));
@@ -243,6 +270,53 @@ export class Connection {
         }
       }
     }
+  }
+
+  /**
+   * NBD_OPT_STARTTLS was acknowledged: once the ACK (and every reply before it) is on the wire, the same stream
+   * carries TLS. Nothing the client sent before it read the ACK may be taken as NBD (or TLS) data.
+   */
+  private startTls(replies: Buffer[]): void {
+    const plain = this.socket;
+    this.phase = 'tls-handshake';
+    if (this.corked) {
+      this.corked = false;
+      plain.uncork();
+    }
+    plain.write(Buffer.concat(replies), (err) => {
+      if (err || this.phase === 'closed') return this.destroy();
+      if (this.queue.length > 0 || plain.readableLength > 0) {
+        return this.protocolError('data sent after NBD_OPT_STARTTLS before its reply was read');
+      }
+      plain.off('data', this.onSocketData);
+      plain.off('drain', this.onSocketDrain);
+      const secure = new tls.TLSSocket(plain, {
+        isServer: true,
+        secureContext: this.tls!.context,
+        // With a CA, a client without a certificate fails the handshake itself; one whose certificate does
+        // not chain to the CA is refused in onTlsUp.
+        requestCert: this.tls!.verifyClient,
+        rejectUnauthorized: this.tls!.verifyClient,
+      });
+      this.socket = secure;
+      this.attach(secure);
+      secure.once('secure', () => this.onTlsUp(secure));
+    });
+  }
+
+  private onTlsUp(secure: tls.TLSSocket): void {
+    if (this.phase !== 'tls-handshake') return;
+    if (this.tls!.verifyClient) {
+      const refused = clientCertificateError(secure);
+      if (refused) {
+        this.log.warn({ reason: refused }, `client certificate refused (${refused}); closing`);
+        return this.destroy();
+      }
+    }
+    this.log.debug({ protocol: secure.getProtocol(), cipher: secure.getCipher()?.name }, 'TLS established');
+    this.negotiation = this.negotiation.restartUnderTls();
+    this.phase = 'option-header';
+    this.pump();
   }
 
   private onRequest(r: Request): void {
@@ -291,4 +365,17 @@ export class Connection {
     if (this.inflight === 0) for (const f of this.idle.splice(0)) f();
     this.updateFlow();
   }
+}
+
+/**
+ * Why a client's certificate does not chain to the configured CA, or undefined when it does. Node checks this
+ * itself only for sockets a tls.Server accepted: for a TLSSocket built over an existing stream (STARTTLS) the
+ * handshake lets any certificate through, and OpenSSL's verdict must be read, as tls.Server does, from the
+ * TLS handle. Fails closed if that ever goes away.
+ */
+function clientCertificateError(secure: tls.TLSSocket): string | undefined {
+  const handle = (secure as unknown as { ssl?: { verifyError?: () => (Error & { code?: string }) | null } }).ssl;
+  if (typeof handle?.verifyError !== 'function') return 'cannot read the certificate verification result';
+  const err = handle.verifyError();
+  return err ? (err.code ?? err.message) : undefined;
 }

@@ -38,9 +38,21 @@ export interface Session {
   blockStatus: boolean;
 }
 
+/**
+ * How a server offers TLS (proto.md "TLS support"): 'off' is NOTLS (STARTTLS gets NBD_REP_ERR_POLICY), 'on' is
+ * SELECTIVETLS with no TLS-only export (a client may upgrade, or not), 'require' is FORCEDTLS (nothing but
+ * STARTTLS and ABORT is answered until TLS is up, so no export is ever served or described in plain text).
+ */
+export type TlsMode = 'off' | 'on' | 'require';
+
+/**
+ * 'starttls': send the replies (the ACK), then initiate TLS on the socket and go on with
+ * `restartUnderTls()`; nothing else may be read from the plain-text stream.
+ */
 export type OptionOutcome =
   | { next: 'continue'; replies: Buffer[] }
   | { next: 'close'; replies: Buffer[] }
+  | { next: 'starttls'; replies: Buffer[] }
   | { next: 'transmission'; replies: Buffer[]; session: Session };
 
 /** Preferred block size we advertise: the page size, so clients avoid read-modify-write. */
@@ -64,10 +76,25 @@ export class Negotiation {
   private metaExport: string | undefined;
   private metaSelected = false;
 
+  /**
+   * `tls` is the mode this connection runs in (the connection owner passes 'off' to a client that did not
+   * negotiate fixed newstyle: the spec allows TLS only after it); `tlsActive`: TLS is already initiated.
+   */
   constructor(
     private readonly exports: NbdExport[],
     private readonly noZeroes: boolean,
+    private readonly tls: TlsMode = 'off',
+    private readonly tlsActive = false,
   ) {}
+
+  /**
+   * The negotiation to continue with once TLS is up. A new object on purpose: the spec says a server MUST NOT
+   * preserve any negotiation state (structured replies, meta contexts) from before STARTTLS. The client's
+   * handshake flags belong to the connection, not to option haggling, and carry over.
+   */
+  restartUnderTls(): Negotiation {
+    return new Negotiation(this.exports, this.noZeroes, this.tls, true);
+  }
 
   private find(name: string): NbdExport | undefined {
     return name === '' ? this.exports[0] : this.exports.find((e) => e.name === name);
@@ -77,6 +104,15 @@ export class Negotiation {
     const reply = (type: number, payload?: Buffer | string) =>
       encodeOptionReply(option, type, typeof payload === 'string' ? Buffer.from(payload) : payload);
     const invalid = (why: string): OptionOutcome => ({ next: 'continue', replies: [reply(Rep.NBD_REP_ERR_INVALID, why)] });
+
+    if (this.tls === 'require' && !this.tlsActive) {
+      // FORCEDTLS before TLS: every option but STARTTLS and ABORT (INFO and unknown ones included) is refused,
+      // and EXPORT_NAME, which cannot be answered with an error, ends the connection.
+      if (option === Opt.NBD_OPT_EXPORT_NAME) return { next: 'close', replies: [] };
+      if (option !== Opt.NBD_OPT_STARTTLS && option !== Opt.NBD_OPT_ABORT) {
+        return { next: 'continue', replies: [reply(Rep.NBD_REP_ERR_TLS_REQD, 'this server requires TLS: send NBD_OPT_STARTTLS first')] };
+      }
+    }
 
     switch (option) {
       case Opt.NBD_OPT_EXPORT_NAME: {
@@ -95,7 +131,10 @@ export class Negotiation {
         return { next: 'continue', replies };
       }
       case Opt.NBD_OPT_STARTTLS:
-        return { next: 'continue', replies: [reply(Rep.NBD_REP_ERR_POLICY, 'TLS is not configured on this server')] };
+        if (this.tls === 'off') return { next: 'continue', replies: [reply(Rep.NBD_REP_ERR_POLICY, 'TLS is not configured on this server')] };
+        if (this.tlsActive) return invalid('TLS is already active');
+        if (data.length !== 0) return invalid('NBD_OPT_STARTTLS takes no data');
+        return { next: 'starttls', replies: [reply(Rep.NBD_REP_ACK)] };
       case Opt.NBD_OPT_INFO:
       case Opt.NBD_OPT_GO: {
         const req = decodeInfoRequest(data);

@@ -6,6 +6,7 @@ import type { Duplex } from 'node:stream';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { Connection } from './connection.js';
 import type { NbdExport } from './negotiation.js';
+import type { NbdTls } from './tls.js';
 
 export type { NbdExport } from './negotiation.js';
 
@@ -14,8 +15,10 @@ export interface NbdServerOptions {
   logger?: Logger;
   /** Simultaneous clients [default 512]. */
   maxConnections?: number;
-  /** Time from accept to the end of the handshake [default 30 s]. */
+  /** Time from accept to the end of the handshake, TLS included [default 30 s]. */
   handshakeTimeoutMs?: number;
+  /** STARTTLS (from createNbdTls / loadNbdTls); undefined: no TLS, STARTTLS is refused with NBD_REP_ERR_POLICY. */
+  tls?: NbdTls;
 }
 
 /** Simultaneous clients accepted; beyond it new sockets are closed at once (a flood must not exhaust fds). */
@@ -28,6 +31,7 @@ export class NbdServer extends EventEmitter {
   private readonly exports: NbdExport[];
   private readonly maxConnections: number;
   private readonly handshakeTimeoutMs: number | undefined;
+  private readonly tls: NbdTls | undefined;
 
   constructor(opts: NbdServerOptions) {
     super();
@@ -35,7 +39,13 @@ export class NbdServer extends EventEmitter {
     this.exports = opts.exports;
     this.maxConnections = opts.maxConnections ?? MAX_CONNECTIONS;
     this.handshakeTimeoutMs = opts.handshakeTimeoutMs;
+    this.tls = opts.tls;
     this.log = (opts.logger ?? silentLogger).child({ component: 'nbd' });
+  }
+
+  /** 'off', 'on' (clients may upgrade) or 'require' (nothing is served before TLS). */
+  get tlsMode(): 'off' | 'on' | 'require' {
+    return this.tls?.mode ?? 'off';
   }
 
   get connectionCount(): number {
@@ -73,7 +83,7 @@ export class NbdServer extends EventEmitter {
   /** Serves one already-connected stream (a TCP/Unix socket, or an in-memory duplex in tests). */
   handleConnection(stream: Duplex): void {
     const peer = (stream as net.Socket).remoteAddress ?? 'local';
-    const conn = new Connection(stream, this.exports, this.log.child({ peer }), this.handshakeTimeoutMs);
+    const conn = new Connection(stream, this.exports, this.log.child({ peer }), this.handshakeTimeoutMs, this.tls);
     this.conns.add(conn);
     void conn.closed.then(() => this.conns.delete(conn));
   }

@@ -13,6 +13,7 @@ import { FileDevice } from '../../device/file-device.js';
 import { Journal } from '../../journal/journal.js';
 import { MirrorDevice } from '../../mirror/mirror-device.js';
 import { NbdServer } from '../../nbd/server.js';
+import { loadNbdTls, type NbdTls } from '../../nbd/tls.js';
 import { clientTls, tokenFor } from '../../replicator/link-auth.js';
 import { Replicator } from '../../replicator/replicator.js';
 import { UsageError } from '../../util/errors.js';
@@ -55,6 +56,8 @@ export interface ServeOptions {
   /** Per replica link, bytes per second; undefined: unlimited. */
   maxRate?: number;
   compress?: boolean;
+  /** NBD STARTTLS (see loadNbdTls); undefined: plain text only. */
+  tls?: NbdTls;
   logger?: Logger;
 }
 
@@ -173,6 +176,7 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
   for (const v of volumes) v.meter = new WriteMeter(v.device);
   const server = new NbdServer({
     logger: log,
+    tls: opts.tls,
     exports: volumes.map((v) => ({
       name: v.name,
       description: `blockferry volume ${v.name}${v.journal ? ' (journaled)' : ''}`,
@@ -186,19 +190,19 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
   }
   for (const v of volumes) for (const r of v.replicators) r.start();
   const uris: string[] = [];
+  // nbds: clients that should use TLS (with --tls=on plain nbd:// is still accepted).
+  const scheme = server.tlsMode === 'off' ? 'nbd' : 'nbds';
   try {
     if (opts.socket) {
       await server.listen({ path: opts.socket });
-      for (const v of volumes) uris.push(`nbd+unix:///${v.name}?socket=${opts.socket}`);
+      for (const v of volumes) uris.push(`${scheme}+unix:///${v.name}?socket=${opts.socket}`);
     }
     if (opts.listen || !opts.socket) {
       const where = opts.listen ?? { host: '127.0.0.1', port: 10809 };
-      if (!isLoopback(where.host)) {
-        log.warn({ host: where.host }, 'NBD is listening beyond loopback without TLS: anyone who can reach this port can read and write the disk');
-      }
+      if (!isLoopback(where.host) && server.tlsMode !== 'require') warnPlainText(log, where.host, server.tlsMode);
       const addr = await server.listen(where);
       const host = (addr.host ?? where.host).includes(':') ? `[${addr.host ?? where.host}]` : (addr.host ?? where.host);
-      for (const v of volumes) uris.push(`nbd://${host}:${addr.port}/${v.name}`);
+      for (const v of volumes) uris.push(`${scheme}://${host}:${addr.port}/${v.name}`);
     }
   } catch (err) {
     await server.close({ graceMs: 0 }).catch(() => undefined);
@@ -219,6 +223,16 @@ export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
         await closeVolumes(volumes);
       })()),
   };
+}
+
+/** Loud on purpose: in the log and as a plain line on stderr, which a JSON log pipeline might not show. */
+function warnPlainText(log: Logger, host: string, mode: 'off' | 'on'): void {
+  const why =
+    mode === 'off'
+      ? 'NBD is listening beyond loopback without TLS: anyone who can reach this port can read and write the disk'
+      : 'NBD is listening beyond loopback with --tls=on, which still serves clients that do not start TLS: use --tls=require';
+  log.warn({ host }, why);
+  process.stderr.write(`WARNING: ${why} (${host})\n`);
 }
 
 async function closeVolumes(volumes: ServedVolume[]): Promise<void> {
@@ -276,6 +290,10 @@ interface ServeArgs {
   'token-file'?: string;
   'replica-ca'?: string;
   'replica-fingerprint'?: string;
+  tls?: string;
+  'tls-cert'?: string;
+  'tls-key'?: string;
+  'tls-ca'?: string;
   compress: boolean;
   admin?: string;
   'log-level'?: string;
@@ -311,6 +329,14 @@ export const command: CommandModule<object, ServeArgs> = {
       .option('token-file', { type: 'string', describe: 'Tokens for the replayers: lines of "VOLUME TOKEN" (the same file format as replay --token-file)' })
       .option('replica-ca', { type: 'string', describe: 'For wss:// replayers: trust this CA (PEM)' })
       .option('replica-fingerprint', { type: 'string', describe: "For wss:// replayers: pin the replayer certificate's SHA-256 fingerprint" })
+      .option('tls', {
+        type: 'string',
+        choices: ['off', 'on', 'require'],
+        describe: 'NBD over TLS (STARTTLS): on lets clients upgrade, require serves nothing in plain text [default: on with --tls-cert, else off]',
+      })
+      .option('tls-cert', { type: 'string', describe: "NBD TLS: the server's certificate (PEM), with --tls-key" })
+      .option('tls-key', { type: 'string', describe: 'NBD TLS: the private key (PEM) for --tls-cert' })
+      .option('tls-ca', { type: 'string', describe: 'NBD TLS: require client certificates issued by this CA (PEM)' })
       .option('compress', { type: 'boolean', default: false, describe: 'Compress the replication link (permessage-deflate): for slow links and compressible data' })
       .option('admin', ADMIN_OPTION)
       .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
@@ -318,10 +344,12 @@ export const command: CommandModule<object, ServeArgs> = {
       .example('$0 serve --image disk.img --replicate-to ws://backup:7070 --admin 127.0.0.1:9101', 'with status at http://127.0.0.1:9101/ (page, /status, /metrics)')
       .example('$0 serve --image disk.img --size 10G', 'serve a new 10 GiB sparse image on 127.0.0.1:10809 as export "disk"')
       .example('$0 serve --image a=/srv/a.img --image b=/dev/vdb --listen 127.0.0.1:10809', 'two exports from one server')
+      .example('$0 serve --image disk.img --tls=require --tls-cert server-cert.pem --tls-key server-key.pem --tls-ca ca-cert.pem', 'NBD over TLS only, clients need a certificate from ca-cert.pem')
       .example('nbd-client 127.0.0.1 10809 /dev/nbd0 -N disk', 'attach it with the Linux kernel client') as Argv<ServeArgs>,
   handler: async (args) => {
     const log = createLogger({ level: args['log-level'] });
     const journal = args.journal === false ? false : typeof args.journal === 'string' ? args.journal : undefined;
+    const tls = loadNbdTls({ tls: args.tls, cert: args['tls-cert'], key: args['tls-key'], ca: args['tls-ca'] });
     const handle = await startServe({
       images: args.image.map(parseImageArg),
       size: args.size === undefined ? undefined : parseSize(args.size, '--size'),
@@ -338,6 +366,7 @@ export const command: CommandModule<object, ServeArgs> = {
       tokenFile: args['token-file'],
       replicaCa: args['replica-ca'],
       replicaFingerprint: args['replica-fingerprint'],
+      tls,
       logger: log,
     });
     // Printed before the `listening on` lines, so whoever waits for those knows the admin address too.
