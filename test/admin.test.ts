@@ -3,11 +3,10 @@
 // imply; a SIGKILLed replayer shows as a disconnected replica whose lag grows; other paths are 404, other
 // methods 405; `blockferry status` prints a table or the JSON and exits 0 / 2 / 1.
 import t from 'tap';
-import { spawn } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, startReplay, startServe } from './helpers/processes.js';
+import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 const JOURNAL_MAX = 256 * 2 ** 20;
@@ -62,17 +61,7 @@ async function waitFor<T>(what: string, probe: () => Promise<T | undefined>, ms 
 }
 
 /** `blockferry ARGS`, resolving with its exit code and output whatever the code. */
-function cli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('error', reject);
-    p.on('exit', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const cli = (args: string[]) => runStatus(process.execPath, [CLI, ...args]);
 
 interface Sample {
   name: string;

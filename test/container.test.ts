@@ -8,7 +8,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { ROOT, startServe } from './helpers/processes.js';
+import { ROOT, runStatus, startServe } from './helpers/processes.js';
 
 const dockerfile = fs.readFileSync(path.join(ROOT, 'Dockerfile'), 'utf8');
 
@@ -19,12 +19,7 @@ function execForm(re: RegExp): string[] {
   return JSON.parse(m[1]) as string[];
 }
 
-function exitCode(cmd: string, args: string[]): Promise<number | null> {
-  return new Promise((resolve) => {
-    const p = spawn(cmd, args, { stdio: 'ignore' });
-    p.on('exit', (code) => resolve(code));
-  });
-}
+const exitCode = async (cmd: string, args: string[]) => (await runStatus(cmd, args)).code;
 
 t.test('the Dockerfile entrypoint serves replicas and its healthcheck tracks it', async (t) => {
   const entrypoint = execForm(/^ENTRYPOINT (\[.*\])$/m);

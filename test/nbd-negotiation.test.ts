@@ -6,25 +6,9 @@ import { Duplex, PassThrough } from 'node:stream';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
+import { IHAVEOPT, nameData, option } from './helpers/nbd-wire.js';
 
 const SIZE = 2 ** 20;
-const IHAVEOPT = Buffer.from('IHAVEOPT');
-
-function option(opt: number, data = Buffer.alloc(0)): Buffer {
-  const h = Buffer.alloc(16);
-  IHAVEOPT.copy(h);
-  h.writeUInt32BE(opt, 8);
-  h.writeUInt32BE(data.length, 12);
-  return Buffer.concat([h, data]);
-}
-
-function goData(name: string): Buffer {
-  const n = Buffer.from(name);
-  const d = Buffer.alloc(6 + n.length);
-  d.writeUInt32BE(n.length, 0);
-  n.copy(d, 4);
-  return d;
-}
 
 /** A byte reader over any duplex. */
 function reader(stream: Duplex) {
@@ -104,9 +88,9 @@ t.test('greeting, LIST, unknown option then GO, INFO replies', async (t) => {
   s.write(option(4242, Buffer.from('junk')));
   const unsup = await r.reply();
   t.same([unsup.option, unsup.type], [4242, 2 ** 31 + 1], 'unknown option: NBD_REP_ERR_UNSUP');
-  s.write(option(6, goData('nope')));
+  s.write(option(6, nameData('nope')));
   t.equal((await r.reply()).type, 2 ** 31 + 6, 'INFO for an unknown export: NBD_REP_ERR_UNKNOWN');
-  s.write(option(6, goData('other')));
+  s.write(option(6, nameData('other')));
   const infos = [];
   for (;;) {
     const rep = await r.reply();
@@ -116,7 +100,7 @@ t.test('greeting, LIST, unknown option then GO, INFO replies', async (t) => {
   const exp = infos.find((i) => i.data.readUInt16BE(0) === 0)!;
   t.equal(exp.data.readUInt32BE(6), 2 * SIZE, 'INFO reports the export size');
   t.ok(infos.some((i) => i.data.readUInt16BE(0) === 3), 'block sizes sent unasked');
-  s.write(option(7, goData('')));
+  s.write(option(7, nameData('')));
   for (;;) if ((await r.reply()).type === 1) break;
   t.pass('GO with the empty name picks the default export, after all of the above');
   s.destroy();

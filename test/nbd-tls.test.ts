@@ -15,10 +15,10 @@ import { Opt, Rep } from '../src/nbd/constants.js';
 import { Negotiation } from '../src/nbd/negotiation.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { createNbdTls } from '../src/nbd/tls.js';
+import { option, nameData } from './helpers/nbd-wire.js';
 import { CLI, run } from './helpers/processes.js';
 
 const SIZE = 16 * 2 ** 20;
-const IHAVEOPT = Buffer.from('IHAVEOPT');
 const NBD_FLAG_SEND_DF = 1 << 7;
 const SIMPLE_REPLY_MAGIC = 0x67446698;
 const STRUCTURED_REPLY_MAGIC = 0x668e33ef;
@@ -93,22 +93,6 @@ async function makePki(dir: string): Promise<Pki> {
 
 // ---------------------------------------------------------------------------------------------------------
 // A raw client: option haggling by hand, and the TLS upgrade with node:tls.
-
-function option(opt: number, data = Buffer.alloc(0)): Buffer {
-  const h = Buffer.alloc(16);
-  IHAVEOPT.copy(h);
-  h.writeUInt32BE(opt, 8);
-  h.writeUInt32BE(data.length, 12);
-  return Buffer.concat([h, data]);
-}
-
-function nameData(name: string): Buffer {
-  const n = Buffer.from(name);
-  const d = Buffer.alloc(6 + n.length);
-  d.writeUInt32BE(n.length, 0);
-  n.copy(d, 4);
-  return d;
-}
 
 /** Reads whole frames from one stream; `detach()` before the stream changes hands (STARTTLS). */
 function wire(stream: Duplex) {

@@ -7,7 +7,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { ROOT, run } from './helpers/processes.js';
+import { ROOT, run, runStatus } from './helpers/processes.js';
 
 const DEFAULT_PORTS = [10809, 7070, 9101];
 
@@ -19,16 +19,10 @@ function portFree(port: number): Promise<boolean> {
   });
 }
 
-/** Runs a command in `cwd`, resolving to its exit code and output. */
-function exec(cmd: string, args: string[], cwd: string): Promise<{ code: number | null; out: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(cmd, args, { cwd, stdio: ['ignore', 'pipe', 'pipe'] });
-    let out = '';
-    p.stdout.on('data', (d) => (out += d));
-    p.stderr.on('data', (d) => (out += d));
-    p.on('error', reject);
-    p.on('exit', (code) => resolve({ code, out }));
-  });
+/** Runs a command in `cwd`, resolving to its exit code and output (stdout then stderr). */
+async function exec(cmd: string, args: string[], cwd: string): Promise<{ code: number | null; out: string }> {
+  const r = await runStatus(cmd, args, { cwd });
+  return { code: r.code, out: r.stdout + r.stderr };
 }
 
 t.test('README quick start: fresh clone, npm ci, npm start; the printed commands work; Ctrl-C stops it', async (t) => {

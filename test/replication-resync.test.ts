@@ -9,8 +9,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, startReplay, startServe } from './helpers/processes.js';
-import { spawn } from 'node:child_process';
+import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 48 * 2 ** 20;
 const CHUNK = 256 * 2 ** 10;
@@ -26,17 +25,7 @@ async function converges(primary: string, replica: string, ms = 90_000): Promise
 }
 
 /** `blockferry verify`, resolving to its exit code and output (it exits non-zero on purpose). */
-function verify(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, 'verify', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    p.stdout.on('data', (d) => (stdout += d));
-    p.stderr.on('data', (d) => (stderr += d));
-    p.on('error', reject);
-    p.on('exit', (code) => resolve({ code, stdout, stderr }));
-  });
-}
+const verify = (args: string[]) => runStatus(process.execPath, [CLI, 'verify', ...args]);
 
 /** Random writes from two connections while something else (the resync) runs. */
 async function writes(port: number, n: number): Promise<void> {

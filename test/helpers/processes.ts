@@ -77,6 +77,19 @@ export function run(cmd: string, args: string[], opts: { input?: Buffer } = {}):
   });
 }
 
+/** Runs a command to its end, resolving with its exit code and output whatever the code (for commands that fail on purpose). */
+export function runStatus(cmd: string, args: string[], opts: { cwd?: string } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(cmd, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    p.stdout.on('data', (d) => (stdout += d));
+    p.stderr.on('data', (d) => (stderr += d));
+    p.on('error', reject);
+    p.on('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
 export interface Replaying {
   child: ChildProcess;
   url: string;
