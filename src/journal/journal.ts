@@ -477,13 +477,8 @@ export class Journal extends EventEmitter {
   bytesAfter(seq: number): number {
     if (seq >= this.committed) return 0;
     if (seq < this.tail) return this.bytes;
-    // getBinaryFast's buffer is only valid until the next read: take each field at once.
-    const at = this.entries.getBinaryFast(seq);
-    if (!at || at.length < VALUE_HEADER) return this.bytes;
-    const atCum = valueCum(at);
-    const last = this.entries.getBinaryFast(this.committed);
-    if (!last || last.length < VALUE_HEADER) return this.bytes;
-    return valueCum(last) - atCum;
+    const n = this.spanBytes(seq + 1, this.committed);
+    return n < 0 ? this.bytes : n;
   }
 
   /** Stored bytes of entries [from, to] from their `cum` fields; -1 if either end is missing. */

@@ -228,12 +228,7 @@ export class MirrorDevice implements BlockDevice {
 
   /** ENOSPC when the journal's or image's filesystem is down to its reserve (the change is not journaled). */
   private noSpace(bytes: number): BlockferryError | undefined {
-    try {
-      this.space?.take(bytes + 64);
-      return undefined;
-    } catch (err) {
-      return err as BlockferryError;
-    }
+    return this.space?.take(bytes + 64);
   }
 
   private unusable(): BlockferryError | undefined {

@@ -35,17 +35,18 @@ export class SpaceGuard {
     this.takenSincePoll = 0;
   }
 
-  /** Throws ENOSPC when taking `bytes` more would leave less than the reserve on any of the filesystems. */
-  take(bytes: number): void {
+  /** Counts `bytes` as taken, or returns ENOSPC (taking nothing) when that would eat into the reserve. */
+  take(bytes: number): BlockferryError | undefined {
     for (const [p, free] of this.free) {
       if (free - this.takenSincePoll - bytes < this.reserveBytes) {
-        throw new BlockferryError(
+        return new BlockferryError(
           'ENOSPC',
           `no space: ${p} has ${formatBytes(Math.max(0, free - this.takenSincePoll))} free, less than the ${formatBytes(this.reserveBytes)} kept in reserve (--min-free); writes resume when space is freed`,
         );
       }
     }
     this.takenSincePoll += bytes;
+    return undefined;
   }
 
   close(): void {

@@ -12,14 +12,15 @@ const MIN_TOKEN_LENGTH = 16;
 
 export type TokenTable = Map<string, Buffer>;
 
-export function readTokenFile(file: string): TokenTable {
+/** Volume → token, validated line by line; the tokens themselves never appear in an error. */
+function parseTokenFile(file: string): Map<string, string> {
   let text: string;
   try {
     text = fs.readFileSync(file, 'utf8');
   } catch (err) {
     throw new UsageError(`--token-file ${file}: ${(err as Error).message}`);
   }
-  const table: TokenTable = new Map();
+  const table = new Map<string, string>();
   text.split('\n').forEach((raw, i) => {
     const line = raw.trim();
     if (!line || line.startsWith('#')) return;
@@ -28,10 +29,15 @@ export function readTokenFile(file: string): TokenTable {
       throw new UsageError(`--token-file ${file}, line ${i + 1}: write "VOLUME TOKEN" (the token itself is not shown here)`);
     }
     if (token.length < MIN_TOKEN_LENGTH) throw new UsageError(`--token-file ${file}, line ${i + 1}: the token for ${volume} is shorter than ${MIN_TOKEN_LENGTH} characters`);
-    table.set(volume, digest(token));
+    table.set(volume, token);
   });
   if (table.size === 0) throw new UsageError(`--token-file ${file} names no volume`);
   return table;
+}
+
+/** The replayer's table: volume → digest of its token. */
+export function readTokenFile(file: string): TokenTable {
+  return new Map([...parseTokenFile(file)].map(([volume, token]) => [volume, digest(token)]));
 }
 
 function digest(token: string): Buffer {
@@ -40,12 +46,9 @@ function digest(token: string): Buffer {
 
 /** The token a primary presents for `volume`, from its own token file. */
 export function tokenFor(file: string, volume: string): string {
-  const text = fs.readFileSync(file, 'utf8');
-  for (const raw of text.split('\n')) {
-    const [v, token] = raw.trim().split(/\s+/);
-    if (v === volume && token) return token;
-  }
-  throw new UsageError(`--token-file ${file} has no token for volume ${volume}`);
+  const token = parseTokenFile(file).get(volume);
+  if (token === undefined) throw new UsageError(`--token-file ${file} has no token for volume ${volume}`);
+  return token;
 }
 
 /** 'ok', or why not: the volume is not in the table, or the token does not match. */

@@ -225,9 +225,7 @@ export class Replicator {
       .then(() => {
         // Every change this replica lacks is now in the bitmap: let the journal go.
         j.removeConsumer(this.consumerId);
-        let n = 0;
-        for (const d of dirty) n += d;
-        this.log.warn({ fromSeq: from, dirtyBytes: n * CHUNK_BYTES }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
+        this.log.warn({ fromSeq: from, dirtyBytes: this.dirtyBytes() }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
       })
       .catch((err) => this.log.error({ err }, 'switching to the dirty bitmap failed'));
   };
