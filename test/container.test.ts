@@ -7,6 +7,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { ROOT, runStatus, startServe } from './helpers/processes.js';
 
@@ -55,11 +56,7 @@ t.test('the Dockerfile entrypoint serves replicas and its healthcheck tracks it'
   await c.flush();
   await c.close();
   const replica = path.join(dataDir, 'disk.img');
-  let ok = false;
-  for (let i = 0; i < 100 && !ok; i++) {
-    ok = fs.existsSync(replica) && fs.readFileSync(replica).subarray(4096, 4096 + data.length).equals(data);
-    if (!ok) await new Promise((r) => setTimeout(r, 100));
-  }
+  const ok = await until(() => fs.existsSync(replica) && fs.readFileSync(replica).subarray(4096, 4096 + data.length).equals(data), 10_000, 100);
   t.ok(ok, 'a primary replicates into the data directory');
 
   const port = new URL(admin).port;

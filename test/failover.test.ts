@@ -8,23 +8,13 @@ import { createHash, randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import { attachLoop } from './helpers/fuse-loop.js';
+import { sameFiles, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, run, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(cond: () => boolean, ms = 60_000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (cond()) return true;
-    await sleep(200);
-  }
-  return false;
-}
-
-const same = (a: string, b: string) => fs.existsSync(a) && fs.existsSync(b) && fs.readFileSync(a).equals(fs.readFileSync(b));
 
 async function writeAt(port: number, offset: number, data: Buffer): Promise<void> {
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'disk' });
@@ -66,7 +56,7 @@ t.test('failover, split brain, failback', async (t) => {
   }
   await diskA.umount();
   await diskA.detach();
-  t.ok(await until(() => same(imageA, replicaB)), 'B has caught up with A');
+  t.ok(await until(() => sameFiles(imageA, replicaB)), 'B has caught up with A');
 
   // Site A is lost.
   a1.child.kill('SIGKILL');
@@ -119,7 +109,7 @@ t.test('failover, split brain, failback', async (t) => {
   t.equal(await b.stop(), 0, 'B stops, to restart replicating to A');
   const b2 = await startServe(['--image', `disk=${replicaB}`, '--listen', '127.0.0.1:0', '--replicate-to', replayA.url], t.teardown);
   const replicaA = path.join(dataA, 'disk.img');
-  t.ok(await until(() => /every differing chunk is queued/.test(b2.stderr()) && same(replicaB, replicaA)), 'A converges to B byte for byte');
+  t.ok(await until(() => /every differing chunk is queued/.test(b2.stderr()) && sameFiles(replicaB, replicaA)), 'A converges to B byte for byte');
   const m = /"sentBytes":(\d+)/.exec(b2.stderr());
   t.ok(m && Number(m[1]) <= 3 * 2 ** 20, `only the differing chunks were sent (${m?.[1]} of ${SIZE} bytes)`);
   const v = await run(process.execPath, [CLI, 'verify', '--image', `disk=${replicaB}`, '--replica', replayA.url]);

@@ -9,6 +9,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, run, startReplay, startServe } from './helpers/processes.js';
 
@@ -93,20 +94,12 @@ t.test("the replica's disk fills: the replayer stops applying, then converges wh
   for (let i = 0; i < 12; i++) await c.write(i * 2 * MiB, randomBytes(MiB));
   await c.flush();
   await c.close();
-  let saw = false;
-  for (let i = 0; i < 100 && !saw; i++) {
-    saw = /ERR_STORAGE/.test(s.stderr());
-    if (!saw) await new Promise((r) => setTimeout(r, 100));
-  }
+  const saw = await until(() => /ERR_STORAGE/.test(s.stderr()), 10_000, 100);
   t.ok(saw, 'the replayer refused to go on (ERR_STORAGE reported to the primary)');
-  t.notOk(fs.readFileSync(image).equals(fs.readFileSync(replica)), 'the replica is behind, not a mix passed off as current');
+  t.notOk(sameFiles(image, replica), 'the replica is behind, not a mix passed off as current');
 
   fs.rmSync(filler);
-  let same = false;
-  for (let i = 0; i < 300 && !same; i++) {
-    same = fs.readFileSync(image).equals(fs.readFileSync(replica));
-    if (!same) await new Promise((r) => setTimeout(r, 100));
-  }
+  const same = await until(() => sameFiles(image, replica), 30_000, 100);
   t.ok(same, 'with space back, the replica converges byte for byte');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });

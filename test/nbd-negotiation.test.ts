@@ -6,48 +6,9 @@ import { Duplex, PassThrough } from 'node:stream';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { IHAVEOPT, nameData, option } from './helpers/nbd-wire.js';
+import { IHAVEOPT, nameData, option, wire } from './helpers/nbd-wire.js';
 
 const SIZE = 2 ** 20;
-
-/** A byte reader over any duplex. */
-function reader(stream: Duplex) {
-  let buf = Buffer.alloc(0);
-  let closed = false;
-  const waiters: Array<() => void> = [];
-  stream.on('data', (d: Buffer) => {
-    buf = Buffer.concat([buf, d]);
-    waiters.splice(0).forEach((w) => w());
-  });
-  stream.on('close', () => {
-    closed = true;
-    waiters.splice(0).forEach((w) => w());
-  });
-  stream.on('end', () => {
-    closed = true;
-    waiters.splice(0).forEach((w) => w());
-  });
-  return {
-    async read(n: number): Promise<Buffer> {
-      while (buf.length < n) {
-        if (closed) throw new Error(`closed with ${buf.length} of ${n} bytes`);
-        await new Promise<void>((r) => waiters.push(r));
-      }
-      const out = buf.subarray(0, n);
-      buf = buf.subarray(n);
-      return out;
-    },
-    async reply() {
-      const h = await this.read(20);
-      const data = await this.read(h.readUInt32BE(16));
-      return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data };
-    },
-    async closedSoon(): Promise<boolean> {
-      for (let i = 0; i < 100 && !closed; i++) await new Promise((r) => setTimeout(r, 10));
-      return closed;
-    },
-  };
-}
 
 async function tcp(t: { teardown(fn: () => unknown): void }) {
   const server = new NbdServer({
@@ -63,7 +24,7 @@ async function tcp(t: { teardown(fn: () => unknown): void }) {
 
 async function connect(port: number, clientFlags = 3) {
   const s = net.connect(port, '127.0.0.1');
-  const r = reader(s);
+  const r = wire(s);
   const greet = await r.read(18);
   const f = Buffer.alloc(4);
   f.writeUInt32BE(clientFlags, 0);
@@ -118,7 +79,7 @@ t.test('EXPORT_NAME with and without NO_ZEROES', async (t) => {
   }
   const { s, r } = await connect(port);
   s.write(option(1, Buffer.from('missing')));
-  t.equal(await r.closedSoon(), true, 'EXPORT_NAME of a missing export hangs up (it cannot answer an error)');
+  t.equal(await r.endsWithin(1000), true, 'EXPORT_NAME of a missing export hangs up (it cannot answer an error)');
   s.destroy();
 });
 
@@ -128,12 +89,12 @@ t.test('violations close the connection; ABORT is acknowledged', async (t) => {
     const { s, r } = await connect(port);
     s.write(option(2));
     t.equal((await r.reply()).type, 1, 'ABORT: ACK');
-    t.equal(await r.closedSoon(), true, 'then closed');
+    t.equal(await r.endsWithin(1000), true, 'then closed');
     s.destroy();
   }
   {
     const { s, r } = await connect(port, 0x80);
-    t.equal(await r.closedSoon(), true, 'unknown client flags: closed');
+    t.equal(await r.endsWithin(1000), true, 'unknown client flags: closed');
     s.destroy();
   }
   {
@@ -141,7 +102,7 @@ t.test('violations close the connection; ABORT is acknowledged', async (t) => {
     const bad = option(3);
     bad.write('XXXXXXXX', 0);
     s.write(bad);
-    t.equal(await r.closedSoon(), true, 'bad option magic: closed');
+    t.equal(await r.endsWithin(1000), true, 'bad option magic: closed');
     s.destroy();
   }
   {
@@ -153,7 +114,7 @@ t.test('violations close the connection; ABORT is acknowledged', async (t) => {
     h.writeUInt32BE(3, 8);
     h.writeUInt32BE(2 ** 31, 12);
     s.write(h);
-    t.equal(await r.closedSoon(), true, 'a 2 GiB option: closed');
+    t.equal(await r.endsWithin(1000), true, 'a 2 GiB option: closed');
     s.destroy();
   }
 });
@@ -167,7 +128,7 @@ t.test('negotiation over an in-memory duplex pair', async (t) => {
   // Destroying a Duplex.from pair reports an AbortError on the other side: expected at the end here.
   clientSide.on('error', () => undefined);
   server.handleConnection(serverSide);
-  const r = reader(clientSide);
+  const r = wire(clientSide);
   await r.read(18);
   clientSide.write(Buffer.from([0, 0, 0, 3]));
   clientSide.write(option(8));

@@ -8,14 +8,13 @@ import { once } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import type { Duplex } from 'node:stream';
 import tls from 'node:tls';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { Opt, Rep } from '../src/nbd/constants.js';
 import { Negotiation } from '../src/nbd/negotiation.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { createNbdTls } from '../src/nbd/tls.js';
-import { option, nameData } from './helpers/nbd-wire.js';
+import { nameData, option, wire } from './helpers/nbd-wire.js';
 import { CLI, run } from './helpers/processes.js';
 
 const SIZE = 16 * 2 ** 20;
@@ -93,62 +92,6 @@ async function makePki(dir: string): Promise<Pki> {
 
 // ---------------------------------------------------------------------------------------------------------
 // A raw client: option haggling by hand, and the TLS upgrade with node:tls.
-
-/** Reads whole frames from one stream; `detach()` before the stream changes hands (STARTTLS). */
-function wire(stream: Duplex) {
-  let buf = Buffer.alloc(0);
-  let ended = false;
-  const waiters: Array<() => void> = [];
-  const wake = () => waiters.splice(0).forEach((w) => w());
-  const onData = (d: Buffer) => {
-    buf = Buffer.concat([buf, d]);
-    wake();
-  };
-  const onEnd = () => {
-    ended = true;
-    wake();
-  };
-  stream.on('data', onData);
-  stream.on('end', onEnd);
-  stream.on('close', onEnd);
-  stream.on('error', onEnd);
-  return {
-    stream,
-    get buffered() {
-      return buf.length;
-    },
-    async read(n: number): Promise<Buffer> {
-      while (buf.length < n) {
-        if (ended) throw new Error(`connection ended with ${buf.length} of ${n} bytes`);
-        await new Promise<void>((r) => waiters.push(r));
-      }
-      const out = buf.subarray(0, n);
-      buf = buf.subarray(n);
-      return out;
-    },
-    async reply() {
-      const h = await this.read(20);
-      const data = await this.read(h.readUInt32BE(16));
-      return { option: h.readUInt32BE(8), type: h.readUInt32BE(12), data };
-    },
-    async ask(opt: number, data?: Buffer) {
-      stream.write(option(opt, data));
-      return this.reply();
-    },
-    /** True when the peer ends the stream within `ms` (having sent nothing more). */
-    async endsWithin(ms: number): Promise<boolean> {
-      const deadline = Date.now() + ms;
-      while (!ended && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
-      return ended;
-    },
-    detach() {
-      stream.off('data', onData);
-      stream.off('end', onEnd);
-      stream.off('close', onEnd);
-      stream.off('error', onEnd);
-    },
-  };
-}
 
 async function handshake(port: number, teardown: (fn: () => unknown) => void) {
   const sock = net.connect(port, '127.0.0.1');

@@ -10,6 +10,7 @@ import WebSocket from 'ws';
 import { entryCrc } from '../src/journal/entry.js';
 import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
 import { Packr } from 'msgpackr';
+import { sameFiles, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { startReplay, startServe } from './helpers/processes.js';
 
@@ -111,11 +112,7 @@ t.test(`fuzz the replayer port with ${INPUTS} hostile inputs; it stays up and st
   await c.flush();
   await c.close();
   const replica = path.join(data, 'real.img');
-  let same = false;
-  for (let i = 0; i < 200 && !same; i++) {
-    same = fs.existsSync(replica) && fs.readFileSync(replica).equals(fs.readFileSync(image));
-    if (!same) await new Promise((r) => setTimeout(r, 100));
-  }
+  const same = await until(() => sameFiles(image, replica), 20_000, 100);
   t.ok(same, 'afterwards a real primary replicates and the replica equals it byte for byte');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });

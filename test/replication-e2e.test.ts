@@ -9,6 +9,7 @@ import path from 'node:path';
 import WebSocket from 'ws';
 import { entryCrc } from '../src/journal/entry.js';
 import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
+import { converges } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { startReplay, startServe } from './helpers/processes.js';
 
@@ -21,16 +22,6 @@ async function freePort(): Promise<number> {
   const port = (s.address() as net.AddressInfo).port;
   await new Promise((r) => s.close(r));
   return port;
-}
-
-/** Waits until the replica file equals the primary file, or fails after `ms`. */
-async function converges(primary: string, replica: string, ms = 60_000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (fs.existsSync(replica) && fs.readFileSync(primary).equals(fs.readFileSync(replica))) return true;
-    await sleep(250);
-  }
-  return false;
 }
 
 async function workload(port: number, rounds: number): Promise<void> {

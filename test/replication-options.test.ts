@@ -5,6 +5,7 @@ import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { sameFiles, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, run, startReplay, startServe } from './helpers/processes.js';
 
@@ -29,11 +30,7 @@ t.test('--config with max-rate and compress: paced, compressed, identical', asyn
   await c.flush();
   await c.close();
   const replica = path.join(replicaDir, 'disk.img');
-  let same = false;
-  while (!same && Date.now() - started < 60_000) {
-    same = fs.existsSync(replica) && fs.readFileSync(replica).equals(fs.readFileSync(image));
-    if (!same) await new Promise((r) => setTimeout(r, 100));
-  }
+  const same = await until(() => sameFiles(image, replica), 60_000 - (Date.now() - started), 100);
   const seconds = (Date.now() - started) / 1000;
   t.ok(same, 'the replica converges byte for byte');
   // 12 MiB of entries at 4 MiB/s cannot arrive in much under 3 s (less what compression saves on half of it).

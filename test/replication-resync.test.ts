@@ -8,21 +8,12 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
+import { converges } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 48 * 2 ** 20;
 const CHUNK = 256 * 2 ** 10;
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function converges(primary: string, replica: string, ms = 90_000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (fs.existsSync(replica) && fs.readFileSync(primary).equals(fs.readFileSync(replica))) return true;
-    await sleep(250);
-  }
-  return false;
-}
 
 /** `blockferry verify`, resolving to its exit code and output (it exits non-zero on purpose). */
 const verify = (args: string[]) => runStatus(process.execPath, [CLI, 'verify', ...args]);
@@ -58,7 +49,7 @@ t.test('a new replica of an image with data: digest sync while writes continue, 
 
   await writes(s.port, 20);
   const replica = path.join(replicaDir, 'disk.img');
-  t.ok(await converges(image, replica), 'the replica equals the primary: existing data synced, new writes applied in order');
+  t.ok(await converges(image, replica, 90_000), 'the replica equals the primary: existing data synced, new writes applied in order');
   t.match(s.stderr(), /resync: comparing chunk digests/, 'serve ran a digest comparison for the new replica');
 
   const ok = await verify(['--image', `disk=${image}`, '--replica', replay.url]);
@@ -94,7 +85,7 @@ t.test('a replica that lost everything after the journal was pruned past it is r
   let replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
   let s = await startServe(serveArgs(replay.url), t.teardown);
   await writes(s.port, 20);
-  t.ok(await converges(image, replica), 'first replica converges (journal from an empty image: no digest pass needed)');
+  t.ok(await converges(image, replica, 90_000), 'first replica converges (journal from an empty image: no digest pass needed)');
   t.equal(await s.stop(), 0, 'serve stops cleanly (the replica acknowledged everything, so the journal is pruned)');
   replay.child.kill('SIGKILL');
   await replay.exited;
@@ -104,7 +95,7 @@ t.test('a replica that lost everything after the journal was pruned past it is r
   replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
   s = await startServe(serveArgs(replay.url), t.teardown);
   await writes(s.port, 10);
-  t.ok(await converges(image, replica), 'the new, empty replica converges: everything before the journal tail came by digests');
+  t.ok(await converges(image, replica, 90_000), 'the new, empty replica converges: everything before the journal tail came by digests');
   t.match(s.stderr(), /resync: comparing chunk digests/, 'serve resynced it by digests (the journal no longer started at seq 1)');
   const ok = await verify(['--image', `disk=${image}`, '--replica', replay.url]);
   t.equal(ok.code, 0, `verify agrees\n${ok.stdout}${ok.stderr}`);
@@ -129,7 +120,7 @@ t.test('long outage: the journal fills while the replica is away; a dirty bitmap
     t.teardown,
   );
   await writes(s.port, 4);
-  t.ok(await converges(image, replica), 'replica in step before the outage');
+  t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
   replay.child.kill('SIGKILL');
   await replay.exited;
 
@@ -146,7 +137,7 @@ t.test('long outage: the journal fills while the replica is away; a dirty bitmap
   t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
 
   replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
-  t.ok(await converges(image, replica), 'the returning replica converges byte for byte');
+  t.ok(await converges(image, replica, 90_000), 'the returning replica converges byte for byte');
   const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());
   t.ok(m, 'the resync compared only the dirty regions');
   t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);

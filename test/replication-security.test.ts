@@ -6,20 +6,12 @@ import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, run, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 8 * 2 ** 20;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(cond: () => boolean, ms = 30_000): Promise<boolean> {
-  const deadline = Date.now() + ms;
-  while (Date.now() < deadline) {
-    if (cond()) return true;
-    await sleep(100);
-  }
-  return false;
-}
 
 async function writeSome(port: number, name: string): Promise<Buffer> {
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: name });
@@ -66,7 +58,7 @@ t.test('wss + tokens: the right volume with the right token replicates; everythi
     startServe(['--image', `${n}=${img(n)}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--replicate-to', replay.url, '--token-file', primaryTokens, ...extra], t.teardown);
   const a = await serve('a', ['--replica-fingerprint', fingerprint]);
   const da = await writeSome(a.port, 'a');
-  t.ok(await until(() => replicaHas(path.join(data, 'a.img'), da)), 'volume a replicates over wss with its token and the pinned certificate');
+  t.ok(await until(() => replicaHas(path.join(data, 'a.img'), da), 30_000, 100), 'volume a replicates over wss with its token and the pinned certificate');
   const v = await run(process.execPath, [CLI, 'verify', '--image', `a=${img('a')}`, '--replica', replay.url, '--token-file', primaryTokens, '--replica-ca', cert]);
   t.match(v.stdout, /identical/, 'verify works over wss with the CA and the token');
   t.equal(await a.stop(), 0, 'serve stops cleanly');
@@ -74,19 +66,19 @@ t.test('wss + tokens: the right volume with the right token replicates; everythi
   // Volume b with a's token: refused; nothing written.
   const b = await serve('b', ['--replica-ca', cert]);
   await writeSome(b.port, 'b');
-  t.ok(await until(() => /ERR_AUTH/.test(b.stderr())), "a token for volume a never grants volume b");
+  t.ok(await until(() => /ERR_AUTH/.test(b.stderr()), 30_000, 100), "a token for volume a never grants volume b");
   t.notOk(fs.existsSync(path.join(data, 'b.img')), 'no replica of b was created');
   t.equal(await b.stop(), 0, 'serve stops cleanly');
 
   // Volume c is not in the replayer's token file at all.
   const c = await serve('c', ['--replica-ca', cert]);
   await writeSome(c.port, 'c');
-  t.ok(await until(() => /ERR_UNKNOWN_VOLUME/.test(c.stderr())), 'an unknown volume is refused');
+  t.ok(await until(() => /ERR_UNKNOWN_VOLUME/.test(c.stderr()), 30_000, 100), 'an unknown volume is refused');
   t.equal(await c.stop(), 0, 'serve stops cleanly');
 
   // A wrong pin: the link is dropped before the hello, so the token never leaves.
   const a2 = await serve('a', ['--replica-fingerprint', wrongPin]);
-  t.ok(await until(() => /is not the pinned/.test(a2.stderr())), 'a certificate that is not the pinned one is refused');
+  t.ok(await until(() => /is not the pinned/.test(a2.stderr()), 30_000, 100), 'a certificate that is not the pinned one is refused');
   t.equal(await a2.stop(), 0, 'serve stops cleanly');
 
   // Plain ws:// to the TLS port fails; an untrusted certificate (no CA, no pin) fails.

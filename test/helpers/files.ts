@@ -47,3 +47,23 @@ export function filesEqual(a: string, b: string): boolean {
     fs.closeSync(fb);
   }
 }
+
+/** Polls `cond` every `everyMs` until it holds (true) or `ms` pass (false). */
+export async function until(cond: () => boolean | Promise<boolean>, ms = 60_000, everyMs = 200): Promise<boolean> {
+  const deadline = Date.now() + ms;
+  while (Date.now() < deadline) {
+    if (await cond()) return true;
+    await new Promise((r) => setTimeout(r, everyMs));
+  }
+  return false;
+}
+
+/** Both files exist and hold the same bytes. */
+export function sameFiles(a: string, b: string): boolean {
+  return fs.existsSync(a) && fs.existsSync(b) && filesEqual(a, b);
+}
+
+/** Waits until the replica file equals the primary file; false after `ms`. */
+export function converges(primary: string, replica: string, ms = 60_000): Promise<boolean> {
+  return until(() => sameFiles(primary, replica), ms, 250);
+}
