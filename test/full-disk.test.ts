@@ -46,7 +46,7 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   const filler = fill(jfs, 24 * MiB);
   const image = path.join(dir, 'disk.img');
   const journal = path.join(jfs, 'journal');
-  const s = await startServe(['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--min-free', '8M'], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '8M'], t.teardown);
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
 
   let accepted = 0;

@@ -72,7 +72,7 @@ t.test('nbdinfo, nbdcopy, qemu-img, qemu-io and fio against serve', async (t) =>
 
   t.equal(await s.stop('SIGTERM'), 0, 'serve stops cleanly');
   const inspect = JSON.parse((await run(process.execPath, [CLI, 'journal', 'inspect', '--journal', path.join(dir, 'disk.img.journal'), '--json'])).stdout);
-  t.ok(inspect.stats.entries > 16000, `every write journaled (${inspect.stats.entries} entries)`);
+  t.ok(inspect.stats.headSeq > 16000, `every write journaled (${inspect.stats.headSeq} entries appended)`);
   t.equal(inspect.stats.checkpointSeq, inspect.stats.headSeq, 'clean stop checkpointed the image at the head');
 });
 

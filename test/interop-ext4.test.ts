@@ -13,7 +13,7 @@ t.test('mkfs.ext4, mount, write files, umount, e2fsck clean, journal replays to 
   const dir = t.testdir();
   const image = path.join(dir, 'disk.img');
   const journal = path.join(dir, 'journal');
-  const s = await startServe(['--image', `disk=${image}`, '--size', String(SIZE), '--journal', journal, '--listen', '127.0.0.1:0'], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--size', String(SIZE), '--journal', journal, '--keep-journal', '--listen', '127.0.0.1:0'], t.teardown);
   const disk = await attachLoop(s.uri, dir, t.teardown);
   await run('mkfs.ext4', ['-q', '-F', disk.device]);
   const mnt = path.join(dir, 'mnt');

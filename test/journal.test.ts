@@ -126,6 +126,30 @@ t.test('retention: pruned only up to every consumer ack and the checkpoint', asy
   t.equal(j.stats.bytes, 5 * (40 + 10), 'stored bytes count exactly the 5 kept entries (40-byte header + 10 data)');
 });
 
+t.test('retention without consumers: pruned up to the checkpoint; with keep, held until the cap needs room', async (t) => {
+  const dir = t.testdir();
+  const pruning = await Journal.open({ dir: path.join(dir, 'prune') });
+  const keeping = await Journal.open({ dir: path.join(dir, 'keep'), keep: true, maxBytes: 4 * 1024 });
+  t.teardown(async () => {
+    await pruning.close();
+    await keeping.close();
+  });
+  const block = Buffer.alloc(500, 3);
+  for (const j of [pruning, keeping]) {
+    for (let i = 0; i < 6; i++) await j.append(EntryKind.WRITE, i * 512, block.length, block).done;
+    await j.setCheckpoint(4);
+  }
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal(pruning.stats.tailSeq, 5, 'entries the image has durably are pruned (LMDB reuses their pages)');
+  t.equal(pruning.stats.ackedSeq, 4, 'ackedSeq is the checkpoint when no replica holds the journal');
+  t.equal(keeping.stats.tailSeq, 1, 'keep: every entry stays for replay-local');
+  t.equal(keeping.stats.ackedSeq, 4, 'keep: the same entries are done with, only not pruned');
+  // 6 entries of 540 stored bytes: two more pass the 4 KiB cap, so keep gives up the checkpointed ones.
+  for (let i = 0; i < 3; i++) await keeping.append(EntryKind.WRITE, 0, block.length, block).done;
+  t.equal(keeping.stats.committedSeq, 9, 'appends past the cap committed once the checkpointed entries went');
+  t.equal(keeping.stats.tailSeq, 5, 'keep: only what the cap needed was given up, never past the checkpoint');
+});
+
 t.test('at the cap, appends wait for space instead of failing or dropping', async (t) => {
   const j = await Journal.open({ dir: t.testdir(), maxBytes: 64 * 1024 });
   t.teardown(() => j.close());

@@ -52,7 +52,8 @@ async function rebuild(journal: Journal, size: number): Promise<Buffer> {
 
 t.test('overlapping concurrent writes reach the image in journal order', async (t) => {
   const dir = t.testdir();
-  const journal = await Journal.open({ dir });
+  // keep: the check rebuilds from every entry, which the flush's checkpoint would otherwise let go.
+  const journal = await Journal.open({ dir, keep: true });
   t.teardown(() => journal.close());
   const rnd = lcg(42);
   const mem = new MemoryDevice(SIZE);
@@ -75,6 +76,31 @@ t.test('overlapping concurrent writes reach the image in journal order', async (
   t.equal(mirror.appliedSeq, journal.stats.headSeq, 'applied watermark reached the head');
   t.equal(journal.stats.checkpointSeq, journal.stats.headSeq, 'flush moved the checkpoint to the head');
   await mirror.close();
+});
+
+t.test('a run of writes checkpoints the image by itself and lets the journal prune', async (t) => {
+  const journal = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => journal.close());
+  const mem = new MemoryDevice(SIZE);
+  let flushes = 0;
+  const counting = new Proxy(mem, {
+    get(target, prop, receiver) {
+      if (prop === 'flush') return () => (flushes++, target.flush());
+      const v = Reflect.get(target, prop, receiver);
+      return typeof v === 'function' ? v.bind(target) : v;
+    },
+  }) as BlockDevice;
+  // No timer and no FLUSH from the client: only the byte count can trigger a checkpoint.
+  const mirror = await MirrorDevice.open({ device: counting, journal, checkpointIntervalMs: 0, checkpointBytes: 256 * 1024 });
+  for (let i = 0; i < 200; i++) await mirror.write((i % 64) * 4096, randomBytes(4096));
+  await new Promise((r) => setTimeout(r, 50));
+  const s = journal.stats;
+  t.ok(flushes >= 2, `the image was fsynced ${flushes} times for 800 KiB of writes`);
+  t.ok(s.checkpointSeq >= 128, `checkpoint advanced to seq ${s.checkpointSeq} without a FLUSH`);
+  t.equal(s.tailSeq, s.checkpointSeq + 1, 'entries up to the checkpoint were pruned');
+  t.equal(s.headSeq, 200, 'every write is journaled');
+  await mirror.close();
+  t.equal(journal.stats.checkpointSeq, 200, 'close checkpoints the rest');
 });
 
 t.test('recovery re-applies entries after the checkpoint before serving', async (t) => {

@@ -25,7 +25,8 @@ t.test(`--durability ${durability}: serve survives SIGKILL at random points: flu
   const dir = t.testdir();
   const image = path.join(dir, 'disk.img');
   const journal = path.join(dir, 'journal');
-  const args = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal, '--durability', durability];
+  // --keep-journal: every entry stays, so the image can be checked against zeroes + the whole journal.
+  const args = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--durability', durability];
   const live = new Set<ChildProcess>();
   t.teardown(() => {
     for (const c of live) if (c.exitCode === null) c.kill('SIGKILL');

@@ -25,8 +25,8 @@ const MAP_HEADROOM = 2 ** 30;
 const JOURNAL_PAGE_SIZE = 32 * 1024;
 /** Seqs only grow: MDB_APPEND skips the B-tree search and leaves full pages behind instead of half-full ones. */
 const APPEND = { append: true };
-/** Entries removed per synchronous prune transaction, so a large backlog never stalls the loop for long. */
-const PRUNE_BATCH = 2000;
+/** Entries removed per synchronous prune transaction: small, so pruning never holds up requests for long (2000 measured p99 8 ms at 4 KiB, 256 3.5 ms). */
+const PRUNE_BATCH = 256;
 /** Default read batch limits. */
 const READ_MAX_ENTRIES = 1024;
 const READ_MAX_BYTES = 16 * 2 ** 20;
@@ -36,6 +36,11 @@ export interface JournalOptions {
   maxBytes?: number;
   /** sync: `done` means on stable storage. commit: `done` means committed (ordered, visible); flush() syncs. */
   durability?: 'sync' | 'commit';
+  /**
+   * Keep entries after the image checkpoint and every consumer have them, until the cap needs room (for
+   * replay-local and audits). Default: prune them at once, so LMDB reuses their pages instead of growing.
+   */
+  keep?: boolean;
   logger?: Logger;
 }
 
@@ -86,6 +91,7 @@ export class Journal extends EventEmitter {
     private readonly meta: Database<unknown, string>,
     readonly maxBytes: number,
     private readonly durability: 'sync' | 'commit',
+    private readonly keep: boolean,
     log: Logger,
   ) {
     super();
@@ -138,7 +144,7 @@ export class Journal extends EventEmitter {
     });
     const entries = root.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
     const meta = root.openDB<unknown, string>({ name: 'meta' });
-    const j = new Journal(root, entries, meta, maxBytes, durability, (opts.logger ?? silentLogger).child({ component: 'journal' }));
+    const j = new Journal(root, entries, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.checkTail();
     return j;
   }
@@ -161,7 +167,7 @@ export class Journal extends EventEmitter {
       headSeq: this.head,
       committedSeq: this.committed,
       tailSeq: this.tail,
-      ackedSeq: this.retainFrom() - 1,
+      ackedSeq: this.doneWith(),
       checkpointSeq: this.checkpoint,
       entries: this.head >= this.tail ? this.head - this.tail + 1 : 0,
       bytes: this.bytes,
@@ -428,15 +434,18 @@ export class Journal extends EventEmitter {
   }
 
   /**
-   * First seq that must be kept: nothing at or past the checkpoint's successor may go (recovery needs it),
-   * nor anything a consumer has not acknowledged. Without consumers entries stay (so replay-local can
-   * rebuild from a base) until the cap needs room.
+   * Last seq that every holder is done with: the image checkpoint (recovery needs what follows it) and each
+   * consumer's acknowledgement.
    */
+  private doneWith(): number {
+    let seq = this.checkpoint;
+    for (const a of this.acks.values()) seq = Math.min(seq, a);
+    return seq;
+  }
+
+  /** First seq to keep: after doneWith, or with `keep` everything until the cap needs room. */
   private retainFrom(): number {
-    let keep = this.checkpoint + 1;
-    if (this.acks.size === 0) return this.waitingForSpace.length > 0 ? keep : this.tail;
-    for (const a of this.acks.values()) keep = Math.min(keep, a + 1);
-    return keep;
+    return this.keep && this.waitingForSpace.length === 0 ? this.tail : this.doneWith() + 1;
   }
 
   private prune(): void {

@@ -38,7 +38,7 @@ export interface JournalStats {
   committedSeq: number;
   /** Oldest sequence number still stored (headSeq + 1 when empty). */
   tailSeq: number;
-  /** Highest sequence number every registered consumer has acknowledged (retention point). */
+  /** Highest sequence number the image checkpoint and every registered consumer have (entries up to it may be pruned). */
   ackedSeq: number;
   /** Local image is known durable up to this sequence (recovery re-applies entries after it). */
   checkpointSeq: number;

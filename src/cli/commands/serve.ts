@@ -43,6 +43,8 @@ export interface ServeOptions {
   /** Journal directory (one image) or parent directory (several); false = no journal; undefined = beside the image. */
   journal?: string | false;
   journalMax?: number;
+  /** Keep journal entries until the cap needs room, not only until the image and replicas have them. */
+  keepJournal?: boolean;
   durability?: 'sync' | 'commit';
   /** Replayer URLs (ws://HOST:PORT); every journaled volume is shipped to each. */
   replicateTo?: string[];
@@ -106,7 +108,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
   try {
-    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, logger: log });
+    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     if (!volumeId) {
       volumeId = randomUUID();
@@ -283,6 +285,7 @@ interface ServeArgs {
   'read-only': boolean;
   journal?: string | boolean;
   'journal-max': string;
+  'keep-journal': boolean;
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
   'max-rate'?: string;
@@ -319,6 +322,11 @@ export const command: CommandModule<object, ServeArgs> = {
       })
       .option('min-free', { type: 'string', default: '64M', describe: "Free space kept on the journal's and image's filesystems: below it writes get ENOSPC (nothing is journaled) until space returns; 0 disables" })
       .option('journal-max', { type: 'string', default: DEFAULT_JOURNAL_MAX, describe: 'Journal size cap; writes wait for space beyond it' })
+      .option('keep-journal', {
+        type: 'boolean',
+        default: false,
+        describe: 'Keep journal entries until --journal-max needs room (for replay-local and audits) instead of pruning them once the image and every replica have them',
+      })
       .option('durability', {
         choices: ['sync', 'commit'] as const,
         default: 'commit' as const,
@@ -358,6 +366,7 @@ export const command: CommandModule<object, ServeArgs> = {
       readOnly: args['read-only'],
       journal,
       journalMax: parseSize(args['journal-max'], '--journal-max'),
+      keepJournal: args['keep-journal'],
       durability: args.durability,
       replicateTo: args['replicate-to'],
       maxRate: args['max-rate'] === undefined ? undefined : parseRate(args['max-rate'], '--max-rate'),
