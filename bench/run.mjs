@@ -165,6 +165,32 @@ function peakRssMiB(pid) {
   }
 }
 
+/**
+ * Samples a process's RssAnon (its own memory: heap, buffers) and RssFile (mapped file pages: LMDB reads the
+ * journal through mmap, so pages it has read count as RSS while remaining reclaimable page cache) every 200 ms
+ * from a small shell loop (fio runs synchronously here). stop() returns the peaks in MiB.
+ */
+function sampleRss(pid) {
+  const file = path.join(os.tmpdir(), `blockferry-rss-${process.pid}-${pid}`);
+  const loop = spawn('bash', ['-c', `while [ -e /proc/${pid}/status ]; do grep -E '^Rss(Anon|File):' /proc/${pid}/status; sleep 0.2; done > ${file}`], { stdio: 'ignore' });
+  return {
+    stop() {
+      loop.kill();
+      const peak = { anon: 0, file: 0 };
+      try {
+        for (const m of fs.readFileSync(file, 'utf8').matchAll(/Rss(Anon|File):\s+(\d+) kB/g)) {
+          const k = m[1] === 'Anon' ? 'anon' : 'file';
+          peak[k] = Math.max(peak[k], Number(m[2]) / 1024);
+        }
+        fs.rmSync(file, { force: true });
+      } catch {
+        // the process ended before the first sample
+      }
+      return peak;
+    },
+  };
+}
+
 function fio(uri, job) {
   const args = [
     `--name=${job.rw}`, '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
@@ -177,13 +203,16 @@ function fio(uri, job) {
   return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6 };
 }
 
-/** Polls serve's /status until every replica has applied everything (at most 5 minutes). */
+/**
+ * Polls serve's /status until every replica is continuous (the initial digest sync is over) and has applied
+ * everything (at most 5 minutes). A zero lag alone is not enough: it also holds while a resync compares digests.
+ */
 async function caughtUp(admin) {
   const deadline = Date.now() + 300_000;
   while (Date.now() < deadline) {
     try {
       const st = await (await fetch(`${admin}/status`)).json();
-      if (st.volumes.every((v) => v.replicas.every((r) => r.lagEntries === 0))) return;
+      if (st.volumes.every((v) => v.replicas.every((r) => r.state === 'continuous' && r.lagEntries === 0))) return;
     } catch {
       // not up yet
     }
@@ -226,13 +255,18 @@ async function main() {
         fs.copyFileSync(base, img); // a fresh, fully allocated copy per server and round
         process.stderr.write(`bench: round ${round}/${rounds} ${s.name}\n`);
         const srv = await s.start(img, dir);
+        const sampler = s.blockferry ? sampleRss(srv.pid) : undefined;
         try {
           for (const job of JOBS) {
             // A replicating server ships the previous job's backlog first: measure each job from caught up.
             if (srv.admin?.()) await caughtUp(srv.admin());
             ((results[s.name] ??= {})[job.name] ??= []).push(fio(srv.uri, job));
           }
-          if (s.blockferry) rss[s.name] = Math.max(rss[s.name] ?? 0, peakRssMiB(srv.pid) ?? 0);
+          if (s.blockferry) {
+            const peak = sampler.stop();
+            const prev = rss[s.name] ?? { hwm: 0, anon: 0, file: 0 };
+            rss[s.name] = { hwm: Math.max(prev.hwm, peakRssMiB(srv.pid) ?? 0), anon: Math.max(prev.anon, peak.anon), file: Math.max(prev.file, peak.file) };
+          }
         } finally {
           await stop(srv);
           fs.rmSync(dir, { recursive: true, force: true });
@@ -280,7 +314,9 @@ async function main() {
     const jw = avg('blockferry-journal', JOBS[2]);
     lines.push(`replicated / journal only: 1M seq write ${(rp.mibs / jn.mibs).toFixed(2)}×, 4K rand write ${(rw.iops / jw.iops).toFixed(2)}×`);
   }
-  for (const [name, mib] of Object.entries(rss)) lines.push(`${name}: peak RSS ${mib.toFixed(0)} MiB (VmHWM)`);
+  for (const [name, m] of Object.entries(rss)) {
+    lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
+  }
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
   console.log(lines.join('\n'));
 
