@@ -1,5 +1,6 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
- * block-device ioctls, fadvise), as synchronous Node-API functions. They are rare or fast (metadata only). */
+ * block-device ioctls, fadvise, madvise of a file's shared mappings), as synchronous Node-API functions. They
+ * are rare or fast (metadata only). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -10,6 +11,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 static const char *errno_name(int e) {
@@ -136,6 +138,46 @@ static napi_value fadvise_will_need(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/* dropFileMappings(path): MADV_DONTNEED on every *shared* mapping of exactly `path` in this process (from
+ * /proc/self/maps). The pages stay in the page cache and fault back in with the same contents on the next
+ * access; only this process's page-table entries go, so its RSS stops counting file pages it read once (LMDB
+ * reads the journal through a shared read-only map). Private mappings are never touched: there MADV_DONTNEED
+ * would discard data. Returns the bytes of mappings advised. */
+static napi_value drop_file_mappings(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  char want[4096];
+  size_t len = 0;
+  if (argc < 1 || napi_get_value_string_utf8(env, argv[0], want, sizeof want, &len) != napi_ok || len == 0 || len >= sizeof want - 1) {
+    napi_throw_type_error(env, NULL, "blockferry_native: dropFileMappings needs a path");
+    return NULL;
+  }
+  FILE *f = fopen("/proc/self/maps", "r");
+  if (!f) return throw_errno(env, "open(/proc/self/maps)", errno);
+  char line[4096 + 256];
+  int64_t advised = 0;
+  int err = 0;
+  while (fgets(line, sizeof line, f)) {
+    unsigned long start, end;
+    char perms[8];
+    int path_at = 0;
+    if (sscanf(line, "%lx-%lx %7s %*s %*s %*s %n", &start, &end, perms, &path_at) < 3 || path_at == 0) continue;
+    char *name = line + path_at;
+    size_t n = strlen(name);
+    if (n > 0 && name[n - 1] == '\n') name[--n] = 0;
+    if (perms[3] != 's' || strcmp(name, want) != 0) continue;
+    if (madvise((void *)start, end - start, MADV_DONTNEED) != 0) {
+      err = errno;
+      break;
+    }
+    advised += (int64_t)(end - start);
+  }
+  fclose(f);
+  if (err) return throw_errno(env, "madvise(MADV_DONTNEED)", err);
+  return num(env, advised);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -146,6 +188,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"blkDiscard", NULL, blk_discard, NULL, NULL, NULL, napi_default, NULL},
     {"blkZeroOut", NULL, blk_zero_out, NULL, NULL, NULL, napi_default, NULL},
     {"fadviseWillNeed", NULL, fadvise_will_need, NULL, NULL, NULL, napi_default, NULL},
+    {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

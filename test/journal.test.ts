@@ -8,6 +8,19 @@ import { open } from 'lmdb';
 import { Journal } from '../src/journal/journal.js';
 import { replayLocal } from '../src/journal/replay-local.js';
 import { EntryKind } from '../src/journal/types.js';
+import { loadNative } from '../src/device/native.js';
+
+/** KiB of `file` this process has mapped in (its share of RSS), from /proc/self/smaps. */
+function mappedKiB(file: string): number {
+  let total = 0;
+  let inFile = false;
+  for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
+    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
+    if (head) inFile = head[1] === file;
+    else if (inFile && line.startsWith('Rss:')) total += Number(/(\d+)/.exec(line)![1]);
+  }
+  return total;
+}
 
 t.test('appends get gap-free seqs in call order, kept across reopen', async (t) => {
   const dir = t.testdir();
@@ -148,6 +161,28 @@ t.test('retention without consumers: pruned up to the checkpoint; with keep, hel
   for (let i = 0; i < 3; i++) await keeping.append(EntryKind.WRITE, 0, block.length, block).done;
   t.equal(keeping.stats.committedSeq, 9, 'appends past the cap committed once the checkpointed entries went');
   t.equal(keeping.stats.tailSeq, 5, 'keep: only what the cap needed was given up, never past the checkpoint');
+});
+
+t.test('journal pages read and then pruned stop counting in RSS', { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {
+  const dir = t.testdir();
+  const j = await Journal.open({ dir });
+  t.teardown(() => j.close());
+  const file = fs.realpathSync(path.join(dir, 'journal.mdb'));
+  const block = randomBytes(2 ** 20);
+  for (let i = 0; i < 48; i++) await j.append(EntryKind.WRITE, i * block.length, block.length, block).done;
+  // A replica's reads map the pages in, as shipping does.
+  for (let seq = 1; seq <= 48; ) seq += j.read(seq).length;
+  const before = mappedKiB(file);
+  t.ok(before >= 40 * 1024, `reading 48 MiB mapped ${before} KiB of the journal file`);
+  await j.setCheckpoint(48);
+  await new Promise((r) => setTimeout(r, 100));
+  t.equal(j.stats.entries, 0, 'all pruned');
+  const after = mappedKiB(file);
+  t.ok(after < 4 * 1024, `after pruning ${after} KiB stay mapped`);
+  t.equal(j.read(1).length, 0, 'and the journal still reads (nothing past the tail)');
+  const again = j.append(EntryKind.WRITE, 0, block.length, block);
+  await again.done;
+  t.same(j.read(again.seq)[0].data, block, 'new entries write and read back through the same map');
 });
 
 t.test('at the cap, appends wait for space instead of failing or dropping', async (t) => {

@@ -1,5 +1,5 @@
 // Loads the optional C helper (build/Release/blockferry_native.node) that exposes fallocate, SEEK_DATA/HOLE,
-// block-device ioctls and fadvise. Missing or disabled (BLOCKFERRY_NO_NATIVE=1) → null, and callers fall back.
+// block-device ioctls, fadvise and madvise. Missing or disabled (BLOCKFERRY_NO_NATIVE=1) → null, and callers fall back.
 import fs from 'node:fs';
 import path from 'node:path';
 import { createRequire } from 'node:module';
@@ -16,6 +16,11 @@ export interface NativeHelper {
   blkDiscard(fd: number, offset: number, length: number): void;
   blkZeroOut(fd: number, offset: number, length: number): void;
   fadviseWillNeed(fd: number, offset: number, length: number): void;
+  /**
+   * Drops this process's page-table entries for every shared mapping of `path` (MADV_DONTNEED): the pages stay
+   * in the page cache and read back unchanged; RSS stops counting them. Returns the bytes of mappings advised.
+   */
+  dropFileMappings(path: string): number;
 }
 
 let cached: NativeHelper | null | undefined;

@@ -14,6 +14,7 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
+import { loadNative } from '../device/native.js';
 import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
 
@@ -30,6 +31,12 @@ const PRUNE_BATCH = 256;
 /** Default read batch limits. */
 const READ_MAX_ENTRIES = 1024;
 const READ_MAX_BYTES = 16 * 2 ** 20;
+/**
+ * After this many pruned bytes, drop the process's mappings of the journal file. LMDB reads through a shared
+ * mmap, so every page read (replicas' batches, the prune walk) stays counted in RSS until unmapped: without
+ * this a 10 GiB replicated run showed ~1.3 GiB RSS of which 166 MiB was the process's own memory.
+ */
+const UNMAP_AFTER_BYTES = 32 * 2 ** 20;
 
 export interface JournalOptions {
   dir: string;
@@ -84,6 +91,9 @@ export class Journal extends EventEmitter {
   /** Set when a commit failed: the journal then refuses appends (its seqs would have a gap). */
   private failure: BlockferryError | undefined;
   private readonly log: Logger;
+  /** The LMDB file as /proc/self/maps names it, for dropping its mappings (undefined: cannot). */
+  private mapPath: string | undefined;
+  private prunedSinceUnmap = 0;
 
   private constructor(
     private readonly root: RootDatabase,
@@ -146,6 +156,7 @@ export class Journal extends EventEmitter {
     const meta = root.openDB<unknown, string>({ name: 'meta' });
     const j = new Journal(root, entries, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.checkTail();
+    if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     return j;
   }
 
@@ -469,6 +480,8 @@ export class Journal extends EventEmitter {
         });
         this.tail = end + 1;
         this.bytes -= freed;
+        this.prunedSinceUnmap += freed;
+        if (this.prunedSinceUnmap >= UNMAP_AFTER_BYTES) this.unmapRead();
         void this.putMeta('log', { head: this.committed, cum: this.cum } satisfies LogMeta).catch(() => undefined);
       } catch (err) {
         this.log.error({ err }, 'pruning the journal failed');
@@ -477,6 +490,18 @@ export class Journal extends EventEmitter {
       }
       this.prune();
     });
+  }
+
+  /** Drops the process's mappings of journal pages (they stay in the page cache); a failure only costs RSS. */
+  private unmapRead(): void {
+    this.prunedSinceUnmap = 0;
+    if (!this.mapPath) return;
+    try {
+      loadNative()?.dropFileMappings(this.mapPath);
+    } catch (err) {
+      this.log.warn({ err }, 'could not drop mapped journal pages; RSS will count them');
+      this.mapPath = undefined;
+    }
   }
 
   /**
