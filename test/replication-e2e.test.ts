@@ -9,7 +9,8 @@ import path from 'node:path';
 import WebSocket from 'ws';
 import { entryCrc } from '../src/journal/entry.js';
 import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
-import { converges } from './helpers/files.js';
+import { open } from 'lmdb';
+import { converges, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { startReplay, startServe } from './helpers/processes.js';
 
@@ -65,6 +66,43 @@ t.test('the replica converges byte for byte, including after a SIGKILLed replaye
   t.equal(await s.stop(), 0, 'serve stops cleanly');
   r2.child.kill('SIGTERM');
   t.equal(await r2.exited, 0, 'replay stops cleanly');
+});
+
+t.test('a corrupt journal entry the replica still needs: serve keeps running and resyncs the replica past it', async (t) => {
+  const dir = t.testdir();
+  const port = await freePort();
+  const replicas = path.join(dir, 'replicas');
+  const image = path.join(dir, 'disk.img');
+  const journal = path.join(dir, 'journal');
+  const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal, '--replicate-to', `ws://127.0.0.1:${port}`];
+  const r1 = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicas], t.teardown);
+  let s = await startServe(serveArgs, t.teardown);
+  await workload(s.port, 10);
+  t.ok(await converges(image, path.join(replicas, 'disk.img')), 'replica identical before the fault');
+  // The replica goes away; later writes are journaled and held for it; a clean stop checkpoints the image.
+  r1.child.kill('SIGKILL');
+  await r1.exited;
+  await workload(s.port, 10);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  // Flip a data byte of an entry the replica has not acknowledged, behind the journal's back.
+  const raw = open({ path: path.join(journal, 'journal.mdb') });
+  const entries = raw.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
+  const keys = [...entries.getKeys()] as number[];
+  const victim = keys[keys.length - 5];
+  const v = Buffer.from(entries.getBinary(victim)!);
+  v[v.length - 1] ^= 0x40;
+  await entries.put(victim, v);
+  await raw.close();
+
+  s = await startServe(serveArgs, t.teardown);
+  await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicas], t.teardown);
+  const logged = await until(() => new RegExp(`seq ${victim} is corrupt`).test(s.stderr()), 20_000, 100);
+  t.ok(logged, `serve names the corrupt seq ${victim}`);
+  t.ok(await converges(image, path.join(replicas, 'disk.img')), 'the replica converges byte for byte (digest resync past the corrupt entry)');
+  await workload(s.port, 5);
+  t.ok(await converges(image, path.join(replicas, 'disk.img')), 'and keeps following new writes');
+  t.equal(s.child.exitCode, null, 'serve is still running');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
 t.test('hostile peers get clear close codes; nothing bad is applied', async (t) => {

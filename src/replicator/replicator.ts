@@ -18,7 +18,8 @@
 import WebSocket from 'ws';
 import type { ReplicaStatus } from '../admin/status-types.js';
 import type { ChangeListener, Journal } from '../journal/journal.js';
-import { EntryKind } from '../journal/types.js';
+import { EntryKind, type JournalEntry } from '../journal/types.js';
+import { JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { lagBytes } from './lag-bytes.js';
@@ -84,6 +85,8 @@ export class Replicator {
   private attempt = 0;
   private wake: (() => void) | undefined;
   private lastError: string | undefined;
+  /** A journal entry at or below this seq failed its CRC: the replica gets past it by a digest resync. */
+  private corruptThrough = 0;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
@@ -122,8 +125,12 @@ export class Replicator {
     const lagEntries = Math.max(0, j.committedSeq - this.appliedSeq);
     let lagSeconds = 0;
     if (lagEntries > 0) {
-      const oldest = this.opts.journal.read(Math.max(this.appliedSeq + 1, j.tailSeq), { maxEntries: 1 })[0];
-      if (oldest) lagSeconds = Math.max(0, (Date.now() - oldest.ts) / 1000);
+      try {
+        const oldest = this.opts.journal.read(Math.max(this.appliedSeq + 1, j.tailSeq), { maxEntries: 1 })[0];
+        if (oldest) lagSeconds = Math.max(0, (Date.now() - oldest.ts) / 1000);
+      } catch {
+        // a corrupt entry: reported by the shipping path; the lag in seconds is unknown meanwhile
+      }
     }
     const resync = this.resync ? { ...this.resync, percent: Math.floor((100 * this.resync.doneBytes) / this.resync.totalBytes) } : null;
     return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, appliedSeq: this.appliedSeq, lagEntries, lagBytes: lagBytes(this.opts.journal, this.appliedSeq), lagSeconds, resync, dirtyBytes: this.dirty ? this.dirtyBytes() : 0, lastError: this.lastError ?? null };
@@ -249,12 +256,13 @@ export class Replicator {
     const { tailSeq, committedSeq } = j.stats;
     // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
     // the journal does not start from an empty image, or a resync was interrupted: compare digests.
-    const gap = applied + 1 < tailSeq || applied > committedSeq;
+    const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough;
     const isNew = applied === 0 && consistentFrom === -1;
     const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
-    if (!needsResync || isNew || applied + 1 < this.dirtyFrom) this.dirty = undefined;
+    // Nor after a corrupt entry: what it changed is not known, so every chunk is compared.
+    if (!needsResync || isNew || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dirty = undefined;
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
@@ -264,7 +272,7 @@ export class Replicator {
       return;
     }
     if (needsResync) {
-      const fromSeq = gap ? tailSeq : applied + 1;
+      const fromSeq = gap ? Math.max(tailSeq, this.corruptThrough + 1) : applied + 1;
       ws.send(encode({ v: PROTOCOL_VERSION, t: 'resync', fromSeq }));
       applied = fromSeq - 1;
       this.ackedSeq = Math.min(this.ackedSeq, applied);
@@ -352,7 +360,12 @@ export class Replicator {
         await new Promise<void>((r) => (this.wake = r));
         continue;
       }
-      const batch = j.read(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES });
+      let batch: JournalEntry[];
+      try {
+        batch = j.read(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES });
+      } catch (err) {
+        return this.cannotShip(ws, err as Error);
+      }
       if (batch.length === 0) {
         const ac = new AbortController();
         this.wake = () => ac.abort();
@@ -369,6 +382,22 @@ export class Replicator {
       if (this.ws !== ws || ws.readyState !== ws.OPEN) break;
       ws.send(msg);
     }
+  }
+
+  /**
+   * The journal could not give the next batch. A corrupt entry cannot be shipped, but the image holds the
+   * right bytes: the next connection resyncs the replica by digests from past that entry. Anything else: log,
+   * drop the link, and let the reconnect try again.
+   */
+  private cannotShip(ws: WebSocket, err: Error & { seq?: number }): void {
+    if (err instanceof JournalCorruptError) {
+      this.corruptThrough = Math.max(this.corruptThrough, err.seq);
+      this.lastError = `journal seq ${err.seq} is corrupt (${err.message}); resyncing the replica by digests past it`;
+    } else {
+      this.lastError = `reading the journal failed: ${err.message}`;
+    }
+    this.log.error({ err }, this.lastError);
+    if (this.ws === ws) ws.terminate();
   }
 
   /** --max-rate: each message may leave once the previous ones have had their share of the second. */
