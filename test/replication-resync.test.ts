@@ -143,3 +143,51 @@ t.test('long outage: the journal fills while the replica is away; a dirty bitmap
   t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
+
+t.test('long outage across a primary crash: the saved dirty bitmap still limits the resync to the dirty regions', async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const replicaDir = path.join(dir, 'replica');
+  const replica = path.join(replicaDir, 'disk.img');
+  const port = await new Promise<number>((resolve) => {
+    const srv = net.createServer().listen(0, '127.0.0.1', () => {
+      const p = (srv.address() as net.AddressInfo).port;
+      srv.close(() => resolve(p));
+    });
+  });
+  let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+  const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url];
+  let s = await startServe(serveArgs, t.teardown);
+  await writes(s.port, 4);
+  t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
+  replay.child.kill('SIGKILL');
+  await replay.exited;
+
+  /** 64 KiB writes into the first 8 MiB only, `rounds` x 512 KiB. */
+  const hot = async (rounds: number) => {
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+    for (let i = 0; i < rounds; i++) {
+      const ops = [];
+      for (let k = 0; k < 8; k++) ops.push(c.write(Math.floor(Math.random() * (8 * 2 ** 20 - 65_536)), randomBytes(65_536)));
+      await Promise.all(ops);
+    }
+    await c.flush();
+    await c.close();
+  };
+  await hot(48);
+  t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
+  // More writes after the last save of the bitmap (they are only in the journal), then a crash.
+  await hot(3);
+  s.child.kill('SIGKILL');
+  await s.exited;
+
+  s = await startServe(serveArgs, t.teardown);
+  t.match(s.stderr(), /loaded the dirty bitmap/, 'the restarted primary loaded the saved bitmap');
+  await hot(24);
+  replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+  t.ok(await converges(image, replica, 90_000), 'the returning replica converges byte for byte');
+  const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());
+  t.ok(m, 'the resync compared only the dirty regions');
+  t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});

@@ -13,8 +13,10 @@
 // Long outage (DRBD's bitmap): when the journal reaches its cap while this replica is away and is what keeps
 // the journal from pruning, the replica stops holding the journal. Every change it has not acknowledged, and
 // every later one, marks its chunk in a dirty bitmap instead; writes go on. When the replica returns, the
-// resync compares only the dirty chunks. (The bitmap lives in memory: if serve restarts meanwhile, the
-// returning replica is compared over the whole volume.)
+// resync compares only the dirty chunks. The bitmap is saved in the journal's meta with the seq it covers
+// through, and only then does the replica's hold on the journal move up to that seq: whatever a crash loses
+// from the bitmap is still in the journal, so after a restart the returning replica is again compared over
+// its dirty chunks only (as DRBD keeps its bitmap in on-disk metadata).
 import WebSocket from 'ws';
 import type { ReplicaStatus } from '../admin/status-types.js';
 import type { ChangeListener, Journal } from '../journal/journal.js';
@@ -71,6 +73,14 @@ export interface ReplicatorOptions {
   logger?: Logger;
 }
 
+/** The dirty bitmap as kept in the journal's meta: one bit per chunk, covering changes through `through`. */
+interface SavedBitmap {
+  from: number;
+  through: number;
+  incomplete: boolean;
+  bits: Uint8Array;
+}
+
 export class Replicator {
   private ws: WebSocket | undefined;
   private state: ReplicaState = 'connecting';
@@ -87,6 +97,7 @@ export class Replicator {
   private lastError: string | undefined;
   /** A journal entry at or below this seq failed its CRC: the replica gets past it by a digest resync. */
   private corruptThrough = 0;
+  private savingBitmap = false;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
@@ -108,7 +119,58 @@ export class Replicator {
     this.consumerId = Replicator.consumerIdFor(opts.url, opts.volume);
     this.ackedSeq = opts.journal.registerConsumer(this.consumerId, 1).ackedSeq;
     this.appliedSeq = this.ackedSeq;
+    this.loadBitmap();
     opts.journal.on('full', this.onJournalFull);
+  }
+
+  /** The journal meta key of a consumer's saved dirty bitmap. */
+  static bitmapKeyFor(consumerId: string): string {
+    return `dirty:${consumerId}`;
+  }
+
+  private get bitmapKey(): string {
+    return Replicator.bitmapKeyFor(this.consumerId);
+  }
+
+  /** A bitmap saved by an earlier run: the replica is still compared over its dirty chunks only. */
+  private loadBitmap(): void {
+    const saved = this.opts.journal.getMeta<SavedBitmap>(this.bitmapKey);
+    const chunks = chunkCount(this.opts.size);
+    if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length !== Math.ceil(chunks / 8)) return;
+    const dirty = new Uint8Array(chunks);
+    for (let c = 0; c < chunks; c++) dirty[c] = (saved.bits[c >> 3] >> (c & 7)) & 1;
+    this.dirty = dirty;
+    this.dirtyFrom = saved.from;
+    this.resyncIncomplete = saved.incomplete;
+    this.log.info({ fromSeq: saved.from, throughSeq: saved.through, dirtyBytes: this.dirtyBytes() }, 'loaded the dirty bitmap of a replica that was away');
+  }
+
+  /**
+   * Saves the bitmap as covering every change through the committed seq (the listener marks changes as they
+   * are appended), then lets the journal prune through that seq. Called whenever the journal fills up while
+   * this replica is tracked by the bitmap.
+   */
+  private async saveBitmap(): Promise<void> {
+    const dirty = this.dirty;
+    if (!dirty || this.savingBitmap) return;
+    this.savingBitmap = true;
+    try {
+      const j = this.opts.journal;
+      const through = j.stats.committedSeq;
+      const bits = Buffer.alloc(Math.ceil(dirty.length / 8));
+      for (let c = 0; c < dirty.length; c++) if (dirty[c]) bits[c >> 3] |= 1 << (c & 7);
+      await j.setMeta(this.bitmapKey, { from: this.dirtyFrom, through, incomplete: this.resyncIncomplete, bits } satisfies SavedBitmap);
+      if (this.tracking) j.ack(this.consumerId, through);
+    } finally {
+      this.savingBitmap = false;
+    }
+  }
+
+  /** No bitmap is needed any more (the replica has every change, or gets a full comparison). */
+  private dropBitmap(): void {
+    if (!this.dirty) return;
+    this.dirty = undefined;
+    this.opts.journal.setMeta(this.bitmapKey, undefined).catch((err) => this.log.warn({ err }, 'could not remove the saved dirty bitmap'));
   }
 
   /** The journal consumer a replica of `volume` at `url` acknowledges under. */
@@ -212,7 +274,12 @@ export class Replicator {
   /** The journal is full: if this absent replica is what holds it, switch it to the dirty bitmap. */
   private readonly onJournalFull = (): void => {
     const j = this.opts.journal;
-    if (this.tracking || this.stopped || !this.opts.source) return;
+    if (this.tracking) {
+      // Full again while tracked: save the bitmap through the head so the journal can let go of it all.
+      this.saveBitmap().catch((err) => this.log.error({ err }, 'saving the dirty bitmap failed; the journal keeps holding the entries'));
+      return;
+    }
+    if (this.stopped || !this.opts.source) return;
     if (this.ws && this.ws.readyState === WebSocket.OPEN) return; // a connected replica drains the journal
     if (this.ackedSeq > j.stats.ackedSeq) return; // not this replica: another consumer or the checkpoint
     const fresh = !this.dirty;
@@ -229,9 +296,9 @@ export class Replicator {
     this.tracking = mark;
     const from = this.ackedSeq + 1;
     j.trackChanges(from, mark)
-      .then(() => {
-        // Every change this replica lacks is now in the bitmap: let the journal go.
-        j.removeConsumer(this.consumerId);
+      .then(async () => {
+        // Every change this replica lacks is now in the bitmap: save it, then let the journal go.
+        await this.saveBitmap();
         this.log.warn({ fromSeq: from, dirtyBytes: this.dirtyBytes() }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
       })
       .catch((err) => this.log.error({ err }, 'switching to the dirty bitmap failed'));
@@ -262,7 +329,7 @@ export class Replicator {
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
     // Nor after a corrupt entry: what it changed is not known, so every chunk is compared.
-    if (!needsResync || isNew || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dirty = undefined;
+    if (!needsResync || isNew || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
@@ -336,7 +403,7 @@ export class Replicator {
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
     this.resyncIncomplete = false;
-    if (this.dirty === dirty) this.dirty = undefined;
+    if (this.dirty === dirty) this.dropBitmap();
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
     this.resync = undefined;
     this.state = 'continuous';
