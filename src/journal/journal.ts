@@ -32,9 +32,10 @@ const PRUNE_BATCH = 256;
 const READ_MAX_ENTRIES = 1024;
 const READ_MAX_BYTES = 16 * 2 ** 20;
 /**
- * After this many pruned bytes, drop the process's mappings of the journal file. LMDB reads through a shared
- * mmap, so every page read (replicas' batches, the prune walk) stays counted in RSS until unmapped: without
- * this a 10 GiB replicated run showed ~1.3 GiB RSS of which 166 MiB was the process's own memory.
+ * After this many bytes appended or pruned, drop the process's mappings of the journal file. LMDB reads through
+ * a shared mmap, so every page it reads stays counted in RSS until unmapped: appending reads the last leaf page
+ * of each transaction, pruning walks the leaves, replicas' batches read entries. Without this a 10 GiB
+ * replicated run showed ~1.3 GiB RSS of which 166 MiB was the process's own memory.
  */
 const UNMAP_AFTER_BYTES = 32 * 2 ** 20;
 
@@ -93,7 +94,7 @@ export class Journal extends EventEmitter {
   private readonly log: Logger;
   /** The LMDB file as /proc/self/maps names it, for dropping its mappings (undefined: cannot). */
   private mapPath: string | undefined;
-  private prunedSinceUnmap = 0;
+  private touchedSinceUnmap = 0;
 
   private constructor(
     private readonly root: RootDatabase,
@@ -255,6 +256,9 @@ export class Journal extends EventEmitter {
     }
     if (batch.length > 0) {
       this.committed = batch[batch.length - 1].seq;
+      let bytes = 0;
+      for (const p of batch) bytes += p.value.length;
+      this.touched(bytes);
       this.wake();
     }
     for (const p of batch) p.resolve();
@@ -296,6 +300,7 @@ export class Journal extends EventEmitter {
     // Issued in seq order; lmdb-js batches puts made while a commit runs into the next one (group commit).
     const written = this.entries.put(seq, value, APPEND as unknown as number) as Promise<boolean> & { flushed?: Promise<void> };
     await written;
+    this.touched(value.length);
     if (seq > this.committed) {
       this.committed = seq;
       this.wake();
@@ -480,8 +485,7 @@ export class Journal extends EventEmitter {
         });
         this.tail = end + 1;
         this.bytes -= freed;
-        this.prunedSinceUnmap += freed;
-        if (this.prunedSinceUnmap >= UNMAP_AFTER_BYTES) this.unmapRead();
+        this.touched(freed);
         void this.putMeta('log', { head: this.committed, cum: this.cum } satisfies LogMeta).catch(() => undefined);
       } catch (err) {
         this.log.error({ err }, 'pruning the journal failed');
@@ -492,9 +496,14 @@ export class Journal extends EventEmitter {
     });
   }
 
+  private touched(bytes: number): void {
+    this.touchedSinceUnmap += bytes;
+    if (this.touchedSinceUnmap >= UNMAP_AFTER_BYTES) this.unmapRead();
+  }
+
   /** Drops the process's mappings of journal pages (they stay in the page cache); a failure only costs RSS. */
   private unmapRead(): void {
-    this.prunedSinceUnmap = 0;
+    this.touchedSinceUnmap = 0;
     if (!this.mapPath) return;
     try {
       loadNative()?.dropFileMappings(this.mapPath);
