@@ -4,7 +4,6 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import WebSocket from 'ws';
 import { entryCrc } from '../src/journal/entry.js';
@@ -12,18 +11,10 @@ import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
 import { open } from 'lmdb';
 import { converges, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { startReplay, startServe } from './helpers/processes.js';
+import { freePort, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function freePort(): Promise<number> {
-  const s = net.createServer();
-  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
-  const port = (s.address() as net.AddressInfo).port;
-  await new Promise((r) => s.close(r));
-  return port;
-}
 
 async function workload(port: number, rounds: number): Promise<void> {
   // Two connections writing overlapping ranges: the journal's order decides, and the replica must follow it.
@@ -103,6 +94,40 @@ t.test('a corrupt journal entry the replica still needs: serve keeps running and
   t.ok(await converges(image, path.join(replicas, 'disk.img')), 'and keeps following new writes');
   t.equal(s.child.exitCode, null, 'serve is still running');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+t.test('a primary whose link drops during its hello does not leave the volume busy', async (t) => {
+  const dir = t.testdir();
+  const r = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', dir], t.teardown);
+  const hello = (volume: string) => encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: `id-${volume}`, size: 1 << 20 });
+  /** Resolves with the first reply's type, or the close code if the link closes first. */
+  const firstReply = (volume: string) =>
+    new Promise<string>((resolve) => {
+      const ws = new WebSocket(r.url);
+      ws.on('open', () => ws.send(hello(volume)));
+      ws.on('message', (d: Buffer) => {
+        resolve(/welcome/.test(d.toString('latin1')) ? 'welcome' : d.toString('latin1').replace(/[^\x20-\x7e]/g, ''));
+        ws.close();
+      });
+      ws.on('close', (code) => resolve(`closed ${code}`));
+      ws.on('error', () => undefined);
+    });
+  for (let i = 0; i < 12; i++) {
+    const volume = `cut${i}`;
+    // The hello of a new volume makes the replayer create its image and state (several awaits, an fsync
+    // among them); the link goes away 0-5 ms after the hello, while that is under way.
+    await new Promise<void>((resolve) => {
+      const ws = new WebSocket(r.url);
+      ws.on('open', () => {
+        ws.send(hello(volume));
+        setTimeout(() => ws.terminate(), i % 6);
+      });
+      ws.on('close', () => resolve());
+      ws.on('error', () => undefined);
+    });
+    await new Promise((res) => setTimeout(res, 50));
+    t.equal(await firstReply(volume), 'welcome', `volume ${volume}: the next primary link is welcomed, not refused as busy`);
+  }
 });
 
 t.test('hostile peers get clear close codes; nothing bad is applied', async (t) => {

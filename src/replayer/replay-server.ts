@@ -209,17 +209,17 @@ export class ReplayServer {
     ws.on('error', (err) => log.debug({ err }, 'socket error'));
     ws.on('close', () => {
       clearInterval(heartbeat);
-      if (vol && !verifier) {
-        // The volume is free only once this link's message in hand is done: a batch still being applied would
-        // otherwise go on moving the replica after the primary's next link was welcomed at an earlier seq.
-        const v = vol;
-        const release = () => {
-          v.busy = false;
-          v.peer = null;
-          v.onDurable = undefined;
-        };
-        void chain.then(release, release);
-      }
+      // The volume is free only once this link's message in hand is done: a batch still being applied would
+      // otherwise go on moving the replica after the primary's next link was welcomed at an earlier seq. That
+      // message may be the hello itself, still opening the volume: it takes the volume after the socket is
+      // gone, so whether there is a volume to release is only known once the chain has run.
+      const release = () => {
+        if (!vol || verifier) return;
+        vol.busy = false;
+        vol.peer = null;
+        vol.onDurable = undefined;
+      };
+      void chain.then(release, release);
     });
     ws.on('message', (raw: Buffer, isBinary: boolean) => {
       // Messages are handled one after another: a batch is applied and acknowledged before the next.
