@@ -6,11 +6,10 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { converges } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, freePort, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 48 * 2 ** 20;
 const CHUNK = 256 * 2 ** 10;
@@ -33,6 +32,18 @@ async function writes(port: number, n: number): Promise<void> {
   await a.flush();
   await a.close();
   await b.close();
+}
+
+/** 64 KiB writes into the first 8 MiB only: `rounds` x 512 KiB, then a flush. */
+async function hotWrites(port: number, rounds: number): Promise<void> {
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'disk' });
+  for (let i = 0; i < rounds; i++) {
+    const ops = [];
+    for (let k = 0; k < 8; k++) ops.push(c.write(Math.floor(Math.random() * (8 * 2 ** 20 - 65_536)), randomBytes(65_536)));
+    await Promise.all(ops);
+  }
+  await c.flush();
+  await c.close();
 }
 
 t.test('a new replica of an image with data: digest sync while writes continue, then verify', async (t) => {
@@ -108,12 +119,7 @@ t.test('long outage: the journal fills while the replica is away; a dirty bitmap
   const replicaDir = path.join(dir, 'replica');
   const replica = path.join(replicaDir, 'disk.img');
   // A fixed port, so the replayer can come back where serve keeps calling.
-  const port = await new Promise<number>((resolve) => {
-    const srv = net.createServer().listen(0, '127.0.0.1', () => {
-      const p = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(p));
-    });
-  });
+  const port = await freePort();
   let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
   const s = await startServe(
     ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url],
@@ -126,14 +132,7 @@ t.test('long outage: the journal fills while the replica is away; a dirty bitmap
 
   // ~24 MiB of writes into the first 8 MiB only: six times the journal cap. Without the bitmap these would
   // wait for the absent replica forever.
-  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
-  for (let i = 0; i < 48; i++) {
-    const ops = [];
-    for (let k = 0; k < 8; k++) ops.push(c.write(Math.floor(Math.random() * (8 * 2 ** 20 - 65_536)), randomBytes(65_536)));
-    await Promise.all(ops);
-  }
-  await c.flush();
-  await c.close();
+  await hotWrites(s.port, 48);
   t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
 
   replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
@@ -149,12 +148,7 @@ t.test('long outage across a primary crash: the saved dirty bitmap still limits 
   const image = path.join(dir, 'disk.img');
   const replicaDir = path.join(dir, 'replica');
   const replica = path.join(replicaDir, 'disk.img');
-  const port = await new Promise<number>((resolve) => {
-    const srv = net.createServer().listen(0, '127.0.0.1', () => {
-      const p = (srv.address() as net.AddressInfo).port;
-      srv.close(() => resolve(p));
-    });
-  });
+  const port = await freePort();
   let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
   const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url];
   let s = await startServe(serveArgs, t.teardown);
@@ -163,27 +157,16 @@ t.test('long outage across a primary crash: the saved dirty bitmap still limits 
   replay.child.kill('SIGKILL');
   await replay.exited;
 
-  /** 64 KiB writes into the first 8 MiB only, `rounds` x 512 KiB. */
-  const hot = async (rounds: number) => {
-    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
-    for (let i = 0; i < rounds; i++) {
-      const ops = [];
-      for (let k = 0; k < 8; k++) ops.push(c.write(Math.floor(Math.random() * (8 * 2 ** 20 - 65_536)), randomBytes(65_536)));
-      await Promise.all(ops);
-    }
-    await c.flush();
-    await c.close();
-  };
-  await hot(48);
+  await hotWrites(s.port, 48);
   t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
   // More writes after the last save of the bitmap (they are only in the journal), then a crash.
-  await hot(3);
+  await hotWrites(s.port, 3);
   s.child.kill('SIGKILL');
   await s.exited;
 
   s = await startServe(serveArgs, t.teardown);
   t.match(s.stderr(), /loaded the dirty bitmap/, 'the restarted primary loaded the saved bitmap');
-  await hot(24);
+  await hotWrites(s.port, 24);
   replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
   t.ok(await converges(image, replica, 90_000), 'the returning replica converges byte for byte');
   const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());

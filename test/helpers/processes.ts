@@ -1,6 +1,7 @@
 // Child processes for tests: start `blockferry serve` and wait for its `listening on` line, run a command
 // and collect its output. Everything started here is stopped by PID in teardown, even when a test fails.
 import { spawn, type ChildProcess } from 'node:child_process';
+import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -102,4 +103,13 @@ export interface Replaying {
 export async function startReplay(args: string[], teardown?: (fn: () => unknown) => void): Promise<Replaying> {
   const { child, exited, match, stdout } = await startCli('replay', args, /listening on (wss?:\/\/[^:]+:(\d+))/, teardown);
   return { child, url: match[1], port: Number(match[2]), exited, stdout };
+}
+
+/** A loopback port free right now, for a process that must come back on the same port after a restart. */
+export async function freePort(): Promise<number> {
+  const s = net.createServer();
+  await new Promise<void>((r) => s.listen(0, '127.0.0.1', r));
+  const port = (s.address() as net.AddressInfo).port;
+  await new Promise((r) => s.close(r));
+  return port;
 }
