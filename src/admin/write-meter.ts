@@ -18,6 +18,7 @@ export class WriteMeter implements BlockDevice {
   readonly capabilities: DeviceCapabilities;
   readonly cache?: (offset: number, length: number) => Promise<void>;
   readonly blockStatus?: (offset: number, length: number) => Promise<Extent[]>;
+  readonly writeBuffer?: (length: number) => Buffer;
   private ops = 0;
   private bytes = 0;
   private readonly samples: Sample[] = [];
@@ -29,6 +30,7 @@ export class WriteMeter implements BlockDevice {
     // Optional methods exist here only when the device below has them (the NBD core tests for them).
     if (inner.cache) this.cache = (offset, length) => inner.cache!(offset, length);
     if (inner.blockStatus) this.blockStatus = (offset, length) => inner.blockStatus!(offset, length);
+    if (inner.writeBuffer) this.writeBuffer = (length) => inner.writeBuffer!(length);
     this.samples.push({ t: Date.now(), ops: 0, bytes: 0 });
     this.timer = setInterval(() => {
       this.samples.push({ t: Date.now(), ops: this.ops, bytes: this.bytes });

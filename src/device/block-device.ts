@@ -55,6 +55,11 @@ export interface BlockDevice {
 
   /** Read `length` bytes at `offset`. The returned buffer is owned by the caller. */
   read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * A buffer for a WRITE payload of `length` bytes, which the caller fills and passes to write(). Optional: a
+   * layer that records writes (the mirror) uses it to read the payload straight into its record.
+   */
+  writeBuffer?(length: number): Buffer;
   /** Write `data` at `offset`. The device must not keep a reference to `data` after resolving. */
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
   /** Make every write that has completed so far durable. */

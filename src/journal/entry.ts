@@ -45,15 +45,36 @@ export function valueCum(v: Buffer): number {
   return v.readDoubleBE(32);
 }
 
+/** ArrayBuffers made by allocValue: a WRITE's data filled in place, with its value header's room in front. */
+const inPlace = new WeakSet<ArrayBufferLike>();
+
+/**
+ * Room for a WRITE's `length` data bytes behind a value header. The NBD connection reads the payload straight
+ * into the returned view, and encodeValue then writes only the header in front of it: the payload is copied
+ * once, from the socket into its journal record, instead of into a payload buffer and again into the record.
+ */
+export function allocData(length: number): Buffer {
+  const value = Buffer.allocUnsafeSlow(VALUE_HEADER + length);
+  inPlace.add(value.buffer);
+  return value.subarray(VALUE_HEADER);
+}
+
+/** The whole value around `data` when allocData made it; undefined for any other buffer. */
+function valueAround(data: Buffer): Buffer | undefined {
+  if (data.byteOffset !== VALUE_HEADER || data.buffer.byteLength !== VALUE_HEADER + data.length || !inPlace.has(data.buffer)) return undefined;
+  return Buffer.from(data.buffer, 0, VALUE_HEADER + data.length);
+}
+
 export function encodeValue(kind: number, offset: number, length: number, crc: number, ts: number, data: Buffer | undefined, cum: number): Buffer {
-  const b = Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));
+  const around = data ? valueAround(data) : undefined;
+  const b = around ?? Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));
   b.writeUInt32BE(kind << 24, 0);
   b.writeUInt32BE(crc, 4);
   writeU64(b, offset, 8);
   writeU64(b, length, 16);
   b.writeDoubleBE(ts, 24);
   b.writeDoubleBE(cum + b.length, 32);
-  if (data) data.copy(b, VALUE_HEADER);
+  if (data && !around) data.copy(b, VALUE_HEADER);
   return b;
 }
 

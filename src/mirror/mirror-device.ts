@@ -5,6 +5,7 @@
 import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import { writeZeroBuffers } from '../device/zero-fill.js';
 import type { Journal } from '../journal/journal.js';
+import { allocData } from '../journal/entry.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
@@ -115,6 +116,11 @@ export class MirrorDevice implements BlockDevice {
 
   read(offset: number, length: number): Promise<Buffer> {
     return this.inner.read(offset, length);
+  }
+
+  /** The payload lands inside its journal record: append() then adds only the header (one copy, not two). */
+  writeBuffer(length: number): Buffer {
+    return allocData(length);
   }
 
   write(offset: number, data: Buffer, _opts?: WriteOptions): Promise<void> {

@@ -244,13 +244,9 @@ export class Connection {
         case 'payload': {
           const need = this.payload!.length - this.payloadFilled;
           if (this.queue.length === 0) return;
-          if (this.payloadFilled === 0 && this.queue.length >= need) {
-            // Whole payload available: slice (or copy once when it straddles chunks).
-            this.payload = Buffer.from(this.queue.take(need));
-            this.payloadFilled = need;
-          } else {
-            this.payloadFilled += this.queue.copyTo(this.payload!, this.payloadFilled, need);
-          }
+          // Copied once, into the buffer the device asked for (the mirror's journal record): a slice of the
+          // socket's chunk would pin the whole chunk and be copied into the record anyway.
+          this.payloadFilled += this.queue.copyTo(this.payload!, this.payloadFilled, need);
           if (this.payloadFilled < this.payload!.length) return;
           const r = this.current!;
           const data = this.payload!;
@@ -338,7 +334,8 @@ export class Connection {
         return;
       }
       this.current = r;
-      this.payload = Buffer.allocUnsafe(r.length);
+      const dev = s.export.device;
+      this.payload = dev.writeBuffer ? dev.writeBuffer(r.length) : Buffer.allocUnsafe(r.length);
       this.payloadFilled = 0;
       this.phase = 'payload';
       return;
