@@ -287,3 +287,52 @@ t.test('bytesAfter: exact stored bytes a consumer at seq still lacks', async (t)
   t.equal(j.bytesAfter(7), 40 + (800 + 40) + (900 + 40) + (1000 + 40), 'headers plus data of 8, 9, 10 and the TRIM');
   t.equal(j.bytesAfter(0), j.stats.bytes, 'from before the tail: everything stored');
 });
+
+t.test('a payload read into allocData becomes its record in place; any other buffer is copied', async (t) => {
+  const { allocData, encodeValue, decodeValue, VALUE_HEADER } = await import('../src/journal/entry.js');
+  const data = allocData(4096);
+  randomBytes(4096).copy(data);
+  const value = encodeValue(EntryKind.WRITE, 8192, 4096, 0, 0, data, 0);
+  t.equal(value.buffer, data.buffer, 'the record is the buffer the payload was read into');
+  t.equal(value.length, VALUE_HEADER + 4096);
+  t.ok(decodeValue(1, value).data!.equals(data), 'and decodes to the payload');
+  // Same shape, not from allocData: must be copied (it may be a view into memory someone else owns).
+  const lookalike = Buffer.allocUnsafeSlow(VALUE_HEADER + 4096).subarray(VALUE_HEADER);
+  randomBytes(4096).copy(lookalike);
+  const copied = encodeValue(EntryKind.WRITE, 0, 4096, 0, 0, lookalike, 0);
+  t.not(copied.buffer, lookalike.buffer, 'a look-alike buffer is copied, not written into');
+  t.ok(decodeValue(1, copied).data!.equals(lookalike));
+
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  const d = allocData(4096);
+  randomBytes(4096).copy(d);
+  await j.append(EntryKind.WRITE, 4096, 4096, d).done;
+  t.ok(j.read(1)[0].data!.equals(d), 'an in-place record reads back intact');
+});
+
+t.test('recent entries are read from memory, older ones from LMDB, with the same bytes either way', async (t) => {
+  const dir = t.testdir();
+  const j = await Journal.open({ dir });
+  // 40 MiB of 64 KiB entries: more than the in-memory window, so the oldest are only in LMDB.
+  const datas = Array.from({ length: 640 }, () => randomBytes(64 * 1024));
+  for (let i = 0; i < datas.length; i += 32) {
+    await Promise.all(datas.slice(i, i + 32).map((d, k) => j.append(EntryKind.WRITE, (i + k) * 65536, d.length, d).done));
+  }
+  const all = [];
+  for (let seq = 1; seq <= datas.length; ) {
+    const batch = j.readRecords(seq, { maxEntries: 100 });
+    t.equal(batch.first, seq, 'batches are contiguous');
+    all.push(...batch.values);
+    seq += batch.values.length;
+  }
+  t.equal(all.length, datas.length);
+  const entries = j.read(1, { maxEntries: 1000, maxBytes: 2 ** 30 });
+  t.equal(entries.length, datas.length, 'read() crosses from LMDB into memory without a gap');
+  t.ok(entries.every((e, i) => e.seq === i + 1 && e.data!.equals(datas[i]) && e.offset === i * 65536), 'every entry intact, in order');
+  await j.close();
+  const j2 = await Journal.open({ dir });
+  t.teardown(() => j2.close());
+  const stored = j2.readRecords(1, { maxEntries: 1000, maxBytes: 2 ** 30 }).values;
+  t.ok(stored.length === all.length && stored.every((v, i) => v.equals(all[i])), 'what memory served equals what LMDB stored');
+});

@@ -19,7 +19,7 @@ import { open, type RootDatabase } from 'lmdb';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { ReplayStatusBody, ReplayVolumeStatus } from '../admin/status-types.js';
 import { FileDevice } from '../device/file-device.js';
-import { verifyEntry } from '../journal/entry.js';
+import { decodeValue, verifyEntry } from '../journal/entry.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
@@ -27,7 +27,7 @@ import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import { checkToken, type TokenTable } from '../replicator/link-auth.js';
 import https from 'node:https';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { CloseCode, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
+import { CloseCode, FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -291,7 +291,7 @@ export class ReplayServer {
             if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: self.state.appliedSeq, durableSeq: seq }));
           };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
-          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null }));
+          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS] }));
           return;
         }
         if (msg.t === 'digests?') {
@@ -322,8 +322,16 @@ export class ReplayServer {
           log.info({ volume: vol.name, consistentFrom: msg.seq, consistent: vol.consistent }, 'resync finished on the primary');
           return;
         }
-        if (msg.t !== 'entries') return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
-        await this.applyBatch(vol, msg.entries, fail);
+        let entries: JournalEntry[];
+        if (msg.t === 'entries') entries = msg.entries;
+        else if (msg.t === 'records') {
+          try {
+            entries = msg.records.map((r, i) => decodeValue(msg.first + i, r));
+          } catch (err) {
+            return fail(CloseCode.CORRUPT, 'ERR_JOURNAL_CORRUPT', `volume ${vol.name}: ${(err as Error).message}`);
+          }
+        } else return fail(CloseCode.PROTOCOL, 'ERR_REPLICATION_PROTOCOL', `unexpected ${msg.t}`);
+        await this.applyBatch(vol, entries, fail);
         if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: vol.state.appliedSeq, durableSeq: vol.durableSeq }));
       }).catch((err: Error) => {
         // Anything a handler did not expect (a failed sync or state write): drop this link, keep serving others.

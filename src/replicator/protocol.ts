@@ -28,8 +28,11 @@ export const CloseCode = {
  */
 export type Message =
   | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify'; token?: string }
-  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null }
+  /** features: what this replayer understands beyond version 1's base (FEATURE_RECORDS). */
+  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[] }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
+  /** Entries first, first+1, ... as the journal stores them (entry.ts: a 40-byte header, then any data). */
+  | { v: number; t: 'records'; first: number; records: Buffer[] }
   /** seq: applied (visible in the replica); durableSeq: on its stable storage (what retention may drop). */
   | { v: number; t: 'ack'; seq: number; durableSeq?: number }
   | { v: number; t: 'resync'; fromSeq: number }
@@ -37,6 +40,12 @@ export type Message =
   | { v: number; t: 'digests?'; id: number; first: number; count: number }
   | { v: number; t: 'digests'; id: number; first: number; appliedSeq: number; digests: Buffer }
   | { v: number; t: 'error'; code: string; message: string };
+
+/**
+ * The replayer takes `records`: batches of stored journal values, which the primary ships as they are instead
+ * of re-encoding every entry as a msgpack map (and the replayer decodes with the journal's own decodeValue).
+ */
+export const FEATURE_RECORDS = 'records';
 
 /** Most chunks one digest request may ask for (bounds the replayer's work per message). */
 export const MAX_DIGEST_CHUNKS = 4096;
@@ -75,6 +84,7 @@ export function decode(buf: Buffer): Message {
       if (m.consistentFrom !== undefined && m.consistentFrom !== null && !(Number.isSafeInteger(m.consistentFrom) && (m.consistentFrom as number) >= -1)) {
         throw new ProtocolError('bad welcome');
       }
+      if (m.features !== undefined && !(Array.isArray(m.features) && m.features.every((f) => typeof f === 'string'))) throw new ProtocolError('bad welcome features');
       return m as Message;
     case 'resync':
       if (!isInt(m.fromSeq) || m.fromSeq < 1) throw new ProtocolError('bad resync');
@@ -103,6 +113,16 @@ export function decode(buf: Buffer): Message {
         }
         if (e.data !== undefined && !Buffer.isBuffer(e.data) && !(e.data instanceof Uint8Array)) throw new ProtocolError('entry data is not binary');
         if (e.data instanceof Uint8Array && !Buffer.isBuffer(e.data)) e.data = Buffer.from(e.data.buffer, e.data.byteOffset, e.data.byteLength);
+      }
+      return m as Message;
+    }
+    case 'records': {
+      if (!isInt(m.first) || m.first < 1 || !Array.isArray(m.records)) throw new ProtocolError('bad records');
+      const recs = m.records as unknown[];
+      for (let i = 0; i < recs.length; i++) {
+        const r = recs[i];
+        if (!(r instanceof Uint8Array)) throw new ProtocolError('a record is not binary');
+        if (!Buffer.isBuffer(r)) recs[i] = Buffer.from(r.buffer, r.byteOffset, r.byteLength);
       }
       return m as Message;
     }

@@ -20,12 +20,13 @@
 import WebSocket from 'ws';
 import type { ReplicaStatus } from '../admin/status-types.js';
 import type { ChangeListener, Journal } from '../journal/journal.js';
-import { EntryKind, type JournalEntry } from '../journal/types.js';
+import { EntryKind } from '../journal/types.js';
 import { JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { lagBytes } from './lag-bytes.js';
-import { MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode } from './protocol.js';
+import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode } from './protocol.js';
+import { decodeValue } from '../journal/entry.js';
 
 /** Unacknowledged bytes in flight per replica. */
 const WINDOW_BYTES = 16 * 2 ** 20;
@@ -111,6 +112,8 @@ export class Replicator {
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
+  /** The connected replayer takes `records` messages (said in its welcome). */
+  private records = false;
   private readonly log: Logger;
   readonly consumerId: string;
 
@@ -242,6 +245,7 @@ export class Replicator {
       if (msg.t === 'welcome') {
         this.attempt = 0;
         this.lastError = undefined;
+        this.records = msg.features?.includes(FEATURE_RECORDS) ?? false;
         this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null);
       } else if (msg.t === 'digests') {
         this.digestWaiters.get(msg.id)?.(msg.digests);
@@ -427,20 +431,23 @@ export class Replicator {
         await new Promise<void>((r) => (this.wake = r));
         continue;
       }
-      let batch: JournalEntry[];
+      let batch: { first: number; values: Buffer[] };
       try {
-        batch = j.read(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES });
+        batch = j.readRecords(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES });
       } catch (err) {
         return this.cannotShip(ws, err as Error);
       }
-      if (batch.length === 0) {
+      if (batch.values.length === 0) {
         const ac = new AbortController();
         this.wake = () => ac.abort();
         await j.waitFor(this.nextSeq - 1, ac.signal);
         continue;
       }
-      const msg = encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch });
-      const last = batch[batch.length - 1].seq;
+      // A replayer that predates `records` is sent the same entries as msgpack maps.
+      const msg = this.records
+        ? encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values })
+        : encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch.values.map((v, i) => decodeValue(batch.first + i, v)) });
+      const last = batch.first + batch.values.length - 1;
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;

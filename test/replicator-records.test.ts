@@ -1,0 +1,66 @@
+// The shipping format a primary picks from the replayer's welcome: `records` (stored journal values as they
+// are) when the replayer says it takes them, msgpack `entries` maps for one that predates them. Both must carry
+// the same entries, and the replayer's decoding of `records` must refuse a malformed one.
+import t, { type Test } from 'tap';
+import { randomBytes } from 'node:crypto';
+import { WebSocketServer } from 'ws';
+import { Journal } from '../src/journal/journal.js';
+import { decodeValue } from '../src/journal/entry.js';
+import { EntryKind, type JournalEntry } from '../src/journal/types.js';
+import { Replicator } from '../src/replicator/replicator.js';
+import { FEATURE_RECORDS, PROTOCOL_VERSION, decode, encode, type Message } from '../src/replicator/protocol.js';
+
+/** A stand-in replayer: welcomes the primary (with or without the records feature) and hands over its first batch. */
+async function firstBatch(t: Test, features: string[] | undefined): Promise<{ msg: Message; datas: Buffer[] }> {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  t.teardown(() => new Promise<void>((r) => wss.close(() => r())));
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  const datas = [randomBytes(4096), randomBytes(100), randomBytes(65536)];
+  await Promise.all(datas.map((d, i) => j.append(EntryKind.WRITE, i * 65536, d.length, d).done));
+  await j.append(EntryKind.TRIM, 2 ** 20, 4096).done;
+  const got = new Promise<Message>((resolve) => {
+    wss.on('connection', (ws) => {
+      ws.on('message', (raw: Buffer) => {
+        const m = decode(raw);
+        if (m.t === 'hello') ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: 0, consistentFrom: null, ...(features ? { features } : {}) }));
+        else resolve(m);
+      });
+    });
+  });
+  const { port } = wss.address() as { port: number };
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 4 * 2 ** 20, journal: j });
+  r.start();
+  t.teardown(() => r.stop(0));
+  return { msg: await got, datas };
+}
+
+function check(t: Test, entries: JournalEntry[], datas: Buffer[]): void {
+  t.same(entries.map((e) => e.seq), [1, 2, 3, 4], 'seqs 1..4 in order');
+  t.ok(entries.slice(0, 3).every((e, i) => e.kind === EntryKind.WRITE && e.offset === i * 65536 && e.data!.equals(datas[i])), 'write data and offsets intact');
+  t.match(entries[3], { kind: EntryKind.TRIM, offset: 2 ** 20, length: 4096 });
+}
+
+t.test('a replayer that takes records gets the stored values as they are', async (t) => {
+  const { msg, datas } = await firstBatch(t, [FEATURE_RECORDS]);
+  t.equal(msg.t, 'records');
+  if (msg.t !== 'records') return;
+  t.equal(msg.first, 1);
+  check(t, msg.records.map((v, i) => decodeValue(msg.first + i, v)), datas);
+});
+
+t.test('a replayer that predates records gets entries as msgpack maps', async (t) => {
+  const { msg, datas } = await firstBatch(t, undefined);
+  t.equal(msg.t, 'entries');
+  if (msg.t !== 'entries') return;
+  check(t, msg.entries, datas);
+});
+
+t.test('malformed records messages are refused by decode', async (t) => {
+  t.throws(() => decode(encode({ v: 1, t: 'records', first: 0, records: [] } as unknown as Message)), { code: 'ERR_REPLICATION_PROTOCOL', message: /bad records/ });
+  t.throws(() => decode(encode({ v: 1, t: 'records', first: 1, records: ['x'] } as unknown as Message)), { message: /not binary/ });
+  t.throws(() => decode(encode({ v: 1, t: 'welcome', appliedSeq: 0, features: 'records' } as unknown as Message)), { message: /features/ });
+  const ok = decode(encode({ v: 1, t: 'records', first: 7, records: [Buffer.alloc(40)] }));
+  t.equal(ok.t, 'records');
+});
