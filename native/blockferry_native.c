@@ -1,6 +1,7 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
  * block-device ioctls, fadvise, madvise of a file's shared mappings), as synchronous Node-API functions. They
- * are rare or fast (metadata only). */
+ * are rare or fast (metadata only). One asynchronous function, pwritePieces, writes a large buffer as a series
+ * of bounded pwrite calls in one thread-pool trip. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -8,6 +9,7 @@
 #include <linux/fs.h>
 #include <node_api.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
@@ -30,6 +32,7 @@ static const char *errno_name(int e) {
     case EINTR: return "EINTR";
     case ENXIO: return "ENXIO";
     case ENOSYS: return "ENOSYS";
+    case ENOMEM: return "ENOMEM";
     default: return "EIO";
   }
 }
@@ -178,6 +181,104 @@ static napi_value drop_file_mappings(napi_env env, napi_callback_info info) {
   return num(env, advised);
 }
 
+/* pwritePieces(fd, buffer, offset, piece, callback): writes all of `buffer` at `offset` as pwrite calls of at
+ * most `piece` bytes, on the libuv thread pool, then calls callback(err|null). Why pieces: the kernel sizes a
+ * page-cache folio by the write that creates it, and on kernels with large folios (ext4 since 6.16) every later
+ * small write into a large folio walks all of its buffer heads: measured here, a 4 KiB pwrite into a file written
+ * in 8 MiB calls took 34 us, in 1 MiB calls 13.7 us, in 128 KiB calls 4.2 us. One trip, not one per piece, so a
+ * large request costs no more thread hand-offs than before. */
+typedef struct {
+  napi_async_work work;
+  napi_ref buffer_ref;
+  napi_ref callback_ref;
+  int fd;
+  const char *data;
+  size_t length;
+  int64_t offset;
+  size_t piece;
+  int err;
+} pwrite_job;
+
+static void pwrite_execute(napi_env env, void *arg) {
+  (void)env;
+  pwrite_job *job = arg;
+  size_t done = 0;
+  while (done < job->length) {
+    size_t n = job->length - done;
+    if (n > job->piece) n = job->piece;
+    ssize_t r = pwrite(job->fd, job->data + done, n, (off_t)(job->offset + (int64_t)done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      job->err = errno;
+      return;
+    }
+    if (r == 0) {
+      job->err = EIO;
+      return;
+    }
+    done += (size_t)r;
+  }
+}
+
+static void pwrite_complete(napi_env env, napi_status status, void *arg) {
+  pwrite_job *job = arg;
+  napi_value cb, global, argv[1];
+  napi_get_reference_value(env, job->callback_ref, &cb);
+  napi_get_global(env, &global);
+  if (status != napi_ok && job->err == 0) job->err = EIO;
+  if (job->err) {
+    char msg[256];
+    snprintf(msg, sizeof msg, "%s: %s, pwrite", errno_name(job->err), strerror(job->err));
+    napi_value code, message, e;
+    napi_create_string_utf8(env, errno_name(job->err), NAPI_AUTO_LENGTH, &code);
+    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
+    napi_create_error(env, code, message, &e);
+    napi_value en, sc;
+    napi_create_int32(env, -job->err, &en);
+    napi_set_named_property(env, e, "errno", en);
+    napi_create_string_utf8(env, "pwrite", NAPI_AUTO_LENGTH, &sc);
+    napi_set_named_property(env, e, "syscall", sc);
+    argv[0] = e;
+  } else {
+    napi_get_null(env, &argv[0]);
+  }
+  napi_delete_reference(env, job->buffer_ref);
+  napi_delete_reference(env, job->callback_ref);
+  napi_delete_async_work(env, job->work);
+  free(job);
+  napi_call_function(env, global, cb, 1, argv, NULL);
+}
+
+static napi_value pwrite_pieces(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  size_t argc = 5;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd, offset, piece;
+  void *data;
+  size_t length;
+  napi_valuetype cbt;
+  if (argc < 5 || napi_get_value_int64(env, argv[0], &fd) != napi_ok || napi_get_buffer_info(env, argv[1], &data, &length) != napi_ok ||
+      napi_get_value_int64(env, argv[2], &offset) != napi_ok || napi_get_value_int64(env, argv[3], &piece) != napi_ok || piece <= 0 ||
+      napi_typeof(env, argv[4], &cbt) != napi_ok || cbt != napi_function) {
+    napi_throw_type_error(env, NULL, "blockferry_native: pwritePieces(fd, buffer, offset, piece, callback)");
+    return NULL;
+  }
+  pwrite_job *job = calloc(1, sizeof *job);
+  if (!job) return throw_errno(env, "calloc", ENOMEM);
+  job->fd = (int)fd;
+  job->data = data;
+  job->length = length;
+  job->offset = offset;
+  job->piece = (size_t)piece;
+  napi_create_reference(env, argv[1], 1, &job->buffer_ref);
+  napi_create_reference(env, argv[4], 1, &job->callback_ref);
+  napi_value name;
+  napi_create_string_utf8(env, "blockferry:pwritePieces", NAPI_AUTO_LENGTH, &name);
+  napi_create_async_work(env, NULL, name, pwrite_execute, pwrite_complete, job, &job->work);
+  napi_queue_async_work(env, job->work);
+  return undef(env);
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -189,6 +290,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"blkZeroOut", NULL, blk_zero_out, NULL, NULL, NULL, napi_default, NULL},
     {"fadviseWillNeed", NULL, fadvise_will_need, NULL, NULL, NULL, napi_default, NULL},
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
+    {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -138,3 +138,26 @@ t.test('whole-disk trim of a 10 GiB sparse image is one cheap call', async (t) =
   t.equal(fs.statSync(file).blocks, 0);
   t.same(await dev.blockStatus(0, dev.size), [{ length: dev.size, hole: true, zero: true }]);
 });
+
+t.test('large writes go out in pieces, byte-exact at odd offsets, with and without the helper; errors carry their code', async (t) => {
+  for (const noNative of [false, true]) {
+    const { dev, file } = await openTemp(t, { size: 16 * MiB, noNative });
+    // 3 MiB + 12345 bytes (many 128 KiB pieces and a short last one) at an offset that is not page aligned.
+    const data = randomBytes(3 * MiB + 12345);
+    const offset = 5 * MiB + 777;
+    await dev.write(offset, data);
+    const back = Buffer.alloc(data.length);
+    const fd = fs.openSync(file, 'r');
+    fs.readSync(fd, back, 0, back.length, offset);
+    const before = Buffer.alloc(777 + MiB);
+    fs.readSync(fd, before, 0, before.length, 4 * MiB);
+    fs.closeSync(fd);
+    t.ok(back.equals(data), `${noNative ? 'fallback' : 'native pieces'}: every byte of the 3 MiB write is in place`);
+    t.ok(before.equals(Buffer.alloc(before.length)), `${noNative ? 'fallback' : 'native pieces'}: nothing before it was touched`);
+    t.ok((await dev.read(offset, data.length)).equals(data), 'and reads back through the device');
+  }
+  const { loadNative } = await import('../src/device/native.js');
+  const native = loadNative()!;
+  const err = await new Promise<NodeJS.ErrnoException | null>((resolve) => native.pwritePieces(-1, Buffer.alloc(10), 0, 4, resolve));
+  t.match(err, { code: 'EBADF', syscall: 'pwrite' }, 'a failed pwrite reaches the callback as a coded error');
+});

@@ -17,6 +17,16 @@ const MAX_EXTENTS = 1024;
  *  a synchronous cache miss stalls every connection for a whole device read. 128 KiB covers typical guest I/O
  *  sizes and bounds such a stall to one modest read; larger requests go to the pool. */
 const DEFAULT_SYNC_THRESHOLD = 128 * 1024;
+/**
+ * Larger writes reach the file as pwrite calls of at most this size (with the native helper; one thread-pool
+ * trip). The kernel sizes a page-cache folio by the write that creates it, and on kernels with large folios
+ * (ext4 since 6.16) a later small write into a large folio walks all of its buffer heads. Measured on this
+ * machine (6.18, ext4): a 4 KiB pwrite into a file written in 8 MiB calls costs 34 us, in 1 MiB calls 13.7 us,
+ * in 128 KiB calls 4.2 us; overwriting in 128 KiB calls instead of 1 MiB costs ~15% of a 12-14 GiB/s memcpy
+ * rate. So a 1 MiB write no longer makes every later 4 KiB write there 3x dearer (a replica after an 8 MiB-chunk
+ * resync: 40 -> 13 us of replayer CPU per 4 KiB entry).
+ */
+const WRITE_PIECE = 128 * 1024;
 
 export interface FileDeviceOptions {
   path: string;
@@ -156,6 +166,10 @@ export class FileDevice implements BlockDevice {
       } catch (err) {
         return Promise.reject(err);
       }
+    }
+    const native = this.native;
+    if (native) {
+      return new Promise((resolve, reject) => native.pwritePieces(this.fd, data, offset, WRITE_PIECE, (err) => (err ? reject(err) : resolve())));
     }
     return new Promise((resolve, reject) => {
       const step = (done: number) => {

@@ -21,6 +21,11 @@ export interface NativeHelper {
    * in the page cache and read back unchanged; RSS stops counting them. Returns the bytes of mappings advised.
    */
   dropFileMappings(path: string): number;
+  /**
+   * Writes all of `data` at `offset` as pwrite calls of at most `piece` bytes, in one thread-pool trip; the
+   * callback gets a Node-style error (code, errno, syscall) or null.
+   */
+  pwritePieces(fd: number, data: Buffer, offset: number, piece: number, cb: (err: NodeJS.ErrnoException | null) => void): void;
 }
 
 let cached: NativeHelper | null | undefined;
