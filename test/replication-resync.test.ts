@@ -3,7 +3,7 @@
 //   meanwhile, and the replica ends byte-identical;
 // - a replica that lost everything while the journal was pruned past it is resynced from the digests;
 // - verify says identical, then finds a byte flipped in the replica and names its range (exit 3).
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -113,52 +113,50 @@ t.test('a replica that lost everything after the journal was pruned past it is r
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
-t.test('long outage: the journal fills while the replica is away; a dirty bitmap takes over and writes go on', async (t) => {
+/**
+ * A replicated volume with a 4 MiB journal cap whose replayer is then SIGKILLed, followed by ~24 MiB of writes
+ * into the first 8 MiB only (six times the cap: without the bitmap they would wait for the replica forever).
+ */
+async function outage(t: Test) {
   const dir = t.testdir();
   const image = path.join(dir, 'disk.img');
   const replicaDir = path.join(dir, 'replica');
   const replica = path.join(replicaDir, 'disk.img');
   // A fixed port, so the replayer can come back where serve keeps calling.
   const port = await freePort();
-  let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
-  const s = await startServe(
-    ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url],
-    t.teardown,
-  );
+  const replayArgs = ['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir];
+  const replay = await startReplay(replayArgs, t.teardown);
+  const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url];
+  const s = await startServe(serveArgs, t.teardown);
   await writes(s.port, 4);
   t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
   replay.child.kill('SIGKILL');
   await replay.exited;
-
-  // ~24 MiB of writes into the first 8 MiB only: six times the journal cap. Without the bitmap these would
-  // wait for the absent replica forever.
   await hotWrites(s.port, 48);
   t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
+  return { image, replica, replayArgs, serveArgs, s };
+}
 
-  replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+/** The replica came back: it must converge, compared over the dirty regions only. */
+async function returnsDirtyOnly(t: Test, image: string, replica: string, serve: { stderr(): string }): Promise<void> {
   t.ok(await converges(image, replica, 90_000), 'the returning replica converges byte for byte');
-  const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());
+  // Read after converging: serve logs the resync's scope when it starts comparing.
+  const m = /"bytes":(\d+),"dirtyOnly":true/.exec(serve.stderr());
   t.ok(m, 'the resync compared only the dirty regions');
   t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);
+}
+
+t.test('long outage: the journal fills while the replica is away; a dirty bitmap takes over and writes go on', async (t) => {
+  const { image, replica, replayArgs, s } = await outage(t);
+  await startReplay(replayArgs, t.teardown);
+  await returnsDirtyOnly(t, image, replica, s);
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
 t.test('long outage across a primary crash: the saved dirty bitmap still limits the resync to the dirty regions', async (t) => {
-  const dir = t.testdir();
-  const image = path.join(dir, 'disk.img');
-  const replicaDir = path.join(dir, 'replica');
-  const replica = path.join(replicaDir, 'disk.img');
-  const port = await freePort();
-  let replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
-  const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url];
-  let s = await startServe(serveArgs, t.teardown);
-  await writes(s.port, 4);
-  t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
-  replay.child.kill('SIGKILL');
-  await replay.exited;
-
-  await hotWrites(s.port, 48);
-  t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'serve switched the absent replica to a dirty bitmap');
+  const o = await outage(t);
+  const { image, replica, replayArgs, serveArgs } = o;
+  let s = o.s;
   // More writes after the last save of the bitmap (they are only in the journal), then a crash.
   await hotWrites(s.port, 3);
   s.child.kill('SIGKILL');
@@ -167,10 +165,7 @@ t.test('long outage across a primary crash: the saved dirty bitmap still limits 
   s = await startServe(serveArgs, t.teardown);
   t.match(s.stderr(), /loaded the dirty bitmap/, 'the restarted primary loaded the saved bitmap');
   await hotWrites(s.port, 24);
-  replay = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
-  t.ok(await converges(image, replica, 90_000), 'the returning replica converges byte for byte');
-  const m = /"bytes":(\d+),"dirtyOnly":true/.exec(s.stderr());
-  t.ok(m, 'the resync compared only the dirty regions');
-  t.ok(m && Number(m[1]) <= 9 * 2 ** 20, `only about the 8 MiB that was written is dirty (${m?.[1]} bytes)`);
+  await startReplay(replayArgs, t.teardown);
+  await returnsDirtyOnly(t, image, replica, s);
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
