@@ -37,7 +37,8 @@ static const char *errno_name(int e) {
   }
 }
 
-static napi_value throw_errno(napi_env env, const char *syscall, int e) {
+/* A Node-style system error: code (e.g. "ENOSPC"), errno (negative), syscall, and a message naming all three. */
+static napi_value errno_error(napi_env env, const char *syscall, int e) {
   char msg[256];
   snprintf(msg, sizeof msg, "%s: %s, %s", errno_name(e), strerror(e), syscall);
   napi_value code, message, err, num;
@@ -49,7 +50,11 @@ static napi_value throw_errno(napi_env env, const char *syscall, int e) {
   napi_value sc;
   napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &sc);
   napi_set_named_property(env, err, "syscall", sc);
-  napi_throw(env, err);
+  return err;
+}
+
+static napi_value throw_errno(napi_env env, const char *syscall, int e) {
+  napi_throw(env, errno_error(env, syscall, e));
   return NULL;
 }
 
@@ -226,22 +231,8 @@ static void pwrite_complete(napi_env env, napi_status status, void *arg) {
   napi_get_reference_value(env, job->callback_ref, &cb);
   napi_get_global(env, &global);
   if (status != napi_ok && job->err == 0) job->err = EIO;
-  if (job->err) {
-    char msg[256];
-    snprintf(msg, sizeof msg, "%s: %s, pwrite", errno_name(job->err), strerror(job->err));
-    napi_value code, message, e;
-    napi_create_string_utf8(env, errno_name(job->err), NAPI_AUTO_LENGTH, &code);
-    napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &message);
-    napi_create_error(env, code, message, &e);
-    napi_value en, sc;
-    napi_create_int32(env, -job->err, &en);
-    napi_set_named_property(env, e, "errno", en);
-    napi_create_string_utf8(env, "pwrite", NAPI_AUTO_LENGTH, &sc);
-    napi_set_named_property(env, e, "syscall", sc);
-    argv[0] = e;
-  } else {
-    napi_get_null(env, &argv[0]);
-  }
+  if (job->err) argv[0] = errno_error(env, "pwrite", job->err);
+  else napi_get_null(env, &argv[0]);
   napi_delete_reference(env, job->buffer_ref);
   napi_delete_reference(env, job->callback_ref);
   napi_delete_async_work(env, job->work);

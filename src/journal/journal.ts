@@ -103,9 +103,11 @@ export class Journal extends EventEmitter {
   /** The LMDB file as /proc/self/maps names it, for dropping its mappings (undefined: cannot). */
   private mapPath: string | undefined;
   private touchedSinceUnmap = 0;
-  /** commit durability: the values of seqs [recentFirst, committed], as committed (see RECENT_BYTES). */
+  /**
+   * commit durability: the values of the last committed seqs, as committed (see RECENT_BYTES), oldest at
+   * recentAt; the window always ends at `committed`.
+   */
   private recent: Buffer[] = [];
-  private recentFirst = 1;
   private recentAt = 0;
   private recentBytes = 0;
 
@@ -281,17 +283,12 @@ export class Journal extends EventEmitter {
 
   /** Keeps a committed batch's values in memory for readRecords, dropping the oldest beyond RECENT_BYTES. */
   private remember(batch: Pending[], bytes: number): void {
-    if (this.recentAt === this.recent.length || batch[0].seq !== this.recentFirst + (this.recent.length - this.recentAt)) {
-      this.recent = [];
-      this.recentAt = 0;
-      this.recentFirst = batch[0].seq;
-    }
+    // Batches commit in seq order, each right after the one before, so the window stays gap-free.
     for (const p of batch) this.recent.push(p.value);
     this.recentBytes += bytes;
     while (this.recentBytes > RECENT_BYTES && this.recentAt < this.recent.length - 1) {
       this.recentBytes -= this.recent[this.recentAt].length;
       this.recent[this.recentAt++] = EMPTY;
-      this.recentFirst++;
     }
     // Compact the array once its dropped head outweighs what it still holds.
     if (this.recentAt > 4096 && this.recentAt * 2 > this.recent.length) {
@@ -389,10 +386,11 @@ export class Journal extends EventEmitter {
     const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
-    if (from >= this.recentFirst && from <= this.committed && this.recentAt < this.recent.length) {
+    const held = this.recent.length - this.recentAt;
+    if (from > this.committed - held && from <= this.committed) {
       const values: Buffer[] = [];
       let bytes = 0;
-      for (let i = this.recentAt + (from - this.recentFirst); i < this.recent.length; i++) {
+      for (let i = this.recent.length - (this.committed - from + 1); i < this.recent.length; i++) {
         values.push(this.recent[i]);
         bytes += this.recent[i].length;
         if (values.length >= maxEntries || bytes >= maxBytes) break;

@@ -62,6 +62,9 @@ export class ProtocolError extends BlockferryError {
   }
 }
 
+/** msgpack binary as a Buffer over the same memory (msgpackr may hand back a plain Uint8Array). */
+const asBuffer = (u: Uint8Array): Buffer => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength));
+
 const isInt = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 0;
 
 export function decode(buf: Buffer): Message {
@@ -97,7 +100,7 @@ export function decode(buf: Buffer): Message {
       return m as Message;
     case 'digests':
       if (!isInt(m.id) || !isInt(m.first) || !isInt(m.appliedSeq) || !(m.digests instanceof Uint8Array)) throw new ProtocolError('bad digests');
-      if (!Buffer.isBuffer(m.digests)) m.digests = Buffer.from(m.digests.buffer, m.digests.byteOffset, m.digests.byteLength);
+      m.digests = asBuffer(m.digests);
       return m as Message;
     case 'ack':
       if (!isInt(m.seq) || (m.durableSeq !== undefined && !isInt(m.durableSeq))) throw new ProtocolError('bad ack');
@@ -112,7 +115,7 @@ export function decode(buf: Buffer): Message {
           throw new ProtocolError('malformed entry');
         }
         if (e.data !== undefined && !Buffer.isBuffer(e.data) && !(e.data instanceof Uint8Array)) throw new ProtocolError('entry data is not binary');
-        if (e.data instanceof Uint8Array && !Buffer.isBuffer(e.data)) e.data = Buffer.from(e.data.buffer, e.data.byteOffset, e.data.byteLength);
+        if (e.data instanceof Uint8Array) e.data = asBuffer(e.data);
       }
       return m as Message;
     }
@@ -122,7 +125,7 @@ export function decode(buf: Buffer): Message {
       for (let i = 0; i < recs.length; i++) {
         const r = recs[i];
         if (!(r instanceof Uint8Array)) throw new ProtocolError('a record is not binary');
-        if (!Buffer.isBuffer(r)) recs[i] = Buffer.from(r.buffer, r.byteOffset, r.byteLength);
+        recs[i] = asBuffer(r);
       }
       return m as Message;
     }
