@@ -6,7 +6,7 @@ import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
 import WebSocket from 'ws';
-import { entryCrc } from '../src/journal/entry.js';
+import { encodeValue, entryCrc } from '../src/journal/entry.js';
 import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
 import { open } from 'lmdb';
 import { converges, until } from './helpers/files.js';
@@ -158,6 +158,13 @@ t.test('hostile peers get clear close codes; nothing bad is applied', async (t) 
     { code: 4009, reason: /refusing to overwrite/ },
     'a different primary volume cannot take over a replica',
   );
+  // The same checks hold for `records` batches (stored journal values, decoded at the replayer).
+  const record = (e: ReturnType<typeof entry>) => encodeValue(e.kind, e.offset, e.length, e.crc, e.ts, e.data, 0);
+  const records = (first: number, recs: Buffer[]) => encode({ v: PROTOCOL_VERSION, t: 'records', first, records: recs });
+  t.match(await talk([hello('v1'), records(1, [record(bad)])]), { code: 4022, reason: /seq 1 .*CRC32C/ }, 'records: CRC mismatch: 4022');
+  t.match(await talk([hello('v1'), records(1, [Buffer.alloc(7)])]), { code: 4022, reason: /seq 1 .*shorter than its header/ }, 'records: a truncated record: 4022');
+  t.match(await talk([hello('v1'), records(5, [record(entry(5, Buffer.alloc(512, 1)))])]), { code: 4023 }, 'records: gap: 4023');
+  t.ok(fs.readFileSync(path.join(dir, 'v1.img')).subarray(0, 4096).equals(Buffer.alloc(4096)), 'no bad record was applied');
   // Still serving: a good batch applies and is acknowledged.
   const good = Buffer.alloc(4096, 9);
   const res = await new Promise<boolean>((resolve) => {
