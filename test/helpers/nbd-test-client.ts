@@ -26,6 +26,7 @@ export class NbdTestClient extends EventEmitter {
   private buf = Buffer.alloc(0);
   private next = 1n;
   private readonly pending = new Map<bigint, Pending>();
+  private isClosed = false;
   private constructor(private readonly sock: net.Socket, readonly structured: boolean) {
     super();
   }
@@ -120,6 +121,7 @@ export class NbdTestClient extends EventEmitter {
     }
     this.sock.on('data', (d: Buffer) => this.onData(d));
     this.sock.on('close', () => {
+      this.isClosed = true;
       for (const p of this.pending.values()) p.reject(new Error('connection closed'));
       this.pending.clear();
     });
@@ -188,6 +190,8 @@ export class NbdTestClient extends EventEmitter {
     h.writeUInt32BE(offset >>> 0, 20);
     h.writeUInt32BE(length, 24);
     return new Promise((resolve, reject) => {
+      // After 'close' nothing would ever settle it (a test's workload would hang, not fail).
+      if (this.isClosed) return reject(new Error('connection closed'));
       this.pending.set(handle, { type, length, resolve, reject });
       this.sock.write(opts.data ? Buffer.concat([h, opts.data]) : h);
     });
