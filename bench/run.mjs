@@ -229,6 +229,15 @@ function makeBase(file) {
   fs.closeSync(fd);
 }
 
+function syncFile(file) {
+  const fd = fs.openSync(file, 'r+');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const fmt = (x, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : '-');
 
@@ -253,6 +262,9 @@ async function main() {
         fs.mkdirSync(dir);
         const img = path.join(dir, 'disk.img');
         fs.copyFileSync(base, img); // a fresh, fully allocated copy per server and round
+        // ...written back before the server starts: otherwise a server that fsyncs (blockferry's checkpoint)
+        // pays for writing the whole 1 GiB copy to disk inside its first job, and one that never fsyncs does not.
+        syncFile(img);
         process.stderr.write(`bench: round ${round}/${rounds} ${s.name}\n`);
         const srv = await s.start(img, dir);
         const sampler = s.blockferry ? sampleRss(srv.pid) : undefined;

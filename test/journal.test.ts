@@ -314,25 +314,34 @@ t.test('a payload read into allocData becomes its record in place; any other buf
 t.test('recent entries are read from memory, older ones from LMDB, with the same bytes either way', async (t) => {
   const dir = t.testdir();
   const j = await Journal.open({ dir });
-  // 40 MiB of 64 KiB entries: more than the in-memory window, so the oldest are only in LMDB.
-  const datas = Array.from({ length: 640 }, () => randomBytes(64 * 1024));
+  // A registered consumer (a replica) is what makes the journal keep its recent values in memory.
+  j.registerConsumer('replica', 1);
+  // 40 MiB of 64 KiB entries, more than the in-memory ring, so the oldest are only in LMDB and the ring wraps;
+  // odd sizes so values straddle the ring's end, and one 8 MiB value, too big for the ring, restarts it.
+  const sizes = Array.from({ length: 640 }, (_, i) => (i === 100 ? 8 * 2 ** 20 : 64 * 1024 + ((i * 4099) % 9000)));
+  const datas = sizes.map((n) => randomBytes(n));
   for (let i = 0; i < datas.length; i += 32) {
-    await Promise.all(datas.slice(i, i + 32).map((d, k) => j.append(EntryKind.WRITE, (i + k) * 65536, d.length, d).done));
+    await Promise.all(datas.slice(i, i + 32).map((d, k) => j.append(EntryKind.WRITE, (i + k) * 2 ** 24, d.length, d).done));
   }
   const all = [];
   for (let seq = 1; seq <= datas.length; ) {
     const batch = j.readRecords(seq, { maxEntries: 100 });
     t.equal(batch.first, seq, 'batches are contiguous');
-    all.push(...batch.values);
+    // Views into the ring are valid until the next commit: keep copies, as the replicator keeps its encoding.
+    all.push(...batch.values.map((v) => Buffer.from(v)));
     seq += batch.values.length;
   }
   t.equal(all.length, datas.length);
   const entries = j.read(1, { maxEntries: 1000, maxBytes: 2 ** 30 });
   t.equal(entries.length, datas.length, 'read() crosses from LMDB into memory without a gap');
-  t.ok(entries.every((e, i) => e.seq === i + 1 && e.data!.equals(datas[i]) && e.offset === i * 65536), 'every entry intact, in order');
+  t.ok(entries.every((e, i) => e.seq === i + 1 && e.data!.equals(datas[i]) && e.offset === i * 2 ** 24), 'every entry intact, in order');
+  // Entries from read() are the caller's to keep: later commits overwrite the ring, not them.
+  const last = j.read(datas.length - 1, { maxEntries: 2 });
+  for (let i = 0; i < 400; i++) await j.append(EntryKind.WRITE, i * 65536, 65536, randomBytes(65536)).done;
+  t.ok(last[0].data!.equals(datas[datas.length - 2]) && last[1].data!.equals(datas[datas.length - 1]), 'entries read from memory stay intact after the ring wraps');
   await j.close();
   const j2 = await Journal.open({ dir });
   t.teardown(() => j2.close());
-  const stored = j2.readRecords(1, { maxEntries: 1000, maxBytes: 2 ** 30 }).values;
+  const stored = j2.readRecords(1, { maxEntries: all.length, maxBytes: 2 ** 30 }).values;
   t.ok(stored.length === all.length && stored.every((v, i) => v.equals(all[i])), 'what memory served equals what LMDB stored');
 });
