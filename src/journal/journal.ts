@@ -302,9 +302,13 @@ export class Journal extends EventEmitter {
         continue;
       }
       let at = this.ringPos;
-      if (at + n > RECENT_BYTES) at = 0;
-      // Values lie in the ring in seq order, so the ones this overwrites are the oldest.
-      while (this.recentAt < this.recentOff.length && this.recentOff[this.recentAt] < at + n && this.recentOff[this.recentAt] + this.recentLen[this.recentAt] > at) {
+      const wrap = at + n > RECENT_BYTES;
+      if (wrap) at = 0;
+      // Values lie in the ring in seq order, so the ones this overwrites are the oldest: on a wrap, first all
+      // of those between the write position and the ring's end (skipped over), then those under [at, at+n).
+      const off = this.recentOff;
+      const len = this.recentLen;
+      while (this.recentAt < off.length && ((wrap && off[this.recentAt] >= this.ringPos) || (off[this.recentAt] < at + n && off[this.recentAt] + len[this.recentAt] > at))) {
         this.recentAt++;
       }
       p.value.copy(ring, at);
