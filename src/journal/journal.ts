@@ -76,6 +76,13 @@ interface Pending {
   reject: (err: Error) => void;
 }
 
+export interface RecordsOptions {
+  maxEntries?: number;
+  maxBytes?: number;
+  /** Read from LMDB (verified by CRC) even where the memory window has the entries. */
+  stored?: boolean;
+}
+
 /** A change's kind and byte range, as a dirty-region tracker needs it. */
 export type ChangeListener = (kind: EntryKind, offset: number, length: number) => void;
 
@@ -420,17 +427,17 @@ export class Journal extends EventEmitter {
    * The values are views that stay valid only until the next commit (a later turn of the event loop): encode
    * or copy them before awaiting anything.
    */
-  readRecords(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number } = {}): { first: number; values: Buffer[] } {
+  readRecords(fromSeq: number, opts: RecordsOptions = {}): { first: number; values: Buffer[] } {
     const { first, values } = this.records(fromSeq, opts);
     return { first, values };
   }
 
-  private records(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number }): { first: number; values: Buffer[]; transient: boolean } {
+  private records(fromSeq: number, opts: RecordsOptions): { first: number; values: Buffer[]; transient: boolean } {
     const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
     const held = this.recentOff.length - this.recentAt;
-    if (this.ring && from > this.committed - held && from <= this.committed) {
+    if (!opts.stored && this.ring && from > this.committed - held && from <= this.committed) {
       const values: Buffer[] = [];
       let bytes = 0;
       for (let i = this.recentOff.length - (this.committed - from + 1); i < this.recentOff.length; i++) {

@@ -112,6 +112,11 @@ export class Replicator {
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
+  /**
+   * The replica refused an entry as corrupt: everything committed by then is shipped from LMDB, where each
+   * entry is verified before it leaves, instead of from the journal's memory window.
+   */
+  private storedThrough = 0;
   /** The connected replayer takes `records` messages (said in its welcome). */
   private records = false;
   private readonly log: Logger;
@@ -256,6 +261,8 @@ export class Replicator {
         this.lastError = `${msg.code}: ${msg.message}`;
         // The replica was promoted to a primary: both sides may now have writes of their own.
         if (msg.code === 'ERR_VOLUME_PROMOTED') this.state = 'split-brain';
+        // What left memory did not match its CRC at the replica: resend it from the verified store.
+        if (msg.code === 'ERR_JOURNAL_CORRUPT' || msg.code === 'ERR_ENTRY_RANGE') this.storedThrough = this.opts.journal.stats.committedSeq;
         this.log.error({ code: msg.code }, `replica refused: ${msg.message}`);
       }
     });
@@ -433,7 +440,7 @@ export class Replicator {
       }
       let batch: { first: number; values: Buffer[] };
       try {
-        batch = j.readRecords(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES });
+        batch = j.readRecords(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES, stored: this.nextSeq <= this.storedThrough });
       } catch (err) {
         return this.cannotShip(ws, err as Error);
       }
