@@ -5,7 +5,7 @@
 import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
 import { writeZeroBuffers } from '../device/zero-fill.js';
 import type { Journal } from '../journal/journal.js';
-import { allocData } from '../journal/entry.js';
+import { allocData, releaseData } from '../journal/entry.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
@@ -132,7 +132,16 @@ export class MirrorDevice implements BlockDevice {
     if (this.checkpointBytes > 0 && this.sinceCheckpoint >= this.checkpointBytes && !this.checkpointing && !this.closed) {
       this.checkpoint().catch((err) => this.log.error({ err }, 'checkpoint after a run of writes failed'));
     }
-    return this.order.run(seq, offset, offset + data.length, done, () => this.inner.write(offset, data));
+    return this.order.run(seq, offset, offset + data.length, done, () => this.applyWrite(offset, data));
+  }
+
+  /** Writes a journaled change to the image; its record buffer is then reused (journal and ring hold copies). */
+  private async applyWrite(offset: number, data: Buffer): Promise<void> {
+    try {
+      await this.inner.write(offset, data);
+    } finally {
+      releaseData(data);
+    }
   }
 
   trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
