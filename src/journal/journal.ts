@@ -649,6 +649,8 @@ export class Journal extends EventEmitter {
     const firstCum = valueCum(first);
     const last = this.entries.getBinaryFast(to);
     if (!last || last.length < VALUE_HEADER) return -1;
+    // Both whole values were read through the map (an 8 MiB resync entry maps 8 MiB): count them.
+    this.touched(firstLen + last.length);
     return valueCum(last) - firstCum + firstLen;
   }
 
