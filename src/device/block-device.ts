@@ -57,7 +57,8 @@ export interface BlockDevice {
   read(offset: number, length: number): Promise<Buffer>;
   /**
    * A buffer for a WRITE payload of `length` bytes, which the caller fills and passes to write(). Optional: a
-   * layer that records writes (the mirror) uses it to read the payload straight into its record.
+   * layer that records writes (the mirror) uses it to read the payload straight into its record. Once that
+   * write() settles the buffer is the device's again (the mirror reuses it): the caller must not touch it.
    */
   writeBuffer?(length: number): Buffer;
   /** Write `data` at `offset`. The device must not keep a reference to `data` after resolving. */
