@@ -222,6 +222,45 @@ t.test('at the cap, appends wait for space instead of failing or dropping', asyn
   t.ok(j.stats.bytes <= 64 * 1024, 'within the cap');
 });
 
+t.test('pruning large entries goes at most 16 MiB per transaction, also while appends wait for space', async (t) => {
+  // Deleting an entry maps its pages until the next drop: big entries must not be pruned 256 at a time.
+  const MiB = 2 ** 20;
+  const steps = async (j: Journal, target: number): Promise<number[]> => {
+    const out: number[] = [];
+    let tail = j.stats.tailSeq;
+    while (tail < target) {
+      await new Promise((r) => setImmediate(r));
+      if (j.stats.tailSeq !== tail) out.push(j.stats.tailSeq - tail);
+      tail = j.stats.tailSeq;
+    }
+    return out;
+  };
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  j.registerConsumer('replica');
+  const data = randomBytes(MiB);
+  await Promise.all(Array.from({ length: 64 }, () => j.append(EntryKind.WRITE, 0, MiB, data).done));
+  await j.setCheckpoint(64);
+  j.ack('replica', 64);
+  const free = await steps(j, 65);
+  t.ok(free.length >= 4 && free.every((n) => n <= 16), `pruned in steps of ${free.join(', ')} entries of 1 MiB`);
+
+  // A full journal: 32 entries stored, 32 waiting. The waiting ones are not counted as stored when the
+  // batch is sized, or it would take entries of 1 MiB for 0.5 MiB ones.
+  const full = await Journal.open({ dir: t.testdir(), maxBytes: 32 * (MiB + 64) });
+  t.teardown(() => full.close());
+  full.registerConsumer('replica');
+  const appended = Array.from({ length: 64 }, () => full.append(EntryKind.WRITE, 0, MiB, data).done);
+  await Promise.all(appended.slice(0, 32));
+  t.equal(full.stats.committedSeq, 32, 'the cap holds 32 entries; 32 wait');
+  await full.setCheckpoint(32);
+  const stepsFull = steps(full, 33);
+  full.ack('replica', 32);
+  const pruned = await stepsFull;
+  t.ok(pruned.every((n) => n <= 16), `pruned in steps of ${pruned.join(', ')} entries while appends waited`);
+  await Promise.all(appended);
+});
+
 t.test('replay-local rebuilds the primary from base + journal, and a prefix with --until', async (t) => {
   const dir = t.testdir();
   const size = 1024 * 1024;

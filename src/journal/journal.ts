@@ -585,8 +585,9 @@ export class Journal extends EventEmitter {
     this.pruning = true;
     setImmediate(() => {
       try {
-        const entries = this.head - this.tail + 1;
-        const perEntry = entries > 0 && this.bytes > 0 ? this.bytes / entries : 1;
+        // `bytes` counts the admitted entries only: those waiting for space are not stored yet.
+        const stored = this.head - this.waitingForSpace.length - this.tail + 1;
+        const perEntry = stored > 0 && this.bytes > 0 ? this.bytes / stored : 1;
         const batch = Math.max(1, Math.min(PRUNE_BATCH, Math.floor(PRUNE_BYTES / perEntry)));
         const end = Math.min(upTo, this.tail + batch - 1);
         // Freed bytes from the first and last entries' cumulative sizes: the data pages between are never
