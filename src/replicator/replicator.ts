@@ -196,8 +196,9 @@ export class Replicator {
     let lagSeconds = 0;
     if (lagEntries > 0) {
       try {
-        const oldest = this.opts.journal.read(Math.max(this.appliedSeq + 1, j.tailSeq), { maxEntries: 1 })[0];
-        if (oldest) lagSeconds = Math.max(0, (Date.now() - oldest.ts) / 1000);
+        // Only the timestamp is needed: decoded in place, not copied out of the memory window by read().
+        const { first, values } = this.opts.journal.readRecords(Math.max(this.appliedSeq + 1, j.tailSeq), { maxEntries: 1 });
+        if (values.length > 0) lagSeconds = Math.max(0, (Date.now() - decodeValue(first, values[0]).ts) / 1000);
       } catch {
         // a corrupt entry: reported by the shipping path; the lag in seconds is unknown meanwhile
       }
