@@ -235,7 +235,9 @@ t.test('pruning large entries goes at most 16 MiB per transaction, also while ap
     }
     return out;
   };
-  const j = await Journal.open({ dir: t.testdir() });
+  const root = t.testdir();
+  // sync durability deletes every pruned entry: in batches of at most 16 MiB.
+  const j = await Journal.open({ dir: path.join(root, 'sync'), durability: 'sync' });
   t.teardown(() => j.close());
   j.registerConsumer('replica');
   const data = randomBytes(MiB);
@@ -244,10 +246,29 @@ t.test('pruning large entries goes at most 16 MiB per transaction, also while ap
   j.ack('replica', 64);
   const free = await steps(j, 65);
   t.ok(free.length >= 4 && free.every((n) => n <= 16), `pruned in steps of ${free.join(', ')} entries of 1 MiB`);
+  t.equal(j.stats.storedBytes, 0, 'sync durability: every pruned entry was deleted');
+
+  // commit durability reclaims whole segments without reading their data: pruning 96 MiB maps little of it.
+  const lazy = await Journal.open({ dir: path.join(root, 'commit') });
+  t.teardown(() => lazy.close());
+  lazy.registerConsumer('replica');
+  for (let i = 0; i < 96; i++) await lazy.append(EntryKind.WRITE, 0, MiB, data).done;
+  t.ok(lazy.stats.segments >= 2, `96 MiB of entries span ${lazy.stats.segments} segments`);
+  const file = fs.realpathSync(path.join(root, 'commit', 'journal.mdb'));
+  await lazy.setCheckpoint(96);
+  lazy.ack('replica', 96);
+  let peak = 0;
+  while (lazy.stats.storedBytes > 0) {
+    await new Promise((r) => setImmediate(r));
+    peak = Math.max(peak, mappedKiB(file));
+  }
+  t.equal(lazy.stats.tailSeq, 97, 'commit durability: all pruned');
+  t.equal(lazy.stats.segments, 1, 'the passed segments were dropped, the last one emptied');
+  t.ok(peak <= 16 * 1024, `reclaiming 96 MiB mapped at most ${peak} KiB of the journal`);
 
   // A full journal: 32 entries stored, 32 waiting. The waiting ones are not counted as stored when the
   // batch is sized, or it would take entries of 1 MiB for 0.5 MiB ones.
-  const full = await Journal.open({ dir: t.testdir(), maxBytes: 32 * (MiB + 64) });
+  const full = await Journal.open({ dir: path.join(root, 'full'), maxBytes: 32 * (MiB + 64) });
   t.teardown(() => full.close());
   full.registerConsumer('replica');
   const appended = Array.from({ length: 64 }, () => full.append(EntryKind.WRITE, 0, MiB, data).done);
@@ -259,6 +280,64 @@ t.test('pruning large entries goes at most 16 MiB per transaction, also while ap
   const pruned = await stepsFull;
   t.ok(pruned.every((n) => n <= 16), `pruned in steps of ${pruned.join(', ')} entries while appends waited`);
   await Promise.all(appended);
+});
+
+t.test('segments: entries span several, read back in order across reopen; passed ones are dropped, the tail persists', async (t) => {
+  const dir = t.testdir();
+  // A 64 MiB cap makes 1 MiB segments: 600 entries of 4 KiB fill about three.
+  const cap = 64 * 2 ** 20;
+  let j = await Journal.open({ dir, maxBytes: cap });
+  j.registerConsumer('replica');
+  const datas = Array.from({ length: 600 }, (_, i) => randomBytes(4096 - (i % 7)));
+  for (let i = 0; i < datas.length; i += 20) {
+    await Promise.all(datas.slice(i, i + 20).map((d, k) => j.append(EntryKind.WRITE, (i + k) * 4096, d.length, d).done));
+  }
+  const stored = datas.reduce((n, d) => n + d.length + 40, 0);
+  t.ok(j.stats.segments >= 3, `600 entries of 4 KiB are in ${j.stats.segments} segments`);
+  t.equal(j.stats.bytes, stored, 'bytes count every entry exactly');
+  const check = (jj: Journal, from: number, what: string) => {
+    const got: number[] = [];
+    for (let seq = from; seq <= 600; ) {
+      const batch = jj.read(seq, { maxEntries: 97 });
+      for (const e of batch) {
+        if (!e.data!.equals(datas[e.seq - 1]) || e.offset !== (e.seq - 1) * 4096) t.fail(`seq ${e.seq} differs`);
+        got.push(e.seq);
+      }
+      seq += batch.length;
+    }
+    t.same(got, Array.from({ length: 601 - from }, (_, i) => from + i), what);
+  };
+  check(j, 1, 'every entry reads back, in order, across segment boundaries');
+  await j.close();
+  j = await Journal.open({ dir, maxBytes: cap });
+  check(j, 1, '...and after reopen');
+
+  // The checkpoint and the replica pass seq 400: the segments wholly before it go, the rest stays readable.
+  const before = j.stats.segments;
+  await j.setCheckpoint(600);
+  j.ack('replica', 400);
+  await new Promise((r) => setTimeout(r, 50));
+  t.equal(j.stats.tailSeq, 401, 'retained from the replica on');
+  t.ok(j.stats.segments < before, `passed segments were dropped (${before} -> ${j.stats.segments})`);
+  t.equal(j.stats.bytes, datas.slice(400).reduce((n, d) => n + d.length + 40, 0), 'bytes count the retained entries');
+  t.ok(j.stats.storedBytes >= j.stats.bytes && j.stats.storedBytes < j.stats.bytes + 2 ** 20 + 8192, `on disk: ${j.stats.storedBytes} (at most one segment of pruned entries more)`);
+  t.equal(j.read(1)[0].seq, 401, 'a read from before the tail starts at the tail');
+  check(j, 401, 'the retained entries read back');
+  const { storedBytes, segments } = j.stats;
+  await j.close();
+
+  j = await Journal.open({ dir, maxBytes: cap });
+  t.teardown(() => j.close());
+  t.equal(j.stats.tailSeq, 401, 'the tail survives a reopen, though entries before it are still stored');
+  t.same([j.stats.storedBytes, j.stats.segments], [storedBytes, segments], 'the same storage is found again');
+  check(j, 401, 'the retained entries read back after reopen');
+  const next = j.append(EntryKind.WRITE, 0, 4096, datas[0]);
+  await next.done;
+  t.equal(next.seq, 601, 'seqs continue');
+  await j.setCheckpoint(601);
+  j.ack('replica', 601);
+  await new Promise((r) => setTimeout(r, 50));
+  t.same([j.stats.tailSeq, j.stats.storedBytes, j.stats.segments], [602, 0, 1], 'once everything is passed, nothing stays stored');
 });
 
 t.test('replay-local rebuilds the primary from base + journal, and a prefix with --until', async (t) => {

@@ -26,7 +26,8 @@ t.test(`--durability ${durability}: serve survives SIGKILL at random points: flu
   const image = path.join(dir, 'disk.img');
   const journal = path.join(dir, 'journal');
   // --keep-journal: every entry stays, so the image can be checked against zeroes + the whole journal.
-  const args = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--durability', durability];
+  // A 1 GiB cap makes 16 MiB segments: the kills also land while a new segment starts.
+  const args = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal, '--journal-max', '1G', '--keep-journal', '--durability', durability];
   const live = new Set<ChildProcess>();
   t.teardown(() => {
     for (const c of live) if (c.exitCode === null) c.kill('SIGKILL');
@@ -121,5 +122,7 @@ t.test(`--durability ${durability}: serve survives SIGKILL at random points: flu
   live.delete(s.child);
 
   t.ok(durable.size > 0, 'the workload got flushes through between kills');
+  const inspected = JSON.parse((await run(process.execPath, [CLI, 'journal', 'inspect', '--journal', journal, '--json'])).stdout);
+  if (durability === 'commit') t.ok(inspected.stats.segments > 1, `the journal grew into ${inspected.stats.segments} segments across the kills`);
   t.equal(mismatches, 0, `after each of ${kills} SIGKILLs, recovery left the image equal to zeroes + journal`);
 });

@@ -43,8 +43,12 @@ export interface JournalStats {
   /** Local image is known durable up to this sequence (recovery re-applies entries after it). */
   checkpointSeq: number;
   entries: number;
-  /** Payload + header bytes stored. */
+  /** Payload + header bytes of the entries from tailSeq on. */
   bytes: number;
+  /** Bytes on disk: `bytes` plus entries before the tail whose segment is not reclaimed yet (counted against the cap). */
+  storedBytes: number;
+  /** LMDB databases the entries are stored in (see SEGMENT_SHARE in journal.ts). */
+  segments: number;
   /** Configured cap (--journal-max). */
   maxBytes: number;
 }

@@ -55,6 +55,7 @@ const inspect: CommandModule<object, InspectArgs> = {
       `journal     ${args.journal}`,
       `sequence    tail ${s.tailSeq}  head ${s.headSeq}  committed ${s.committedSeq}  checkpoint ${s.checkpointSeq}  acked ${s.ackedSeq}`,
       `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap)`,
+      `stored      ${formatBytes(s.storedBytes)} in ${s.segments} segment${s.segments === 1 ? '' : 's'}${s.storedBytes > s.bytes ? ' (entries before the tail are reclaimed with their segment)' : ''}`,
       `consumers   ${r.consumers.length === 0 ? '(none)' : r.consumers.map((c) => `${c.id} @${c.ackedSeq}`).join(', ')}`,
       '',
       `${'SEQ'.padStart(10)}  ${'KIND'.padEnd(5)}  ${'OFFSET'.padStart(14)}  ${'LENGTH'.padStart(12)}  CRC32C    TIME`,
