@@ -161,3 +161,32 @@ t.test('large writes go out in pieces, byte-exact at odd offsets, with and witho
   const err = await new Promise<NodeJS.ErrnoException | null>((resolve) => native.pwritePieces(-1, Buffer.alloc(10), 0, 4, resolve));
   t.match(err, { code: 'EBADF', syscall: 'pwrite' }, 'a failed pwrite reaches the callback as a coded error');
 });
+
+t.test('writeNow writes small buffers at once and leaves larger ones to write(); a read-only image refuses it', async (t) => {
+  const { dev, file } = await openTemp(t);
+  const small = randomBytes(4096);
+  t.equal(dev.writeNow(3 * 4096 + 5, small), true, 'a 4 KiB write is done synchronously');
+  const fd = fs.openSync(file, 'r');
+  const back = Buffer.alloc(small.length);
+  fs.readSync(fd, back, 0, back.length, 3 * 4096 + 5);
+  t.ok(back.equals(small), 'and is in the file when writeNow returns');
+  const big = randomBytes(MiB);
+  t.equal(dev.writeNow(2 * MiB, big), false, 'a 1 MiB write is not taken');
+  const untouched = Buffer.alloc(big.length);
+  fs.readSync(fd, untouched, 0, untouched.length, 2 * MiB);
+  fs.closeSync(fd);
+  t.ok(untouched.equals(Buffer.alloc(big.length)), 'and nothing of it was written');
+  const ro = await FileDevice.open({ path: file, readOnly: true });
+  t.teardown(() => ro.close());
+  t.throws(() => ro.writeNow(0, small), { code: 'EROFS' });
+});
+
+t.test('writePiece: a large write in 32 KiB pieces lands byte-exact', async (t) => {
+  const dir = t.testdir();
+  const dev = await FileDevice.open({ path: path.join(dir, 'replica.img'), size: 16 * MiB, writePiece: 32 * 1024 });
+  t.teardown(() => dev.close());
+  const data = randomBytes(8 * MiB + 321);
+  await dev.write(MiB + 3, data);
+  t.ok((await dev.read(MiB + 3, data.length)).equals(data), 'every byte of the 8 MiB write reads back');
+  t.ok((await dev.read(0, MiB + 3)).equals(Buffer.alloc(MiB + 3)), 'nothing before it was touched');
+});

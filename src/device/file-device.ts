@@ -34,6 +34,11 @@ export interface FileDeviceOptions {
   size?: number;
   readOnly?: boolean;
   syncThreshold?: number;
+  /**
+   * Largest pwrite a big write is split into (default WRITE_PIECE). Smaller pieces make smaller page-cache
+   * folios: a replica, written in 8 MiB chunks by its initial sync and then by 4 KiB entries, uses 32 KiB.
+   */
+  writePiece?: number;
   /** Do not use the native helper even if it is built (tests; same as BLOCKFERRY_NO_NATIVE=1). */
   noNative?: boolean;
 }
@@ -66,6 +71,7 @@ export class FileDevice implements BlockDevice {
     readOnly: boolean,
     private readonly syncThreshold: number,
     private readonly native: NativeHelper | null,
+    private readonly writePiece: number,
   ) {
     this.nativeAvailable = native !== null;
     const n = native !== null;
@@ -105,7 +111,7 @@ export class FileDevice implements BlockDevice {
         throw new UsageError(`image ${opts.path} exists with ${size} bytes, not the ${opts.size} asked for with --size; drop --size to serve it as it is`);
       }
       if (size === 0) throw new UsageError(`image ${opts.path} is empty`);
-      return new FileDevice(opts.path, fd, size, isBlock, readOnly, opts.syncThreshold ?? DEFAULT_SYNC_THRESHOLD, native);
+      return new FileDevice(opts.path, fd, size, isBlock, readOnly, opts.syncThreshold ?? DEFAULT_SYNC_THRESHOLD, native, opts.writePiece ?? WRITE_PIECE);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -157,6 +163,20 @@ export class FileDevice implements BlockDevice {
     return codedError('EROFS', `${what} of ${length} bytes at offset ${offset} refused: ${this.path} is open read-only`);
   }
 
+  /**
+   * Writes `data` at `offset` now, on this thread, when it is small enough for the synchronous path (see
+   * DEFAULT_SYNC_THRESHOLD) and returns true; returns false, having written nothing, for a larger one (use
+   * write()). Throws what pwrite throws. For a caller applying thousands of small writes in order (the
+   * replayer), without a promise per write.
+   */
+  writeNow(offset: number, data: Buffer): boolean {
+    if (data.length > this.syncThreshold) return false;
+    if (this.capabilities.readOnly) throw this.readOnlyError('write', offset, data.length);
+    let done = 0;
+    while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+    return true;
+  }
+
   private writeRaw(offset: number, data: Buffer): Promise<void> {
     if (data.length <= this.syncThreshold) {
       try {
@@ -169,7 +189,7 @@ export class FileDevice implements BlockDevice {
     }
     const native = this.native;
     if (native) {
-      return new Promise((resolve, reject) => native.pwritePieces(this.fd, data, offset, WRITE_PIECE, (err) => (err ? reject(err) : resolve())));
+      return new Promise((resolve, reject) => native.pwritePieces(this.fd, data, offset, this.writePiece, (err) => (err ? reject(err) : resolve())));
     }
     return new Promise((resolve, reject) => {
       const step = (done: number) => {

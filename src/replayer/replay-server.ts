@@ -61,7 +61,7 @@ class Volume {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
     const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
     const image = path.join(dir, `${name}.img`);
-    const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size });
+    const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size, writePiece: REPLICA_WRITE_PIECE });
     return new Volume(name, device, db, state);
   }
 
@@ -111,6 +111,14 @@ class Volume {
     await this.db.close();
   }
 }
+
+/**
+ * A replica's image is first written in 8 MiB chunks (initial sync, resync), then mostly by small entries. The
+ * kernel sizes a page-cache folio by the write that creates it, and a 4 KiB write into a large folio walks all of
+ * its buffer heads: measured here (6.18, ext4), a random 4 KiB pwrite into a file first written in 128 KiB
+ * pieces costs 5.2 us, in 32 KiB pieces 3.3 us, while overwriting 1 GiB in either takes the same ~185 ms.
+ */
+const REPLICA_WRITE_PIECE = 32 * 1024;
 
 /** Background sync cadence while entries flow without FLUSHes. */
 const SYNC_INTERVAL_MS = 1000;
@@ -369,7 +377,8 @@ export class ReplayServer {
           await v.sync();
           continue;
         }
-        await applyEntry(v.device, e);
+        // Small writes go straight to the file, in order, without a promise each (thousands per batch).
+        if (e.kind !== EntryKind.WRITE || !v.device.writeNow(e.offset, e.data!)) await applyEntry(v.device, e);
         v.state.appliedSeq = e.seq;
         v.unsyncedBytes += e.kind === EntryKind.WRITE ? e.length : 0;
       }
