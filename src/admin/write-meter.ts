@@ -38,15 +38,12 @@ export class WriteMeter implements BlockDevice {
     }, SAMPLE_MS).unref();
   }
 
+  /** Counts `p` once it succeeds; a rejection passes through to the caller uncounted (it changed nothing). */
   private count(p: Promise<void>, bytes: number): Promise<void> {
-    p.then(
-      () => {
-        this.ops++;
-        this.bytes += bytes;
-      },
-      () => undefined, // the caller sees the rejection; a failed request changed nothing to count
-    );
-    return p;
+    return p.then(() => {
+      this.ops++;
+      this.bytes += bytes;
+    });
   }
 
   read(offset: number, length: number): Promise<Buffer> {

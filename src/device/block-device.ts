@@ -63,6 +63,12 @@ export interface BlockDevice {
   writeBuffer?(length: number): Buffer;
   /** Write `data` at `offset`. The device must not keep a reference to `data` after resolving. */
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void>;
+  /**
+   * Optional: write `data` at `offset` synchronously if the device does such a write on the calling thread
+   * anyway (a small write into a file) and return true; return false, having written nothing, otherwise.
+   * Throws what the write throws. Lets a caller applying many small writes in order skip a promise per write.
+   */
+  writeNow?(offset: number, data: Buffer): boolean;
   /** Make every write that has completed so far durable. */
   flush(): Promise<void>;
   /** Discard a range (a hint: afterwards its contents are unspecified until written). */

@@ -135,13 +135,20 @@ export class MirrorDevice implements BlockDevice {
     return this.order.run(seq, offset, offset + data.length, done, () => this.applyWrite(offset, data));
   }
 
-  /** Writes a journaled change to the image; its record buffer is then reused (journal and ring hold copies). */
-  private async applyWrite(offset: number, data: Buffer): Promise<void> {
+  /**
+   * Writes a journaled change to the image; its record buffer is then reused (journal and ring hold copies).
+   * A small write into a file is done at once (writeNow), without a promise.
+   */
+  private applyWrite(offset: number, data: Buffer): Promise<void> | void {
+    let done = false;
     try {
-      await this.inner.write(offset, data);
-    } finally {
+      done = this.inner.writeNow?.(offset, data) ?? false;
+    } catch (err) {
       releaseData(data);
+      throw err;
     }
+    if (done) return releaseData(data);
+    return this.inner.write(offset, data).finally(() => releaseData(data));
   }
 
   trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {
@@ -170,7 +177,7 @@ export class MirrorDevice implements BlockDevice {
     if (this.gate) await this.gate;
     this.assertUsable();
     const { seq, done } = this.journal.append(EntryKind.FLUSH, 0, 0);
-    await this.order.run(seq, 0, 0, done, async () => undefined);
+    await this.order.run(seq, 0, 0, done, () => undefined);
     await this.journal.flush();
     await this.checkpoint();
   }
@@ -202,7 +209,8 @@ export class MirrorDevice implements BlockDevice {
       const data = await this.inner.read(offset, length);
       const { seq, done } = this.journal.append(EntryKind.WRITE, offset, length, data);
       // The image already holds these bytes; registering keeps the watermark gap-free.
-      void this.order.run(seq, offset, offset + length, done, async () => undefined);
+      // Its failure is the journal's, reported to every caller after it; nothing here waits for it.
+      this.order.run(seq, offset, offset + length, done, () => undefined).catch(() => undefined);
       await done;
       return seq;
     } finally {

@@ -6,7 +6,8 @@ interface InFlight {
   seq: number;
   start: number;
   end: number;
-  settled: Promise<boolean>;
+  /** Settles once the change is applied (or has failed); later overlapping changes wait for it. */
+  work: Promise<void>;
 }
 
 export class OrderedApply {
@@ -33,45 +34,51 @@ export class OrderedApply {
 
   /**
    * Registers seq (which must be larger than every seq registered before) for [start, end) and runs `apply`
-   * once every earlier overlapping change has settled. A zero-length range (a FLUSH marker) waits for nothing.
+   * once `ready` has resolved and every earlier overlapping change has settled. A zero-length range (a FLUSH
+   * marker) waits for nothing. `apply` may finish synchronously (return nothing) or return a promise.
+   *
+   * This is on every write's path: one promise per change when nothing overlaps (ready.then), where an async
+   * function with a settled-promise and a finish-promise chained to it made four, and the sampled JS heap
+   * allocation per 4 KiB write with a replica was ~4.8 KB.
    */
-  run(seq: number, start: number, end: number, ready: Promise<void>, apply: () => Promise<void>): Promise<void> {
-    const deps: Promise<unknown>[] = [];
+  run(seq: number, start: number, end: number, ready: Promise<void>, apply: () => Promise<void> | void): Promise<void> {
+    let deps: Promise<void>[] | undefined;
     for (const f of this.inflight) {
-      if (f.start < end && start < f.end) deps.push(f.settled);
+      if (f.start < end && start < f.end) (deps ??= []).push(f.work);
     }
-    const work = (async () => {
+    const entry: InFlight = { seq, start, end, work: undefined as unknown as Promise<void> };
+    // Recorded before the caller hears of it, so no later change can slip past the failure.
+    const fail = (err: unknown): never => {
+      this.failedSeq = Math.min(this.failedSeq, seq);
+      this.finish(entry, false);
+      throw err;
+    };
+    const go = (): Promise<void> | void => {
+      let pending: Promise<void> | void;
       try {
-        await ready;
-        // allSettled: an earlier failure is reported to its own caller; the order is still respected.
-        if (deps.length > 0) await Promise.allSettled(deps);
-        await apply();
+        pending = apply();
       } catch (err) {
-        // Recorded before the caller hears of it, so no later change can slip past the failure.
-        this.failedSeq = Math.min(this.failedSeq, seq);
-        throw err;
+        return fail(err);
       }
-    })();
-    const settled = work.then(
-      () => true,
-      () => false,
-    );
-    const entry: InFlight = { seq, start, end, settled };
+      if (pending) return pending.then(() => this.finish(entry, true), fail);
+      this.finish(entry, true);
+    };
+    // allSettled: an earlier failure is reported to its own caller; the order is still respected.
+    entry.work = deps ? ready.then(() => Promise.allSettled(deps)).then(go, fail) : ready.then(go, fail);
     this.inflight.push(entry);
-    void settled.then((ok) => this.finish(entry, ok));
-    return work;
+    return entry.work;
   }
 
   /** Resolves when every change registered so far has settled. */
   async drain(): Promise<void> {
     while (this.inflight.length > 0) {
-      await Promise.allSettled(this.inflight.map((f) => f.settled));
+      await Promise.allSettled(this.inflight.map((f) => f.work));
     }
   }
 
   /** Resolves when every change registered so far that overlaps [start, end) has settled. */
   async drainRange(start: number, end: number): Promise<void> {
-    const deps = this.inflight.filter((f) => f.start < end && start < f.end).map((f) => f.settled);
+    const deps = this.inflight.filter((f) => f.start < end && start < f.end).map((f) => f.work);
     await Promise.allSettled(deps);
   }
 

@@ -94,7 +94,12 @@ export async function execute(s: Session, r: Request, payload: Buffer | undefine
         return [encodeSimpleReply(r.handle, 0), data];
       }
       case Cmd.NBD_CMD_WRITE:
-        await dev.write(r.offset, payload!, { fua: fua && dev.capabilities.fua });
+        // The hot path: no options object and no afterWrite call (an await each) unless FUA is asked for.
+        if (!fua) {
+          await dev.write(r.offset, payload!);
+          return okReply(s, r.handle);
+        }
+        await dev.write(r.offset, payload!, { fua: dev.capabilities.fua });
         await afterWrite(dev, fua);
         return okReply(s, r.handle);
       case Cmd.NBD_CMD_FLUSH:
