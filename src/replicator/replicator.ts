@@ -33,6 +33,14 @@ const WINDOW_BYTES = 16 * 2 ** 20;
 /** Per batch: bounded so one message stays far below MAX_MESSAGE_BYTES. */
 const BATCH_BYTES = 4 * 2 ** 20;
 const BATCH_ENTRIES = 1024;
+/**
+ * A batch smaller than this waits until COALESCE_MS after the previous send, gathering what commits
+ * meanwhile, so a steady write load is not shipped as one message per commit (one per event-loop turn: ~1500
+ * a second at 4 KiB writes, each paying an encode, a frame, the replayer's decode, apply round and ack, and
+ * the primary's ack handling). Adds at most COALESCE_MS to the lag; an idle link sends at once.
+ */
+const COALESCE_BYTES = 256 * 1024;
+const COALESCE_MS = 4;
 /** Reconnect backoff: first delay and ceiling. */
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 10_000;
@@ -95,6 +103,10 @@ export class Replicator {
   private stopped = false;
   private attempt = 0;
   private wake: (() => void) | undefined;
+  /** Ends ship()'s wait for new entries: the link closed or shipping stops. */
+  private interrupt: (() => void) | undefined;
+  /** When the last batch was sent (see COALESCE_MS). */
+  private lastSendAt = 0;
   private lastError: string | undefined;
   /** A journal entry at or below this seq failed its CRC: the replica gets past it by a digest resync. */
   private corruptThrough = 0;
@@ -275,6 +287,7 @@ export class Replicator {
       clearInterval(ping);
       this.ws = undefined;
       this.wake?.();
+      this.interrupt?.();
       this.digestWaiters.clear();
       if (this.state !== 'needs-resync' && this.state !== 'split-brain') this.state = 'disconnected';
       if (this.stopped) return;
@@ -446,10 +459,25 @@ export class Replicator {
         return this.cannotShip(ws, err as Error);
       }
       if (batch.values.length === 0) {
-        const ac = new AbortController();
-        this.wake = () => ac.abort();
-        await j.waitFor(this.nextSeq - 1, ac.signal);
+        // Caught up: wait for the next commit, or for the link to close or shipping to stop (acks change
+        // nothing here). No AbortController: aborting one builds a DOMException, once per ack.
+        this.wake = undefined;
+        await new Promise<void>((resolve) => {
+          this.interrupt = resolve;
+          void j.waitFor(this.nextSeq - 1).then(resolve);
+        });
+        this.interrupt = undefined;
         continue;
+      }
+      if (batch.values.length < BATCH_ENTRIES) {
+        let bytes = 0;
+        for (const v of batch.values) bytes += v.length;
+        const wait = this.lastSendAt + COALESCE_MS - Date.now();
+        if (bytes < COALESCE_BYTES && wait > 0) {
+          // The views are only valid until the next commit: read again after the wait.
+          await new Promise((r) => setTimeout(r, wait));
+          continue;
+        }
       }
       // A replayer that predates `records` is sent the same entries as msgpack maps.
       const msg = this.records
@@ -463,6 +491,7 @@ export class Replicator {
       if (this.opts.maxRate) await this.pace(msg.length);
       if (this.ws !== ws || ws.readyState !== ws.OPEN) break;
       ws.send(msg);
+      this.lastSendAt = Date.now();
     }
   }
 
@@ -498,6 +527,7 @@ export class Replicator {
     }
     this.stopped = true;
     this.wake?.();
+    this.interrupt?.();
     this.ws?.close(1001, 'primary stopping');
   }
 }
