@@ -70,7 +70,7 @@ const RECENT_MAX_VALUE = RECENT_BYTES / 4;
  * of each transaction, pruning walks the leaves, replicas' batches read entries (all three are counted). Without this a 10 GiB
  * replicated run showed ~1.3 GiB RSS of which 166 MiB was the process's own memory.
  */
-const UNMAP_AFTER_BYTES = 32 * 2 ** 20;
+const UNMAP_AFTER_BYTES = 16 * 2 ** 20;
 
 export interface JournalOptions {
   dir: string;
