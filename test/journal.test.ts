@@ -8,7 +8,7 @@ import { open } from 'lmdb';
 import { Journal } from '../src/journal/journal.js';
 import { replayLocal } from '../src/journal/replay-local.js';
 import { EntryKind } from '../src/journal/types.js';
-import { decodeValue } from '../src/journal/entry.js';
+import { decodeValue, encodeValue, entryCrc } from '../src/journal/entry.js';
 import { loadNative } from '../src/device/native.js';
 
 /** KiB of `file` this process has mapped in (its share of RSS), from /proc/self/smaps. */
@@ -338,6 +338,48 @@ t.test('segments: entries span several, read back in order across reopen; passed
   j.ack('replica', 601);
   await new Promise((r) => setTimeout(r, 50));
   t.same([j.stats.tailSeq, j.stats.storedBytes, j.stats.segments], [602, 0, 1], 'once everything is passed, nothing stays stored');
+});
+
+t.test('a journal written before segments (one entries database, no segment list) opens, reads, grows and drops it', async (t) => {
+  const dir = t.testdir();
+  // Laid out as earlier versions wrote it: seqs 1..300 in the database `entries`, and the log meta.
+  const env = open({ path: path.join(dir, 'journal.mdb'), pageSize: 32 * 1024 });
+  const old = env.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
+  const meta = env.openDB<unknown, string>({ name: 'meta' });
+  const datas = Array.from({ length: 300 }, () => randomBytes(4096));
+  let cum = 0;
+  await env.transaction(() => {
+    datas.forEach((d, i) => {
+      const v = encodeValue(EntryKind.WRITE, i * 4096, d.length, entryCrc(EntryKind.WRITE, i * 4096, d.length, d), Date.now(), d, cum);
+      cum += v.length;
+      old.putSync(i + 1, v);
+    });
+    meta.putSync('log', { head: 300, cum });
+    meta.putSync('checkpoint', 300);
+  });
+  await env.close();
+
+  const cap = 64 * 2 ** 20; // 1 MiB segments
+  let j = await Journal.open({ dir, maxBytes: cap });
+  t.same([j.stats.headSeq, j.stats.tailSeq, j.stats.segments], [300, 1, 1], 'opened: seqs 1..300 in one segment');
+  t.ok(j.read(1, { maxEntries: 300 }).every((e, i) => e.seq === i + 1 && e.data!.equals(datas[i])), 'every old entry reads back');
+  j.registerConsumer('replica', 1);
+  for (let i = 0; i < 600; i += 20) await Promise.all(Array.from({ length: 20 }, (_, k) => j.append(EntryKind.WRITE, 0, 4096, datas[(i + k) % 300]).done));
+  t.ok(j.stats.segments >= 2, `new entries went into new segments (${j.stats.segments})`);
+  await j.setCheckpoint(900);
+  j.ack('replica', 700);
+  await new Promise((r) => setTimeout(r, 50));
+  await j.close();
+  j = await Journal.open({ dir, maxBytes: cap });
+  t.equal(j.stats.tailSeq, 701, 'the tail moved past the old entries');
+  const back = j.read(701, { maxEntries: 200 });
+  t.same(back.map((e) => e.seq), Array.from({ length: 200 }, (_, i) => 701 + i), 'the retained entries read back in order');
+  t.ok(back.every((e) => e.data!.equals(datas[(e.seq - 301) % 300])), 'with their data');
+  await j.close();
+  const after = open({ path: path.join(dir, 'journal.mdb'), readOnly: true });
+  const listed = (after.openDB<unknown, string>({ name: 'meta' }).get('segments') ?? []) as Array<[string, number]>;
+  await after.close();
+  t.ok(listed.length > 0 && !listed.some(([name]) => name === 'entries'), `the old database was dropped once passed (segments: ${JSON.stringify(listed)})`);
 });
 
 t.test('replay-local rebuilds the primary from base + journal, and a prefix with --until', async (t) => {
