@@ -172,16 +172,19 @@ export class FileDevice implements BlockDevice {
   writeNow(offset: number, data: Buffer): boolean {
     if (data.length > this.syncThreshold) return false;
     if (this.capabilities.readOnly) throw this.readOnlyError('write', offset, data.length);
+    this.writeSyncAll(offset, data);
+    return true;
+  }
+
+  private writeSyncAll(offset: number, data: Buffer): void {
     let done = 0;
     while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
-    return true;
   }
 
   private writeRaw(offset: number, data: Buffer): Promise<void> {
     if (data.length <= this.syncThreshold) {
       try {
-        let done = 0;
-        while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+        this.writeSyncAll(offset, data);
         return Promise.resolve();
       } catch (err) {
         return Promise.reject(err);

@@ -117,6 +117,11 @@ export interface RecordsOptions {
 /** A change's kind and byte range, as a dirty-region tracker needs it. */
 export type ChangeListener = (kind: EntryKind, offset: number, length: number) => void;
 
+/** Entries per prune step for entries of about `perEntry` stored bytes (PRUNE_BATCH and PRUNE_BYTES). */
+function pruneBatch(perEntry: number): number {
+  return Math.max(1, Math.min(PRUNE_BATCH, Math.floor(PRUNE_BYTES / perEntry)));
+}
+
 function openSegment(root: RootDatabase, name: string): Database<Buffer, number> {
   return root.openDB<Buffer, number>({ name, encoding: 'binary' });
 }
@@ -701,16 +706,9 @@ export class Journal extends EventEmitter {
     if (!this.lazy || this.waitingForSpace.length > 0) {
       // `bytes` counts the admitted entries only: those waiting for space are not stored yet.
       const stored = this.head - this.waitingForSpace.length - this.tail + 1;
-      const perEntry = stored > 0 && this.bytes > 0 ? this.bytes / stored : 1;
-      end = Math.min(upTo, this.tail + Math.max(1, Math.min(PRUNE_BATCH, Math.floor(PRUNE_BYTES / perEntry))) - 1);
+      end = Math.min(upTo, this.tail + pruneBatch(stored > 0 && this.bytes > 0 ? this.bytes / stored : 1) - 1);
     }
-    // Freed bytes from the first and last entries' cumulative sizes: the data pages between are never read
-    // (pruning gigabytes must not pull them into memory).
-    let freed = this.spanBytes(this.tail, end);
-    if (freed < 0) {
-      freed = 0;
-      for (const { value } of this.range(this.tail, end)) freed += value.length;
-    }
+    const freed = this.storedSpan(this.tail, end);
     this.tail = end + 1;
     this.bytes -= freed;
     this.garbage += freed;
@@ -737,11 +735,7 @@ export class Journal extends EventEmitter {
   /** Drops the oldest segment, all of whose entries are before the tail, and the list entry naming it, together. */
   private dropOldest(): void {
     const [old, next] = this.segments;
-    let freed = this.physTail < next.first ? this.spanBytes(this.physTail, next.first - 1) : 0;
-    if (freed < 0) {
-      freed = 0;
-      for (const { value } of this.range(this.physTail, next.first - 1)) freed += value.length;
-    }
+    const freed = this.physTail < next.first ? this.storedSpan(this.physTail, next.first - 1) : 0;
     this.root.transactionSync(() => {
       old.db.dropSync();
       this.meta.putSync('segments', this.segments.slice(1).map((g) => [g.name, g.first]));
@@ -758,8 +752,7 @@ export class Journal extends EventEmitter {
     const seg = this.segments[0];
     const limit = Math.min(this.tail - 1, this.segments.length > 1 ? this.segments[1].first - 1 : Infinity);
     if (limit < this.physTail) return;
-    const perEntry = this.garbage > 0 ? this.garbage / (this.tail - this.physTail) : 1;
-    const end = Math.min(limit, this.physTail + Math.max(1, Math.min(PRUNE_BATCH, Math.floor(PRUNE_BYTES / perEntry))) - 1);
+    const end = Math.min(limit, this.physTail + pruneBatch(this.garbage > 0 ? this.garbage / (this.tail - this.physTail) : 1) - 1);
     let freed = this.spanBytes(this.physTail, end);
     seg.db.transactionSync(() => {
       let sum = 0;
@@ -824,6 +817,18 @@ export class Journal extends EventEmitter {
     if (seq < this.tail) return this.bytes;
     const n = this.spanBytes(seq + 1, this.committed);
     return n < 0 ? this.bytes : n;
+  }
+
+  /**
+   * Stored bytes of entries [from, to]: from the two ends' `cum` fields, so the data pages between are never
+   * read (pruning gigabytes must not pull them into memory); summed entry by entry if an end is unreadable.
+   */
+  private storedSpan(from: number, to: number): number {
+    const n = this.spanBytes(from, to);
+    if (n >= 0) return n;
+    let sum = 0;
+    for (const { value } of this.range(from, to)) sum += value.length;
+    return sum;
   }
 
   /** Stored bytes of entries [from, to] from their `cum` fields; -1 if either end is missing. */
