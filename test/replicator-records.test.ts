@@ -99,3 +99,57 @@ t.test('entries the replica refuses as corrupt are shipped again from LMDB, veri
   t.ok(reads.includes(true), 'after the refusal the entries were read from LMDB');
   t.ok(readFileSync(path.join(dir, 'replica', 'v.img')).equals(expected), 'the replica holds exactly the written data');
 });
+
+t.test('a steady trickle of small commits is shipped in coalesced batches, and an idle link sends at once', async (t) => {
+  const wss = new WebSocketServer({ host: '127.0.0.1', port: 0 });
+  await new Promise((r) => wss.once('listening', r));
+  t.teardown(() => new Promise<void>((r) => wss.close(() => r())));
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  // A stand-in replayer that acknowledges every batch at once and records when each arrived.
+  const batches: Array<{ at: number; first: number; count: number }> = [];
+  let onBatch: (() => void) | undefined;
+  wss.on('connection', (ws) => {
+    ws.on('message', (raw: Buffer) => {
+      const m = decode(raw);
+      if (m.t === 'hello') ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: 0, consistentFrom: null, features: [FEATURE_RECORDS] }));
+      else if (m.t === 'records') {
+        batches.push({ at: performance.now(), first: m.first, count: m.records.length });
+        const last = m.first + m.records.length - 1;
+        ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: last, durableSeq: last }));
+        onBatch?.();
+      }
+    });
+  });
+  const { port } = wss.address() as { port: number };
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * 2 ** 20, journal: j });
+  r.start();
+  t.teardown(() => r.stop(0));
+  const data = randomBytes(4096);
+  // Wait for the link: the first entry goes out alone.
+  await new Promise<void>((resolve) => {
+    onBatch = resolve;
+    void j.append(EntryKind.WRITE, 0, 4096, data).done;
+  });
+  // 400 entries, one per turn of the event loop: each is its own journal commit.
+  const start = performance.now();
+  for (let i = 1; i <= 400; i++) {
+    void j.append(EntryKind.WRITE, i * 4096, 4096, data).done;
+    await new Promise((r) => setImmediate(r));
+  }
+  while (batches.reduce((n, b) => n + b.count, 0) < 401) await new Promise((r) => setTimeout(r, 5));
+  const trickle = batches.slice(1);
+  const elapsed = trickle[trickle.length - 1].at - start;
+  t.same(trickle.map((b) => b.first), trickle.map((_, i) => 2 + trickle.slice(0, i).reduce((n, b) => n + b.count, 0)), 'every entry shipped once, in order');
+  t.ok(trickle.length <= elapsed / 4 + 2, `${trickle.length} batches in ${elapsed.toFixed(0)} ms: at most one per 4 ms`);
+  t.ok(trickle.length < 400 / 4, `400 commits went out as ${trickle.length} batches`);
+
+  // After a quiet spell longer than the coalescing delay, a single write is shipped without waiting.
+  await new Promise((r) => setTimeout(r, 50));
+  const sent = performance.now();
+  await new Promise<void>((resolve) => {
+    onBatch = resolve;
+    void j.append(EntryKind.WRITE, 0, 4096, data).done;
+  });
+  t.ok(performance.now() - sent < 40, `an idle link shipped the next entry in ${(performance.now() - sent).toFixed(1)} ms`);
+});
