@@ -229,7 +229,7 @@ export class Journal extends EventEmitter {
   }
 
   static async open(opts: JournalOptions): Promise<Journal> {
-    fs.mkdirSync(opts.dir, { recursive: true });
+    fs.mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
     const maxBytes = opts.maxBytes ?? DEFAULT_MAX_BYTES;
     const durability = opts.durability ?? 'commit';
     const root = open({
@@ -242,6 +242,11 @@ export class Journal extends EventEmitter {
       pageSize: JOURNAL_PAGE_SIZE,
       // The segments' databases and the meta one.
       maxDbs: MAX_SEGMENTS + 4,
+      // LMDB builds each commit's pages in malloc'd memory and zeroes them first; noMemInit skips that. Value
+      // bytes are all overwritten; only a page's unused slack can keep stale heap bytes of this process, in a
+      // file that already holds the disk's data (SECURITY.md). fio 1 MiB journaled writes measured 309 ->
+      // 363 MiB/s, serve's CPU per MiB 0.49 -> 0.38 ticks.
+      noMemInit: true,
       ...(durability === 'sync'
         ? {
             // Commits become visible first and are fsynced after, overlapping the next batch, in the order

@@ -24,7 +24,7 @@ export function dataDirHolder(dir: string): number | undefined {
 }
 
 export function lockDataDir(dir: string): void {
-  fs.mkdirSync(dir, { recursive: true });
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const holder = dataDirHolder(dir);
   if (holder !== undefined && holder !== process.pid) {
     throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by another replayer (pid ${holder}); stop it first`);

@@ -148,7 +148,7 @@ export class ReplayServer {
 
   constructor(private readonly opts: ReplayServerOptions) {
     this.log = (opts.logger ?? silentLogger).child({ component: 'replayer' });
-    fs.mkdirSync(opts.dataDir, { recursive: true });
+    fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   }
 
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
