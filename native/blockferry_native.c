@@ -146,6 +146,15 @@ static napi_value fadvise_will_need(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/* fadviseRandom(fd): no readahead on this open file (POSIX_FADV_RANDOM); see FileDevice.readScan. */
+static napi_value fadvise_random(napi_env env, napi_callback_info info) {
+  int64_t a[1];
+  if (!get_args(env, info, 1, a)) return NULL;
+  int r = posix_fadvise((int)a[0], 0, 0, POSIX_FADV_RANDOM);
+  if (r != 0) return throw_errno(env, "posix_fadvise(RANDOM)", r);
+  return undef(env);
+}
+
 /* dropFileMappings(path): MADV_DONTNEED on every *shared* mapping of exactly `path` in this process (from
  * /proc/self/maps). The pages stay in the page cache and fault back in with the same contents on the next
  * access; only this process's page-table entries go, so its RSS stops counting file pages it read once (LMDB
@@ -280,6 +289,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"blkDiscard", NULL, blk_discard, NULL, NULL, NULL, napi_default, NULL},
     {"blkZeroOut", NULL, blk_zero_out, NULL, NULL, NULL, napi_default, NULL},
     {"fadviseWillNeed", NULL, fadvise_will_need, NULL, NULL, NULL, napi_default, NULL},
+    {"fadviseRandom", NULL, fadvise_random, NULL, NULL, NULL, napi_default, NULL},
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
   };

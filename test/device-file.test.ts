@@ -190,3 +190,22 @@ t.test('writePiece: a large write in 32 KiB pieces lands byte-exact', async (t) 
   t.ok((await dev.read(MiB + 3, data.length)).equals(data), 'every byte of the 8 MiB write reads back');
   t.ok((await dev.read(0, MiB + 3)).equals(Buffer.alloc(MiB + 3)), 'nothing before it was touched');
 });
+
+t.test('readScan reads what read() reads, sees later writes, and its descriptor closes with the device', async (t) => {
+  for (const noNative of [false, true]) {
+    const { dev } = await openTemp(t, { noNative });
+    const data = randomBytes(3 * MiB);
+    await dev.write(MiB + 7, data);
+    const fdsBefore = fs.readdirSync('/proc/self/fd').length;
+    const scanned = await dev.readScan(MiB + 7, data.length);
+    t.ok(scanned.equals(data), `noNative=${noNative}: a 3 MiB scan read returns the written bytes`);
+    t.ok(scanned.equals(await dev.read(MiB + 7, data.length)), 'the same as read()');
+    const later = randomBytes(4096);
+    t.equal(dev.writeNow(2 * MiB, later), true);
+    t.ok((await dev.readScan(2 * MiB, 4096)).equals(later), 'a write made after the scan descriptor opened is seen by the next scan');
+    t.ok((await dev.readScan(0, 4096)).equals(Buffer.alloc(4096)), 'an unwritten range scans as zeroes');
+    t.equal(fs.readdirSync('/proc/self/fd').length, fdsBefore + (noNative ? 0 : 1), noNative ? 'without the helper it reads through the main descriptor' : 'with the helper one more descriptor is open');
+    await dev.close();
+    t.equal(fs.readdirSync('/proc/self/fd').length, fdsBefore - 1, 'close() closes both descriptors');
+  }
+});

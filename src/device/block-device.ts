@@ -56,6 +56,11 @@ export interface BlockDevice {
   /** Read `length` bytes at `offset`. The returned buffer is owned by the caller. */
   read(offset: number, length: number): Promise<Buffer>;
   /**
+   * Optional: read() for a pass over much of the image (digests for sync, resync and verify) that should leave
+   * the page cache as client I/O would find it. See FileDevice.readScan.
+   */
+  readScan?(offset: number, length: number): Promise<Buffer>;
+  /**
    * A buffer for a WRITE payload of `length` bytes, which the caller fills and passes to write(). Optional: a
    * layer that records writes (the mirror) uses it to read the payload straight into its record. Once that
    * write() settles the buffer is the device's again (the mirror reuses it): the caller must not touch it.

@@ -61,6 +61,8 @@ function blockDeviceSize(path: string, fd: number, st: fs.Stats, native: NativeH
 export class FileDevice implements BlockDevice {
   readonly capabilities: DeviceCapabilities;
   private closed = false;
+  /** The descriptor readScan reads through, opened on first use. */
+  private scanFd: number | undefined;
   readonly nativeAvailable: boolean;
 
   private constructor(
@@ -138,6 +140,45 @@ export class FileDevice implements BlockDevice {
           reject(e);
         }
       });
+    });
+  }
+
+  /**
+   * read() through a second descriptor with readahead off (POSIX_FADV_RANDOM), for whole-image scans. Read with
+   * readahead, an uncached file is brought into the page cache in large folios (ext4 on Linux 6.x), and every
+   * later 4 KiB write into such a folio costs far more in the kernel: measured here 28-31 us per 4 KiB pwrite
+   * after a sequential read of a 1 GiB image, 2.4 us after the same read with POSIX_FADV_RANDOM (2.3 us never
+   * read). A digest pass over the primary (initial sync, resync, verify) would otherwise slow every small
+   * write the host makes afterwards. Same page cache as the main descriptor, so it sees every write.
+   */
+  readScan(offset: number, length: number): Promise<Buffer> {
+    if (!this.native) return this.read(offset, length);
+    if (this.scanFd === undefined) {
+      if (this.closed) return Promise.reject(codedError('EBADF', `${this.path} is closed`));
+      const fd = fs.openSync(this.path, 'r');
+      try {
+        this.native.fadviseRandom(fd);
+      } catch (err) {
+        fs.closeSync(fd);
+        return Promise.reject(err);
+      }
+      this.scanFd = fd;
+    }
+    const fd = this.scanFd;
+    const buf = Buffer.allocUnsafe(length);
+    return new Promise((resolve, reject) => {
+      const step = (got: number) => {
+        if (got >= length) return resolve(buf);
+        fs.read(fd, buf, got, length - got, offset + got, (err, n) => {
+          if (err) return reject(err);
+          if (n === 0) {
+            buf.fill(0, got); // past EOF reads as zeroes, as in read()
+            return resolve(buf);
+          }
+          step(got + n);
+        });
+      };
+      step(0);
     });
   }
 
@@ -280,6 +321,8 @@ export class FileDevice implements BlockDevice {
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    if (this.scanFd !== undefined) fs.closeSync(this.scanFd);
+    this.scanFd = undefined;
     fs.closeSync(this.fd);
   }
 }

@@ -16,6 +16,8 @@ export interface NativeHelper {
   blkDiscard(fd: number, offset: number, length: number): void;
   blkZeroOut(fd: number, offset: number, length: number): void;
   fadviseWillNeed(fd: number, offset: number, length: number): void;
+  /** Turns readahead off for this open file (POSIX_FADV_RANDOM). */
+  fadviseRandom(fd: number): void;
   /**
    * Drops this process's page-table entries for every shared mapping of `path` (MADV_DONTNEED): the pages stay
    * in the page cache and read back unchanged; RSS stops counting them. Returns the bytes of mappings advised.

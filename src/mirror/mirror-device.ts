@@ -206,7 +206,8 @@ export class MirrorDevice implements BlockDevice {
     this.gate = new Promise<void>((resolve) => (open = resolve));
     try {
       await this.order.drainRange(offset, offset + length);
-      const data = await this.inner.read(offset, length);
+      // A resync reads most of the image: through readScan, which leaves the page cache fit for small writes.
+      const data = await (this.inner.readScan ? this.inner.readScan(offset, length) : this.inner.read(offset, length));
       const { seq, done } = this.journal.append(EntryKind.WRITE, offset, length, data);
       // The image already holds these bytes; registering keeps the watermark gap-free.
       // Its failure is the journal's, reported to every caller after it; nothing here waits for it.

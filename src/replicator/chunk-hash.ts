@@ -68,7 +68,7 @@ export async function hashChunks(dev: BlockDevice, first: number, count: number)
   }
   for (let i = 0; i < last - first; i++) {
     const { offset, length } = chunkRange(first + i, dev.size);
-    const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await dev.read(offset, length)).digest();
+    const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await (dev.readScan ? dev.readScan(offset, length) : dev.read(offset, length))).digest();
     digest.copy(out, i * DIGEST_BYTES);
   }
   return out;
