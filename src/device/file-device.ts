@@ -58,11 +58,17 @@ function blockDeviceSize(path: string, fd: number, st: fs.Stats, native: NativeH
   return size;
 }
 
+/** How far ahead of a scan's reads readScan asks for data (POSIX_FADV_WILLNEED). */
+const SCAN_AHEAD = 8 * 2 ** 20;
+
 export class FileDevice implements BlockDevice {
   readonly capabilities: DeviceCapabilities;
   private closed = false;
   /** The descriptor readScan reads through, opened on first use. */
   private scanFd: number | undefined;
+  /** The range readScan last asked the kernel to read ahead. */
+  private scanAheadFrom = 0;
+  private scanAheadTo = 0;
   readonly nativeAvailable: boolean;
 
   private constructor(
@@ -149,7 +155,9 @@ export class FileDevice implements BlockDevice {
    * later 4 KiB write into such a folio costs far more in the kernel: measured here 28-31 us per 4 KiB pwrite
    * after a sequential read of a 1 GiB image, 2.4 us after the same read with POSIX_FADV_RANDOM (2.3 us never
    * read). A digest pass over the primary (initial sync, resync, verify) would otherwise slow every small
-   * write the host makes afterwards. Same page cache as the main descriptor, so it sees every write.
+   * write the host makes afterwards. Same page cache as the main descriptor, so it sees every write. What is
+   * read next is asked for ahead with POSIX_FADV_WILLNEED, which reads in small folios: a 1 GiB scan in 256 KiB
+   * reads of an evicted image measured 1203-1379 MiB/s that way, 671-829 without it, 427-719 with readahead.
    */
   readScan(offset: number, length: number): Promise<Buffer> {
     if (!this.native) return this.read(offset, length);
@@ -165,6 +173,18 @@ export class FileDevice implements BlockDevice {
       this.scanFd = fd;
     }
     const fd = this.scanFd;
+    const end = offset + length;
+    if (end + SCAN_AHEAD / 2 > this.scanAheadTo || offset < this.scanAheadFrom) {
+      // A new pass, or past half of the range asked for: ask for the next SCAN_AHEAD bytes (a hint; errors ignored).
+      const from = offset < this.scanAheadFrom || offset > this.scanAheadTo ? offset : this.scanAheadTo;
+      try {
+        this.native.fadviseWillNeed(fd, from, end + SCAN_AHEAD - from);
+      } catch {
+        // only a hint
+      }
+      this.scanAheadFrom = offset;
+      this.scanAheadTo = end + SCAN_AHEAD;
+    }
     const buf = Buffer.allocUnsafe(length);
     return new Promise((resolve, reject) => {
       const step = (got: number) => {
