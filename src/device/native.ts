@@ -32,6 +32,12 @@ export interface NativeHelper {
 
 let cached: NativeHelper | null | undefined;
 
+/** Every function NativeHelper declares: a helper built from older sources lacks some and is not used. */
+const FUNCTIONS: ReadonlyArray<keyof NativeHelper> = [
+  'punchHole', 'zeroRange', 'seekData', 'seekHole', 'blockDeviceSize', 'blkDiscard', 'blkZeroOut',
+  'fadviseWillNeed', 'fadviseRandom', 'dropFileMappings', 'pwritePieces',
+];
+
 /** The package root: the nearest ancestor holding package.json (works from dist/device and src/device). */
 function packageRoot(): string | null {
   let dir = path.dirname(fileURLToPath(import.meta.url));
@@ -50,7 +56,10 @@ export function loadNative(): NativeHelper | null {
   const root = packageRoot();
   if (root) {
     try {
-      cached = createRequire(import.meta.url)(path.join(root, 'build', 'Release', 'blockferry_native.node')) as NativeHelper;
+      const helper = createRequire(import.meta.url)(path.join(root, 'build', 'Release', 'blockferry_native.node')) as NativeHelper;
+      const missing = FUNCTIONS.filter((f) => typeof helper[f] !== 'function');
+      if (missing.length === 0) cached = helper;
+      else process.emitWarning(`build/Release/blockferry_native.node is out of date (no ${missing.join(', ')}): using fallbacks; rebuild it with npm rebuild blockferry or npx node-gyp rebuild`);
     } catch {
       // Not built (no compiler at install time): the device reports fewer capabilities and the core emulates.
     }
