@@ -87,3 +87,8 @@ export interface BlockDevice {
   /** Release the device. In-flight calls have completed before close() is called. */
   close(): Promise<void>;
 }
+
+/** Reads for a pass over much of the image: through readScan where the device has it, else read(). */
+export function scanRead(dev: BlockDevice, offset: number, length: number): Promise<Buffer> {
+  return dev.readScan ? dev.readScan(offset, length) : dev.read(offset, length);
+}

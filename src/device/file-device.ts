@@ -130,17 +130,22 @@ export class FileDevice implements BlockDevice {
     const buf = Buffer.allocUnsafe(length);
     if (length <= this.syncThreshold) {
       try {
-        this.fill(fs.readSync(this.fd, buf, 0, length, offset), buf, offset);
+        this.fill(this.fd, fs.readSync(this.fd, buf, 0, length, offset), buf, offset);
         return Promise.resolve(buf);
       } catch (err) {
         return Promise.reject(err);
       }
     }
+    return this.readPool(this.fd, buf, offset);
+  }
+
+  /** Fills `buf` from `fd` at `offset` with one thread-pool read (a short one completed by fill). */
+  private readPool(fd: number, buf: Buffer, offset: number): Promise<Buffer> {
     return new Promise((resolve, reject) => {
-      fs.read(this.fd, buf, 0, length, offset, (err, n) => {
+      fs.read(fd, buf, 0, buf.length, offset, (err, n) => {
         if (err) return reject(err);
         try {
-          this.fill(n, buf, offset);
+          this.fill(fd, n, buf, offset);
           resolve(buf);
         } catch (e) {
           reject(e);
@@ -185,27 +190,13 @@ export class FileDevice implements BlockDevice {
       this.scanAheadFrom = offset;
       this.scanAheadTo = end + SCAN_AHEAD;
     }
-    const buf = Buffer.allocUnsafe(length);
-    return new Promise((resolve, reject) => {
-      const step = (got: number) => {
-        if (got >= length) return resolve(buf);
-        fs.read(fd, buf, got, length - got, offset + got, (err, n) => {
-          if (err) return reject(err);
-          if (n === 0) {
-            buf.fill(0, got); // past EOF reads as zeroes, as in read()
-            return resolve(buf);
-          }
-          step(got + n);
-        });
-      };
-      step(0);
-    });
+    return this.readPool(fd, Buffer.allocUnsafe(length), offset);
   }
 
   /** Completes a short read synchronously (rare: only at EOF or on signals); past EOF reads as zeroes. */
-  private fill(got: number, buf: Buffer, offset: number): void {
+  private fill(fd: number, got: number, buf: Buffer, offset: number): void {
     while (got < buf.length) {
-      const n = fs.readSync(this.fd, buf, got, buf.length - got, offset + got);
+      const n = fs.readSync(fd, buf, got, buf.length - got, offset + got);
       if (n === 0) {
         buf.fill(0, got);
         return;

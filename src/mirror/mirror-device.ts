@@ -2,7 +2,7 @@
 // every change journal-first. Per change: 1. append to the journal (the seq is the order of truth),
 // 2. once committed, apply to the image in seq order for overlapping ranges, 3. resolve (the NBD reply).
 // On open it recovers: entries after the last checkpoint are re-applied before anyone can connect.
-import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from '../device/block-device.js';
+import { scanRead, type BlockDevice, type DeviceCapabilities, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import { writeZeroBuffers } from '../device/zero-fill.js';
 import type { Journal } from '../journal/journal.js';
 import { allocData, releaseData } from '../journal/entry.js';
@@ -207,7 +207,7 @@ export class MirrorDevice implements BlockDevice {
     try {
       await this.order.drainRange(offset, offset + length);
       // A resync reads most of the image: through readScan, which leaves the page cache fit for small writes.
-      const data = await (this.inner.readScan ? this.inner.readScan(offset, length) : this.inner.read(offset, length));
+      const data = await scanRead(this.inner, offset, length);
       const { seq, done } = this.journal.append(EntryKind.WRITE, offset, length, data);
       // The image already holds these bytes; registering keeps the watermark gap-free.
       // Its failure is the journal's, reported to every caller after it; nothing here waits for it.

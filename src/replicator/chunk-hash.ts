@@ -3,7 +3,7 @@
 // SHA-256 (hardware-accelerated here: ~1.4 GiB/s) rather than a CRC: a missed difference would leave a
 // replica silently wrong, so the digest must make accidental equality out of the question.
 import { createHash } from 'node:crypto';
-import type { BlockDevice } from '../device/block-device.js';
+import { scanRead, type BlockDevice } from '../device/block-device.js';
 
 /** Chunk size of the comparison: a differing chunk costs this much on the wire. */
 export const CHUNK_BYTES = 256 * 2 ** 10;
@@ -68,7 +68,7 @@ export async function hashChunks(dev: BlockDevice, first: number, count: number)
   }
   for (let i = 0; i < last - first; i++) {
     const { offset, length } = chunkRange(first + i, dev.size);
-    const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await (dev.readScan ? dev.readScan(offset, length) : dev.read(offset, length))).digest();
+    const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await scanRead(dev, offset, length)).digest();
     digest.copy(out, i * DIGEST_BYTES);
   }
   return out;
