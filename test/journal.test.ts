@@ -562,3 +562,19 @@ t.test('recent entries are read from memory, older ones from LMDB, with the same
   const stored = j2.readRecords(1, { maxEntries: all.length, maxBytes: 2 ** 30 }).values;
   t.ok(stored.length === all.length && stored.every((v, i) => v.equals(all[i])), 'what memory served equals what LMDB stored');
 });
+
+t.test('a new journal directory, and a replayer data directory, are private to their owner (0700)', async (t) => {
+  // The journal holds the disk's data (and, with noMemInit, page slack from serve's memory): no other local
+  // user may read it. The umask cannot widen it; 0022 is the usual one.
+  const old = process.umask(0o022);
+  t.teardown(() => process.umask(old));
+  const dir = path.join(t.testdir(), 'new', 'journal');
+  const j = await Journal.open({ dir });
+  t.teardown(() => j.close());
+  t.equal(fs.statSync(dir).mode & 0o777, 0o700, 'the journal directory is 0700');
+  const { ReplayServer } = await import('../src/replayer/replay-server.js');
+  const dataDir = path.join(t.testdir(), 'replica-data');
+  const server = new ReplayServer({ dataDir });
+  t.teardown(() => server.close());
+  t.equal(fs.statSync(dataDir).mode & 0o777, 0o700, "the replayer's data directory is 0700");
+});
