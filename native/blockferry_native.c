@@ -1,13 +1,17 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
- * block-device ioctls, fadvise, madvise of a file's shared mappings), as synchronous Node-API functions. They
- * are rare or fast (metadata only). One asynchronous function, pwritePieces, writes a large buffer as a series
+ * block-device ioctls, fadvise, madvise of a file's shared mappings) and glibc's mallopt, as synchronous
+ * Node-API functions. They are rare or fast (metadata only). One asynchronous function, pwritePieces, writes a large buffer as a series
  * of bounded pwrite calls in one thread-pool trip. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/falloc.h>
 #include <linux/fs.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <node_api.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -279,6 +283,32 @@ static napi_value pwrite_pieces(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/* keepFreedMemory(mmapThreshold, trimThreshold): glibc malloc serves allocations below mmapThreshold from its
+ * heap and gives freed memory back to the kernel only when more than trimThreshold is free at the top. Its
+ * default (allocations from 128 KiB up by mmap, adjusted upwards as they are freed; trim above twice that)
+ * returns the pages of every large batch to the kernel and faults fresh zeroed ones in for the next: LMDB
+ * mallocs each commit's overflow pages for 1 MiB entries, Node each 1 MiB request's buffer. Returns false
+ * where malloc is not glibc's (nothing changed). */
+static napi_value keep_freed_memory(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t mmap_threshold, trim_threshold;
+  if (argc < 2 || napi_get_value_int64(env, argv[0], &mmap_threshold) != napi_ok ||
+      napi_get_value_int64(env, argv[1], &trim_threshold) != napi_ok || mmap_threshold <= 0 || trim_threshold <= 0 ||
+      mmap_threshold > INT32_MAX || trim_threshold > INT32_MAX) {
+    napi_throw_type_error(env, NULL, "blockferry_native: keepFreedMemory(mmapThreshold, trimThreshold)");
+    return NULL;
+  }
+  bool done = false;
+#ifdef __GLIBC__
+  done = mallopt(M_MMAP_THRESHOLD, (int)mmap_threshold) == 1 && mallopt(M_TRIM_THRESHOLD, (int)trim_threshold) == 1;
+#endif
+  napi_value result;
+  napi_get_boolean(env, done, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
@@ -292,6 +322,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fadviseRandom", NULL, fadvise_random, NULL, NULL, NULL, napi_default, NULL},
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
+    {"keepFreedMemory", NULL, keep_freed_memory, NULL, NULL, NULL, napi_default, NULL},
   };
   napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
   return exports;

@@ -5,8 +5,12 @@ process.env.UV_THREADPOOL_SIZE ??= '8';
 
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
+import { keepFreedMemory } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 import { commands } from './commands/index.js';
+
+// serve and replay move large buffers through malloc at a high rate: keep freed ones for reuse (see there).
+keepFreedMemory();
 
 const cli = yargs(hideBin(process.argv))
   .scriptName('blockferry')
