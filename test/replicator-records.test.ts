@@ -8,7 +8,7 @@ import { Journal } from '../src/journal/journal.js';
 import { decodeValue } from '../src/journal/entry.js';
 import { EntryKind, type JournalEntry } from '../src/journal/types.js';
 import { Replicator } from '../src/replicator/replicator.js';
-import { FEATURE_RECORDS, PROTOCOL_VERSION, decode, encode, type Message } from '../src/replicator/protocol.js';
+import { FEATURE_RECORDS, PROTOCOL_VERSION, PooledEncoder, decode, encode, type Message } from '../src/replicator/protocol.js';
 
 /** A stand-in replayer: welcomes the primary (with or without the records feature) and hands over its first batch. */
 async function firstBatch(t: Test, features: string[] | undefined): Promise<{ msg: Message; datas: Buffer[] }> {
@@ -152,4 +152,28 @@ t.test('a steady trickle of small commits is shipped in coalesced batches, and a
     void j.append(EntryKind.WRITE, 0, 4096, data).done;
   });
   t.ok(performance.now() - sent < 40, `an idle link shipped the next entry in ${(performance.now() - sent).toFixed(1)} ms`);
+});
+
+t.test('PooledEncoder: the same bytes as encode(); a buffer is reused only once released', async (t) => {
+  const pool = new PooledEncoder(64 * 1024, 2);
+  const records = [randomBytes(4096), randomBytes(40)];
+  const msg: Message = { v: PROTOCOL_VERSION, t: 'records', first: 7, records };
+  const a = pool.encode(msg);
+  t.ok(a.data.equals(encode(msg)), 'encoded exactly as encode() does');
+  const b = pool.encode({ ...msg, first: 8 });
+  t.not(b.data.buffer, a.data.buffer, 'a buffer not yet released is not handed out again');
+  t.same((decode(a.data) as { first: number }).first, 7, 'the first message is intact after the second was encoded');
+  a.release();
+  a.release(); // twice is harmless: the buffer must not enter the pool twice
+  const c = pool.encode({ ...msg, first: 9 });
+  t.equal(c.data.buffer, a.data.buffer, 'a released buffer is reused');
+  const d = pool.encode({ ...msg, first: 10 });
+  t.not(d.data.buffer, c.data.buffer, 'released once, handed out once');
+  const big: Message = { v: PROTOCOL_VERSION, t: 'records', first: 1, records: [randomBytes(100 * 1024)] };
+  const e = pool.encode(big);
+  t.ok(e.data.equals(encode(big)), 'a message larger than the pool buffers is still encoded whole');
+  e.release();
+  b.release();
+  c.release();
+  d.release();
 });

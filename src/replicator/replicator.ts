@@ -25,7 +25,7 @@ import { JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { lagBytes } from './lag-bytes.js';
-import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode } from './protocol.js';
+import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PooledEncoder, decode, encode } from './protocol.js';
 import { decodeValue } from '../journal/entry.js';
 
 /** Unacknowledged bytes in flight per replica. */
@@ -131,6 +131,11 @@ export class Replicator {
   private storedThrough = 0;
   /** The connected replayer takes `records` messages (said in its welcome). */
   private records = false;
+  /**
+   * Batch messages: one batch of values plus msgpack framing (5 bytes a record at most); as many kept as the
+   * window can have in flight, plus one.
+   */
+  private readonly batchEncoder = new PooledEncoder(BATCH_BYTES + BATCH_ENTRIES * 8 + 1024, Math.ceil(WINDOW_BYTES / BATCH_BYTES) + 1);
   private readonly log: Logger;
   readonly consumerId: string;
 
@@ -480,17 +485,21 @@ export class Replicator {
         }
       }
       // A replayer that predates `records` is sent the same entries as msgpack maps.
-      const msg = this.records
-        ? encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values })
-        : encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch.values.map((v, i) => decodeValue(batch.first + i, v)) });
+      const { data: msg, release } = this.records
+        ? this.batchEncoder.encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values })
+        : { data: encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch.values.map((v, i) => decodeValue(batch.first + i, v)) }), release: () => undefined };
       const last = batch.first + batch.values.length - 1;
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
       if (!this.resync) this.state = j.stats.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
       if (this.opts.maxRate) await this.pace(msg.length);
-      if (this.ws !== ws || ws.readyState !== ws.OPEN) break;
-      ws.send(msg);
+      if (this.ws !== ws || ws.readyState !== ws.OPEN) {
+        release();
+        break;
+      }
+      // The callback comes once the bytes are written (or the send failed): then the buffer may be reused.
+      ws.send(msg, release);
       this.lastSendAt = Date.now();
     }
   }
