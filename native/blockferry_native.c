@@ -1,7 +1,7 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
  * block-device ioctls, fadvise, madvise of a file's shared mappings) and glibc's mallopt, as synchronous
- * Node-API functions. They are rare or fast (metadata only). One asynchronous function, pwritePieces, writes a large buffer as a series
- * of bounded pwrite calls in one thread-pool trip. */
+ * Node-API functions. They are rare or fast (metadata and settings only). One asynchronous function,
+ * pwritePieces, writes a large buffer as a series of bounded pwrite calls in one thread-pool trip. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>

@@ -86,9 +86,5 @@ const MALLOC_TRIM_THRESHOLD = 32 * 2 ** 20;
  * the CLI calls it once at start. Returns whether it took effect.
  */
 export function keepFreedMemory(): boolean {
-  try {
-    return loadNative()?.keepFreedMemory(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD) ?? false;
-  } catch {
-    return false;
-  }
+  return loadNative()?.keepFreedMemory(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD) ?? false;
 }

@@ -50,7 +50,9 @@ export const FEATURE_RECORDS = 'records';
 /** Most chunks one digest request may ask for (bounds the replayer's work per message). */
 export const MAX_DIGEST_CHUNKS = 4096;
 
-const packr = new Packr({ useRecords: false, mapsAsObjects: true });
+/** Plain msgpack maps (no record extension): what every peer, of any version, decodes. */
+const PACKR_OPTIONS = { useRecords: false, mapsAsObjects: true } as const;
+const packr = new Packr(PACKR_OPTIONS);
 
 export function encode(msg: Message): Buffer {
   return packr.pack(msg);
@@ -63,7 +65,7 @@ export function encode(msg: Message): Buffer {
  * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
  */
 export class PooledEncoder {
-  private readonly packr = new Packr({ useRecords: false, mapsAsObjects: true });
+  private readonly packr = new Packr(PACKR_OPTIONS);
   private readonly free: Buffer[] = [];
 
   /** Buffers of `size` bytes; at most `keep` of them are kept while unused. */
