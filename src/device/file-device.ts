@@ -2,6 +2,7 @@
 // Small requests use synchronous syscalls: page-cache hits then cost no thread-pool round trip, which
 // PERF-NOTES measured at 2x for 4 KiB reads. Large ones go through the libuv pool so the loop keeps serving.
 import fs from 'node:fs';
+import { ioPool, releaseBuffer } from '../util/buffer-pool.js';
 import { UsageError } from '../util/errors.js';
 import type { BlockDevice, DeviceCapabilities, Extent, WriteOptions, ZeroOptions } from './block-device.js';
 import { loadNative, type NativeHelper } from './native.js';
@@ -126,8 +127,12 @@ export class FileDevice implements BlockDevice {
     }
   }
 
+  /**
+   * Pooled (util/buffer-pool): whoever is done with it last may releaseBuffer it, as the NBD connection does
+   * once the reply is on the wire; one never released is simply collected.
+   */
   read(offset: number, length: number): Promise<Buffer> {
-    const buf = Buffer.allocUnsafe(length);
+    const buf = ioPool.alloc(length);
     if (length <= this.syncThreshold) {
       try {
         this.fill(this.fd, fs.readSync(this.fd, buf, 0, length, offset), buf, offset);
@@ -207,8 +212,14 @@ export class FileDevice implements BlockDevice {
 
   write(offset: number, data: Buffer, opts?: WriteOptions): Promise<void> {
     if (this.capabilities.readOnly) return Promise.reject(this.readOnlyError('write', offset, data.length));
-    if (opts?.fua) return this.writeRaw(offset, data).then(() => this.flush());
-    return this.writeRaw(offset, data);
+    const p = opts?.fua ? this.writeRaw(offset, data).then(() => this.flush()) : this.writeRaw(offset, data);
+    // A payload from writeBuffer is this device's again once written (the BlockDevice contract): reuse it.
+    if (ioPool.whole(data) === undefined) return p;
+    if (data.length <= this.syncThreshold) {
+      releaseBuffer(data); // written (or failed) already, on this thread
+      return p;
+    }
+    return p.finally(() => releaseBuffer(data));
   }
 
   private readOnlyError(what: string, offset: number, length: number): Error {
@@ -231,6 +242,11 @@ export class FileDevice implements BlockDevice {
   private writeSyncAll(offset: number, data: Buffer): void {
     let done = 0;
     while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);
+  }
+
+  /** A pooled buffer for a WRITE's payload (util/buffer-pool); write() gives it back once it is written. */
+  writeBuffer(length: number): Buffer {
+    return ioPool.alloc(length);
   }
 
   private writeRaw(offset: number, data: Buffer): Promise<void> {

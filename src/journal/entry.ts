@@ -3,6 +3,7 @@
 // entries received over the wire with the same functions.
 import { crc32c } from '@node-rs/crc32';
 import { JournalCorruptError } from '../util/errors.js';
+import { BufferPool, releaseBuffer } from '../util/buffer-pool.js';
 import { writeU64 } from '../util/u64.js';
 import { EntryKind, type JournalEntry } from './types.js';
 
@@ -48,24 +49,10 @@ export function valueCum(v: Buffer): number {
 }
 
 /**
- * Marks the data views allocData made, pointing at their whole value. A property on the view rather than a
- * WeakSet of ArrayBuffers: every entry in a WeakSet is an ephemeron that V8's GC must process, which showed in
- * profiles of 4 KiB writes; a view nobody else made can never carry this module's symbol.
+ * Record buffers for WRITEs, data behind room for the value header, reused once their entry is committed and
+ * applied (releaseBuffer): a steady write load allocates no ArrayBuffers (see util/buffer-pool).
  */
-const VALUE = Symbol('journal value');
-type InPlaceData = Buffer & { [VALUE]?: Buffer };
-
-/**
- * Free record buffers for allocData, by data capacity in POOL_UNIT steps. Every new ArrayBuffer counts as
- * external memory for V8, which starts a full mark-compact after each ~64 MiB of it: at 1 MiB writes that was
- * several major GCs a second and a third of serve's CPU. Records whose write has been journaled and applied
- * come back here (releaseData) and are reused, so a steady write load allocates nothing.
- */
-const POOL_UNIT = 4096;
-const POOL_MAX_DATA = 2 ** 20;
-const POOL_MAX_BYTES = 32 * 2 ** 20;
-const pool: ArrayBuffer[][] = [];
-let pooledBytes = 0;
+const recordPool = new BufferPool({ unit: 4096, maxLength: 2 ** 20, maxBytes: 32 * 2 ** 20, headroom: VALUE_HEADER });
 
 /**
  * Room for a WRITE's `length` data bytes behind a value header. The NBD connection reads the payload straight
@@ -73,19 +60,7 @@ let pooledBytes = 0;
  * once, from the socket into its journal record, instead of into a payload buffer and again into the record.
  */
 export function allocData(length: number): Buffer {
-  const units = Math.ceil(length / POOL_UNIT);
-  let ab: ArrayBuffer | undefined;
-  if (length > 0 && length <= POOL_MAX_DATA) {
-    ab = pool[units]?.pop();
-    if (ab) pooledBytes -= ab.byteLength;
-    else ab = Buffer.allocUnsafeSlow(VALUE_HEADER + units * POOL_UNIT).buffer as ArrayBuffer;
-  } else {
-    ab = Buffer.allocUnsafeSlow(VALUE_HEADER + length).buffer as ArrayBuffer;
-  }
-  const value = Buffer.from(ab, 0, VALUE_HEADER + length);
-  const data = value.subarray(VALUE_HEADER) as InPlaceData;
-  data[VALUE] = value;
-  return data;
+  return recordPool.alloc(length);
 }
 
 /**
@@ -94,23 +69,11 @@ export function allocData(length: number): Buffer {
  * of the same one, is ignored.
  */
 export function releaseData(data: Buffer): void {
-  const value = (data as InPlaceData)[VALUE];
-  if (!value) return;
-  (data as InPlaceData)[VALUE] = undefined;
-  const ab = value.buffer as ArrayBuffer;
-  const units = (ab.byteLength - VALUE_HEADER) / POOL_UNIT;
-  if (!Number.isInteger(units) || units < 1 || units * POOL_UNIT > POOL_MAX_DATA || pooledBytes + ab.byteLength > POOL_MAX_BYTES) return;
-  (pool[units] ??= []).push(ab);
-  pooledBytes += ab.byteLength;
-}
-
-/** The whole value around `data` when allocData made it; undefined for any other buffer. */
-function valueAround(data: Buffer): Buffer | undefined {
-  return (data as InPlaceData)[VALUE];
+  releaseBuffer(data);
 }
 
 export function encodeValue(kind: number, offset: number, length: number, crc: number, ts: number, data: Buffer | undefined, cum: number): Buffer {
-  const around = data ? valueAround(data) : undefined;
+  const around = data ? recordPool.whole(data) : undefined;
   const b = around ?? Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));
   b.writeUInt32BE(kind << 24, 0);
   b.writeUInt32BE(crc, 4);

@@ -69,6 +69,16 @@ export class ByteQueue {
     return dropped;
   }
 
+  /** Copies what is left into a buffer of its own, so that the chunks it came from may be reused. */
+  detach(): void {
+    if (this.length === 0) return;
+    const own = Buffer.allocUnsafe(this.length);
+    this.copyTo(own, 0, this.length);
+    this.chunks = [own];
+    this.head = 0;
+    this.length = own.length;
+  }
+
   private advance(n: number): void {
     this.head += n;
     this.length -= n;

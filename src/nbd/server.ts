@@ -53,7 +53,9 @@ export class NbdServer extends EventEmitter {
   }
 
   async listen(target: { host: string; port: number } | { path: string }): Promise<{ host?: string; port?: number; path?: string }> {
-    const server = net.createServer({ noDelay: true }, (sock) => this.accept(sock));
+    // Paused on connect: a plain connection's socket is taken over in user-buffer mode (Connection.adopt)
+    // before anything is read.
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (sock) => this.accept(sock));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
     if ('path' in target) {
       // A stale socket file from a killed run would make listen fail with EADDRINUSE.
@@ -77,13 +79,17 @@ export class NbdServer extends EventEmitter {
       return;
     }
     sock.setNoDelay(true);
-    this.handleConnection(sock);
+    if (this.tls) sock.resume(); // STARTTLS needs Node's own stream reading
+    this.handleConnection(sock, !this.tls);
   }
 
-  /** Serves one already-connected stream (a TCP/Unix socket, or an in-memory duplex in tests). */
-  handleConnection(stream: Duplex): void {
+  /**
+   * Serves one already-connected stream (a TCP/Unix socket, or an in-memory duplex in tests). `userBuffer`: the
+   * stream is an accepted socket that has not started reading, to be read in user-buffer mode.
+   */
+  handleConnection(stream: Duplex, userBuffer = false): void {
     const peer = (stream as net.Socket).remoteAddress ?? 'local';
-    const conn = new Connection(stream, this.exports, this.log.child({ peer }), this.handshakeTimeoutMs, this.tls);
+    const conn = new Connection(stream, this.exports, this.log.child({ peer }), this.handshakeTimeoutMs, this.tls, { userBuffer });
     this.conns.add(conn);
     void conn.closed.then(() => this.conns.delete(conn));
   }
