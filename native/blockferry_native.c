@@ -1,7 +1,8 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
  * block-device ioctls, fadvise, madvise of a file's shared mappings) and glibc's mallopt, as synchronous
  * Node-API functions. They are rare or fast (metadata and settings only). One asynchronous function,
- * pwritePieces, writes a large buffer as a series of bounded pwrite calls in one thread-pool trip. */
+ * pwritePieces, writes a large buffer as a series of bounded pwrite calls in one thread-pool trip. And CRC32C
+ * with the SSE4.2 instruction on three interleaved streams (where the CPU has it). */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -19,6 +20,9 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
+#if defined(__x86_64__)
+#include <nmmintrin.h>
+#endif
 
 static const char *errno_name(int e) {
   switch (e) {
@@ -309,7 +313,137 @@ static napi_value keep_freed_memory(napi_env env, napi_callback_info info) {
   return result;
 }
 
+
+/* ---- CRC32C (Castagnoli, reflected polynomial 0x82F63B78), as @node-rs/crc32's crc32c(data, initial) ----
+ * The crc32 instruction has a latency of three cycles and a throughput of one, so one stream of it runs at a
+ * third of its speed: long inputs are cut into three blocks whose CRCs are computed together and then joined.
+ * Joining uses linearity: the register after A then B equals the register after A advanced over len(B) zero
+ * bytes (a multiplication by x^(8 len(B)) modulo P) xor the register of B alone from zero. */
+#define CRC32C_POLY 0x82F63B78u
+/* Bytes per block of the three-way loops, and x^(8 * block) mod P for each, set by crc32c_init. */
+#define CRC_BLOCK 8192
+#define CRC_SMALL_BLOCK 512 /* the rest of a long input, and inputs of 1.5 KiB up (4 KiB writes) */
+static uint32_t crc_shift_block, crc_shift_small;
+static uint32_t crc_x2n[32]; /* x^(2^k) mod P */
+static bool crc_hw;
+
+/* a * b modulo P, bit-reflected (bit 31 is x^0). */
+static uint32_t multmodp(uint32_t a, uint32_t b) {
+  uint32_t m = 1u << 31, p = 0;
+  for (;;) {
+    if (a & m) {
+      p ^= b;
+      if ((a & (m - 1)) == 0) break;
+    }
+    m >>= 1;
+    b = b & 1 ? (b >> 1) ^ CRC32C_POLY : b >> 1;
+  }
+  return p;
+}
+
+/* x^(8n) mod P: the operator that advances a CRC register over n zero bytes. */
+static uint32_t x8nmodp(uint64_t n) {
+  uint32_t p = 1u << 31;
+  for (int k = 3; n; n >>= 1, k++)
+    if (n & 1) p = multmodp(crc_x2n[k & 31], p);
+  return p;
+}
+
+#if defined(__x86_64__)
+/* Three streams of `block` bytes at a time while 3 * block bytes remain, joined with `shift` = x^(8 block). */
+__attribute__((target("sse4.2"))) static inline uint64_t crc32c_3way(uint64_t c0, const uint8_t **pp, size_t *np, size_t block, uint32_t shift) {
+  const uint8_t *p = *pp;
+  size_t n = *np;
+  while (n >= 3 * block) {
+    uint64_t c1 = 0, c2 = 0;
+    const uint8_t *end = p + block;
+    do {
+      uint64_t a, b, c;
+      memcpy(&a, p, 8);
+      memcpy(&b, p + block, 8);
+      memcpy(&c, p + 2 * block, 8);
+      c0 = _mm_crc32_u64(c0, a);
+      c1 = _mm_crc32_u64(c1, b);
+      c2 = _mm_crc32_u64(c2, c);
+      p += 8;
+    } while (p < end);
+    c0 = multmodp(shift, (uint32_t)c0) ^ (uint32_t)c1;
+    c0 = multmodp(shift, (uint32_t)c0) ^ (uint32_t)c2;
+    p += 2 * block;
+    n -= 3 * block;
+  }
+  *pp = p;
+  *np = n;
+  return c0;
+}
+
+__attribute__((target("sse4.2"))) static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
+  uint64_t c0 = crc;
+  while (n > 0 && ((uintptr_t)p & 7)) {
+    c0 = _mm_crc32_u8((uint32_t)c0, *p++);
+    n--;
+  }
+  c0 = crc32c_3way(c0, &p, &n, CRC_BLOCK, crc_shift_block);
+  c0 = crc32c_3way(c0, &p, &n, CRC_SMALL_BLOCK, crc_shift_small);
+  while (n >= 8) {
+    uint64_t a;
+    memcpy(&a, p, 8);
+    c0 = _mm_crc32_u64(c0, a);
+    p += 8;
+    n -= 8;
+  }
+  while (n > 0) {
+    c0 = _mm_crc32_u8((uint32_t)c0, *p++);
+    n--;
+  }
+  return (uint32_t)c0;
+}
+#endif
+
+static void crc32c_init(void) {
+  uint32_t p = 1u << 30; /* x^1 */
+  crc_x2n[0] = p;
+  for (int k = 1; k < 32; k++) crc_x2n[k] = p = multmodp(p, p);
+  crc_shift_block = x8nmodp(CRC_BLOCK);
+  crc_shift_small = x8nmodp(CRC_SMALL_BLOCK);
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  crc_hw = __builtin_cpu_supports("sse4.2");
+#endif
+}
+
+/* crc32c(data, initial = 0): initial is a previous result, so crc32c(b, crc32c(a)) == crc32c(a + b). */
+static napi_value crc32c(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void *data = NULL;
+  size_t len = 0;
+  bool typed = false;
+  if (argc >= 1) napi_is_typedarray(env, argv[0], &typed);
+  if (!typed) {
+    napi_throw_type_error(env, NULL, "blockferry_native: crc32c(Buffer, initial?)");
+    return NULL;
+  }
+  napi_typedarray_type type;
+  napi_get_typedarray_info(env, argv[0], &type, &len, &data, NULL, NULL);
+  if (type != napi_uint8_array) {
+    napi_throw_type_error(env, NULL, "blockferry_native: crc32c takes a Uint8Array");
+    return NULL;
+  }
+  uint32_t init = 0;
+  if (argc >= 2) napi_get_value_uint32(env, argv[1], &init);
+  uint32_t crc = ~init;
+#if defined(__x86_64__)
+  crc = crc32c_hw(crc, data, len);
+#endif
+  napi_value result;
+  napi_create_uint32(env, ~crc, &result);
+  return result;
+}
+
 static napi_value init(napi_env env, napi_value exports) {
+  crc32c_init();
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
     {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
@@ -323,8 +457,11 @@ static napi_value init(napi_env env, napi_value exports) {
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
     {"keepFreedMemory", NULL, keep_freed_memory, NULL, NULL, NULL, napi_default, NULL},
+    {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
   };
-  napi_define_properties(env, exports, sizeof props / sizeof props[0], props);
+  /* crc32c only where the instruction is there: elsewhere the caller keeps its portable one. */
+  size_t n = sizeof props / sizeof props[0];
+  napi_define_properties(env, exports, crc_hw ? n : n - 1, props);
   return exports;
 }
 

@@ -30,6 +30,11 @@ export interface NativeHelper {
   pwritePieces(fd: number, data: Buffer, offset: number, piece: number, cb: (err: NodeJS.ErrnoException | null) => void): void;
   /** glibc's mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; false where malloc is not glibc's. */
   keepFreedMemory(mmapThreshold: number, trimThreshold: number): boolean;
+  /**
+   * CRC32C of `data` continuing from `initial` (a previous result), as @node-rs/crc32's crc32c. Present only
+   * where the CPU has SSE4.2's crc32 instruction (see util/crc32c).
+   */
+  crc32c?(data: Uint8Array, initial?: number): number;
 }
 
 let cached: NativeHelper | null | undefined;

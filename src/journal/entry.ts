@@ -1,7 +1,7 @@
 // How one journal entry is checked and stored. The CRC32C covers a fixed header (kind, offset, length) and
 // the data, so a flipped offset or length is caught as surely as a flipped data byte. The replayer checks
 // entries received over the wire with the same functions.
-import { crc32c } from '@node-rs/crc32';
+import { crc32c } from '../util/crc32c.js';
 import { JournalCorruptError } from '../util/errors.js';
 import { BufferPool, releaseBuffer } from '../util/buffer-pool.js';
 import { writeU64 } from '../util/u64.js';
