@@ -62,6 +62,8 @@ const READ_MAX_BYTES = 16 * 2 ** 20;
  * Filled only while a consumer (a replica) is registered: a journal nobody reads from memory keeps nothing.
  */
 const RECENT_BYTES = 24 * 2 ** 20;
+/** The buffer stored values are read into for readRecords (a batch of READ_MAX_BYTES and more). */
+const READ_ARENA_BYTES = 8 * 2 ** 20;
 /** Larger values are not copied into the ring (they would evict most of it): the window restarts after them. */
 const RECENT_MAX_VALUE = RECENT_BYTES / 4;
 /**
@@ -158,6 +160,8 @@ export class Journal extends EventEmitter {
    * recentOff/recentLen, oldest at recentAt; the window always ends at `committed`.
    */
   private ring: Buffer | undefined;
+  /** What readStored copies stored values into (see there). */
+  private readArena: Buffer | undefined;
   private ringPos = 0;
   private recentOff: number[] = [];
   private recentLen: number[] = [];
@@ -520,24 +524,24 @@ export class Journal extends EventEmitter {
 
   /** Verified entries from `fromSeq` (or the tail, if that is later) on, at least one if any is committed. */
   read(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number } = {}): JournalEntry[] {
-    const { first, values, transient } = this.records(fromSeq, opts);
-    // Entries outlive the turn: values from the ring are copied out before it is overwritten.
-    return values.map((v, i) => decodeValue(first + i, transient ? Buffer.from(v) : v));
+    const { first, values } = this.records(fromSeq, opts);
+    // Entries outlive the turn: values (views into the ring or the read arena) are copied out.
+    return values.map((v, i) => decodeValue(first + i, Buffer.from(v)));
   }
 
   /**
    * The stored values (header and data, as entry.ts lays them out) of the committed entries from `fromSeq`
    * (or the tail) on: what the replicator ships. Recent ones come from memory, as they were committed; older
    * ones are read from LMDB and verified, so a corrupt entry raises JournalCorruptError naming its seq.
-   * The values are views that stay valid only until the next commit (a later turn of the event loop): encode
-   * or copy them before awaiting anything.
+   * The values are views that stay valid only until the next commit (a later turn of the event loop) or the
+   * next read of this journal: encode or copy them before reading again or awaiting anything.
    */
   readRecords(fromSeq: number, opts: RecordsOptions = {}): { first: number; values: Buffer[] } {
     const { first, values } = this.records(fromSeq, opts);
     return { first, values };
   }
 
-  private records(fromSeq: number, opts: RecordsOptions): { first: number; values: Buffer[]; transient: boolean } {
+  private records(fromSeq: number, opts: RecordsOptions): { first: number; values: Buffer[] } {
     const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
@@ -550,22 +554,40 @@ export class Journal extends EventEmitter {
         bytes += this.recentLen[i];
         if (values.length >= maxEntries || bytes >= maxBytes) break;
       }
-      return { first: from, values, transient: true };
+      return { first: from, values };
     }
-    return { first: from, values: this.readStored(from, maxEntries, maxBytes), transient: false };
+    return { first: from, values: this.readStored(from, maxEntries, maxBytes) };
   }
 
+  /**
+   * Stored values, verified, as views into one reused arena. getRange would hand out every value in a new,
+   * zero-filled buffer: per 1 MiB entry a memset, a copy and an ArrayBuffer, and a full GC every ~64 MiB of
+   * them (see util/buffer-pool); it was a sixth of a replicating serve's main thread once the replica fell
+   * behind the memory window. getBinaryFast reads into lmdb-js's own reused buffer (or maps the value), and
+   * the value is copied from there into the arena before the next get overwrites it.
+   */
   private readStored(from: number, maxEntries: number, maxBytes: number): Buffer[] {
     const out: Buffer[] = [];
-    let bytes = 0;
+    let bytes = 0; // used of the arena
+    let total = 0;
     let expect = from;
-    for (const { key, value } of this.range(expect, this.committed)) {
+    for (const { key, db } of this.storedKeys(expect, this.committed)) {
       const seq = key;
-      if (seq !== expect) {
+      const fast = seq === expect ? db.getBinaryFast(seq) : undefined;
+      if (!fast) {
         const err = new JournalCorruptError(expect, `missing from the journal (next stored entry is ${seq})`);
         this.emit('corrupt', err);
         throw err;
       }
+      // lmdb-js's reused buffer is longer than the value: its `length` property says how much is the value.
+      const len = fast.length;
+      if (!this.readArena || this.readArena.length < bytes + len) {
+        // Views already handed out keep the old arena alive; the new one serves the rest of this read and later ones.
+        this.readArena = Buffer.allocUnsafeSlow(Math.max(READ_ARENA_BYTES, 2 * len));
+        bytes = 0;
+      }
+      const value = this.readArena.subarray(bytes, bytes + len);
+      value.set(fast.subarray(0, len));
       try {
         verifyEntry(decodeValue(seq, value));
       } catch (err) {
@@ -574,10 +596,11 @@ export class Journal extends EventEmitter {
       }
       out.push(value);
       bytes += value.length;
+      total += value.length;
       expect++;
-      if (out.length >= maxEntries || bytes >= maxBytes) break;
+      if (out.length >= maxEntries || total >= maxBytes) break;
     }
-    this.touched(bytes);
+    this.touched(total);
     return out;
   }
 
@@ -791,6 +814,18 @@ export class Journal extends EventEmitter {
       const end = i + 1 < segs.length ? Math.min(to, segs[i + 1].first - 1) : to;
       if (end < start) continue;
       for (const e of segs[i].db.getRange({ start, end: end + 1 })) yield e as { key: number; value: Buffer };
+    }
+  }
+
+  /** The stored keys in [from, to] in seq order across segments, each with its segment's database. */
+  private *storedKeys(from: number, to: number): Generator<{ key: number; db: Segment['db'] }> {
+    const segs = this.segments;
+    for (let i = 0; i < segs.length; i++) {
+      const start = Math.max(from, segs[i].first);
+      const end = i + 1 < segs.length ? Math.min(to, segs[i + 1].first - 1) : to;
+      if (end < start) continue;
+      const db = segs[i].db;
+      for (const key of db.getKeys({ start, end: end + 1 })) yield { key: key as number, db };
     }
   }
 
