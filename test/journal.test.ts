@@ -450,20 +450,21 @@ t.test('bytesAfter: exact stored bytes a consumer at seq still lacks', async (t)
 });
 
 t.test('a released record buffer is reused once, and a stale or foreign release never hands out memory in use', async (t) => {
-  const { allocData, releaseData } = await import('../src/journal/entry.js');
+  const { allocData } = await import('../src/journal/entry.js');
+  const { releaseBuffer } = await import('../src/util/buffer-pool.js');
   const a = allocData(4096);
-  releaseData(a);
+  releaseBuffer(a);
   const b = allocData(4000); // the same 4 KiB capacity class
   t.equal(b.buffer, a.buffer, 'the released buffer is reused');
   t.equal(b.length, 4000);
-  releaseData(a); // a stale view of the buffer b now holds
+  releaseBuffer(a); // a stale view of the buffer b now holds
   const c = allocData(4096);
   t.not(c.buffer, b.buffer, 'a second release of the same record does not put it back while b uses it');
   const plain = Buffer.allocUnsafeSlow(4096 + 40).subarray(40);
-  releaseData(plain);
+  releaseBuffer(plain);
   t.not(allocData(4096).buffer, plain.buffer, 'a buffer allocData did not make is never pooled');
-  releaseData(b);
-  releaseData(c);
+  releaseBuffer(b);
+  releaseBuffer(c);
 });
 
 t.test('a payload read into allocData becomes its record in place; any other buffer is copied', async (t) => {

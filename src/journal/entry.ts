@@ -63,15 +63,6 @@ export function allocData(length: number): Buffer {
   return recordPool.alloc(length);
 }
 
-/**
- * Gives a buffer from allocData back for reuse, once nothing reads it any more: its entry is committed (the
- * journal and its memory window hold copies) and written to the image. Any other buffer, or a second release
- * of the same one, is ignored.
- */
-export function releaseData(data: Buffer): void {
-  releaseBuffer(data);
-}
-
 export function encodeValue(kind: number, offset: number, length: number, crc: number, ts: number, data: Buffer | undefined, cum: number): Buffer {
   const around = data ? recordPool.whole(data) : undefined;
   const b = around ?? Buffer.allocUnsafe(VALUE_HEADER + (data?.length ?? 0));

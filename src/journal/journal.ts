@@ -806,25 +806,26 @@ export class Journal extends EventEmitter {
     return segs[0];
   }
 
-  /** Stored entries with seqs in [from, to], in seq order across segments. */
-  private *range(from: number, to: number): Generator<{ key: number; value: Buffer }> {
+  /** The part of [from, to] each segment holds, in seq order. */
+  private *spans(from: number, to: number): Generator<{ db: Segment['db']; start: number; end: number }> {
     const segs = this.segments;
     for (let i = 0; i < segs.length; i++) {
       const start = Math.max(from, segs[i].first);
       const end = i + 1 < segs.length ? Math.min(to, segs[i + 1].first - 1) : to;
-      if (end < start) continue;
-      for (const e of segs[i].db.getRange({ start, end: end + 1 })) yield e as { key: number; value: Buffer };
+      if (end >= start) yield { db: segs[i].db, start, end };
+    }
+  }
+
+  /** Stored entries with seqs in [from, to], in seq order across segments. */
+  private *range(from: number, to: number): Generator<{ key: number; value: Buffer }> {
+    for (const { db, start, end } of this.spans(from, to)) {
+      for (const e of db.getRange({ start, end: end + 1 })) yield e as { key: number; value: Buffer };
     }
   }
 
   /** The stored keys in [from, to] in seq order across segments, each with its segment's database. */
   private *storedKeys(from: number, to: number): Generator<{ key: number; db: Segment['db'] }> {
-    const segs = this.segments;
-    for (let i = 0; i < segs.length; i++) {
-      const start = Math.max(from, segs[i].first);
-      const end = i + 1 < segs.length ? Math.min(to, segs[i + 1].first - 1) : to;
-      if (end < start) continue;
-      const db = segs[i].db;
+    for (const { db, start, end } of this.spans(from, to)) {
       for (const key of db.getKeys({ start, end: end + 1 })) yield { key: key as number, db };
     }
   }

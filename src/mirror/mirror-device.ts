@@ -5,7 +5,8 @@
 import { scanRead, type BlockDevice, type DeviceCapabilities, type Extent, type WriteOptions, type ZeroOptions } from '../device/block-device.js';
 import { writeZeroBuffers } from '../device/zero-fill.js';
 import type { Journal } from '../journal/journal.js';
-import { allocData, releaseData } from '../journal/entry.js';
+import { allocData } from '../journal/entry.js';
+import { releaseBuffer } from '../util/buffer-pool.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
@@ -136,7 +137,8 @@ export class MirrorDevice implements BlockDevice {
   }
 
   /**
-   * Writes a journaled change to the image; its record buffer is then reused (journal and ring hold copies).
+   * Writes a journaled change to the image; its record buffer (from allocData) then goes back to its pool: the
+   * entry is committed, and the journal and its memory window hold copies.
    * A small write into a file is done at once (writeNow), without a promise.
    */
   private applyWrite(offset: number, data: Buffer): Promise<void> | void {
@@ -144,11 +146,11 @@ export class MirrorDevice implements BlockDevice {
     try {
       done = this.inner.writeNow?.(offset, data) ?? false;
     } catch (err) {
-      releaseData(data);
+      releaseBuffer(data);
       throw err;
     }
-    if (done) return releaseData(data);
-    return this.inner.write(offset, data).finally(() => releaseData(data));
+    if (done) return releaseBuffer(data);
+    return this.inner.write(offset, data).finally(() => releaseBuffer(data));
   }
 
   trim(offset: number, length: number, _opts?: WriteOptions): Promise<void> {

@@ -24,8 +24,11 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
 import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
+import { RECEIVED, adoptFrameReader, releaseFrame } from './frame-reader.js';
 import { checkToken, type TokenTable } from '../replicator/link-auth.js';
+import http from 'node:http';
 import https from 'node:https';
+import net from 'node:net';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CloseCode, FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
@@ -142,7 +145,7 @@ export interface ReplayServerOptions {
 
 export class ReplayServer {
   private wss: WebSocketServer | undefined;
-  private httpsServer: https.Server | undefined;
+  private server: http.Server | https.Server | undefined;
   private readonly volumes = new Map<string, Promise<Volume>>();
   private readonly log: Logger;
 
@@ -154,25 +157,26 @@ export class ReplayServer {
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
     lockDataDir(this.opts.dataDir);
     // permessage-deflate is used only when a primary asks for it (serve --compress).
-    let wss: WebSocketServer;
-    if (this.opts.tls) {
-      const server = https.createServer({ cert: this.opts.tls.cert, key: this.opts.tls.key });
-      wss = new WebSocketServer({ server, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
-      await new Promise<void>((resolve, reject) => {
-        server.once('error', reject);
-        server.listen(where.port, where.host, () => resolve());
-      });
-      this.httpsServer = server;
-    } else {
-      wss = new WebSocketServer({ host: where.host, port: where.port, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
-      await new Promise<void>((resolve, reject) => {
-        wss.once('listening', resolve);
-        wss.once('error', reject);
-      });
-    }
-    wss.on('connection', (ws, req) => this.onConnection(ws, req.socket.remoteAddress ?? '?', req.socket));
+    const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
+    const plainHttp = (_req: http.IncomingMessage, res: http.ServerResponse) => {
+      const body = http.STATUS_CODES[426]!;
+      res.writeHead(426, { 'Content-Length': body.length, 'Content-Type': 'text/plain' });
+      res.end(body);
+    };
+    const server = this.opts.tls ? https.createServer({ cert: this.opts.tls.cert, key: this.opts.tls.key }, plainHttp) : http.createServer(plainHttp);
+    server.on('upgrade', (req: http.IncomingMessage, socket: Duplex, head: Buffer) => {
+      const peer = req.socket.remoteAddress ?? '?';
+      // A plain link reads each batch whole into a reused buffer (frame-reader); a TLS one reads through its TLSSocket.
+      const link = this.opts.tls || !(socket instanceof net.Socket) ? { socket, head } : adoptFrameReader(socket, head, MAX_MESSAGE_BYTES);
+      wss.handleUpgrade(req, link.socket, link.head, (ws) => this.onConnection(ws, peer, link.socket));
+    });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen(where.port, where.host, () => resolve());
+    });
     this.wss = wss;
-    const a = (this.httpsServer?.address() ?? wss.address()) as { address: string; port: number };
+    this.server = server;
+    const a = server.address() as { address: string; port: number };
     return { host: a.address, port: a.port };
   }
 
@@ -197,7 +201,9 @@ export class ReplayServer {
     const log = this.log.child({ peer });
     // Liveness counts every byte received, not whole messages: on a slow link a pong can queue behind a batch.
     let heard = Date.now();
-    socket.on('data', () => (heard = Date.now()));
+    const onBytes = () => (heard = Date.now());
+    socket.on('data', onBytes);
+    socket.on(RECEIVED, onBytes);
     const heartbeat = setInterval(() => {
       if (Date.now() - heard > PEER_TIMEOUT_MS) {
         log.warn({ volume: vol?.name, silentMs: Date.now() - heard }, 'nothing heard from the primary: the link is dead, dropping it');
@@ -345,7 +351,7 @@ export class ReplayServer {
         // Anything a handler did not expect (a failed sync or state write): drop this link, keep serving others.
         log.error({ err }, 'handling a message failed');
         fail(CloseCode.STORAGE, 'ERR_STORAGE', `the replayer failed: ${err.message}`);
-      });
+      }).finally(() => releaseFrame(raw));
     });
   }
 
@@ -407,7 +413,7 @@ export class ReplayServer {
     if (this.wss) {
       for (const c of this.wss.clients) c.close(1001, 'replayer stopping');
       await new Promise<void>((resolve) => this.wss!.close(() => resolve()));
-      if (this.httpsServer) await new Promise<void>((resolve) => this.httpsServer!.close(() => resolve()));
+      if (this.server) await new Promise<void>((resolve) => this.server!.close(() => resolve()));
     }
     for (const v of this.volumes.values()) await (await v).close().catch(() => undefined);
     this.volumes.clear();
