@@ -173,6 +173,16 @@ t.test('PooledEncoder: the same bytes as encode(); a buffer is reused only once 
   const e = pool.encode(big);
   t.ok(e.data.equals(encode(big)), 'a message larger than the pool buffers is still encoded whole');
   e.release();
+  // Told its size, a large message goes into a large buffer of its own, reused once released.
+  const f = pool.encode(big, 100 * 1024);
+  t.ok(f.data.equals(encode(big)), 'a large message with its size given is encoded exactly as encode() does');
+  const g = pool.encode(big, 100 * 1024);
+  t.not(g.data.buffer, f.data.buffer, 'a large buffer not yet released is not handed out again');
+  f.release();
+  g.release();
+  const h = pool.encode(big, 100 * 1024);
+  t.ok(h.data.buffer === f.data.buffer || h.data.buffer === g.data.buffer, 'a released large buffer is reused');
+  h.release();
   b.release();
   c.release();
   d.release();

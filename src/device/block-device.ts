@@ -57,9 +57,10 @@ export interface BlockDevice {
   read(offset: number, length: number): Promise<Buffer>;
   /**
    * Optional: read() for a pass over much of the image (digests for sync, resync and verify) that should leave
-   * the page cache as client I/O would find it. See FileDevice.readScan.
+   * the page cache as client I/O would find it. See FileDevice.readScan. With `into` (at least `length` bytes)
+   * the result may be a view of it, so that a pass can reuse one buffer.
    */
-  readScan?(offset: number, length: number): Promise<Buffer>;
+  readScan?(offset: number, length: number, into?: Buffer): Promise<Buffer>;
   /**
    * A buffer for a WRITE payload of `length` bytes, which the caller fills and passes to write(). Optional: a
    * layer that records writes (the mirror) uses it to read the payload straight into its record. Once that
@@ -89,6 +90,6 @@ export interface BlockDevice {
 }
 
 /** Reads for a pass over much of the image: through readScan where the device has it, else read(). */
-export function scanRead(dev: BlockDevice, offset: number, length: number): Promise<Buffer> {
-  return dev.readScan ? dev.readScan(offset, length) : dev.read(offset, length);
+export function scanRead(dev: BlockDevice, offset: number, length: number, into?: Buffer): Promise<Buffer> {
+  return dev.readScan ? dev.readScan(offset, length, into) : dev.read(offset, length);
 }

@@ -52,7 +52,7 @@ export function valueCum(v: Buffer): number {
  * Record buffers for WRITEs, data behind room for the value header, reused once their entry is committed and
  * applied (releaseBuffer): a steady write load allocates no ArrayBuffers (see util/buffer-pool).
  */
-const recordPool = new BufferPool({ unit: 4096, maxLength: 2 ** 20, maxBytes: 32 * 2 ** 20, headroom: VALUE_HEADER });
+const recordPool = new BufferPool({ unit: 4096, maxLength: 8 * 2 ** 20, maxBytes: 32 * 2 ** 20, headroom: VALUE_HEADER });
 
 /**
  * Room for a WRITE's `length` data bytes behind a value header. The NBD connection reads the payload straight

@@ -209,8 +209,12 @@ export class MirrorDevice implements BlockDevice {
     try {
       await this.order.drainRange(offset, offset + length);
       // A resync reads most of the image: through readScan, which leaves the page cache fit for small writes.
-      const data = await scanRead(this.inner, offset, length);
+      // Read into a record buffer, which becomes the journal record in place; it goes back once committed.
+      const record = allocData(length);
+      const got = await scanRead(this.inner, offset, length, record);
+      const data = got.buffer === record.buffer && got.byteOffset === record.byteOffset ? record : got;
       const { seq, done } = this.journal.append(EntryKind.WRITE, offset, length, data);
+      done.then(() => releaseBuffer(record), () => releaseBuffer(record));
       // The image already holds these bytes; registering keeps the watermark gap-free.
       // Its failure is the journal's, reported to every caller after it; nothing here waits for it.
       this.order.run(seq, offset, offset + length, done, () => undefined).catch(() => undefined);

@@ -4,6 +4,7 @@
 // replica silently wrong, so the digest must make accidental equality out of the question.
 import { createHash } from 'node:crypto';
 import { scanRead, type BlockDevice } from '../device/block-device.js';
+import { ioPool, releaseBuffer } from '../util/buffer-pool.js';
 
 /** Chunk size of the comparison: a differing chunk costs this much on the wire. */
 export const CHUNK_BYTES = 256 * 2 ** 10;
@@ -66,10 +67,17 @@ export async function hashChunks(dev: BlockDevice, first: number, count: number)
     }
     for (let i = 0; i < hole.length; i++) hole[i] = holeBytes[i] === chunkRange(first + i, dev.size).length ? 1 : 0;
   }
-  for (let i = 0; i < last - first; i++) {
-    const { offset, length } = chunkRange(first + i, dev.size);
-    const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await scanRead(dev, offset, length)).digest();
-    digest.copy(out, i * DIGEST_BYTES);
+  // One buffer for every chunk: each is hashed before the next is read (a new 256 KiB buffer per chunk was a
+  // GiB of new ArrayBuffers per GiB scanned, and V8 runs a full GC per 64 MiB of them: see util/buffer-pool).
+  const scratch = ioPool.alloc(CHUNK_BYTES);
+  try {
+    for (let i = 0; i < last - first; i++) {
+      const { offset, length } = chunkRange(first + i, dev.size);
+      const digest = hole[i] ? zeroDigest(length) : createHash('sha256').update(await scanRead(dev, offset, length, scratch)).digest();
+      digest.copy(out, i * DIGEST_BYTES);
+    }
+  } finally {
+    releaseBuffer(scratch);
   }
   return out;
 }

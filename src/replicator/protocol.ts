@@ -2,6 +2,7 @@
 // field's type so a hostile or broken peer gets a clear error (and a close), never a crash or a bad apply.
 import { Packr } from 'msgpackr';
 import { BlockferryError } from '../util/errors.js';
+import { BufferPool, releaseBuffer } from '../util/buffer-pool.js';
 import type { JournalEntry } from '../journal/types.js';
 
 export const PROTOCOL_VERSION = 1;
@@ -64,6 +65,11 @@ export function encode(msg: Message): Buffer {
  * buffer is external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes
  * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
  */
+/** Room for a message's fields and per-record framing beyond the records' own bytes (PooledEncoder.encode). */
+const ENCODING_SLACK = 64 * 1024;
+/** Buffers for messages larger than a PooledEncoder's own. */
+const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 64 * 2 ** 20 });
+
 export class PooledEncoder {
   private readonly packr = new Packr(PACKR_OPTIONS);
   private readonly free: Buffer[] = [];
@@ -76,14 +82,19 @@ export class PooledEncoder {
 
   /**
    * `msg` encoded, and the function to call once its bytes have been written (the buffer returns to the
-   * pool). A message larger than the pool's buffers gets a buffer of its own, which is simply dropped.
+   * pool). `bytes`: about how large the encoding will be (the records' bytes); a message larger than the
+   * pool's buffers is encoded into one from a pool of large buffers by the MiB (a resync's 8 MiB records, a
+   * host's 32 MiB writes), which msgpackr would otherwise grow to four times the size, anew each time.
    */
-  encode(msg: Message): { data: Buffer; release: () => void } {
-    const buf = this.free.pop() ?? Buffer.allocUnsafeSlow(this.size);
+  encode(msg: Message, bytes = 0): { data: Buffer; release: () => void } {
+    const need = bytes + ENCODING_SLACK;
+    const big = need > this.size;
+    const buf = big ? largeMessages.alloc(Math.ceil(need / 2 ** 20) * 2 ** 20) : (this.free.pop() ?? Buffer.allocUnsafeSlow(this.size));
+    const giveBack = () => (big ? releaseBuffer(buf) : this.put(buf));
     this.packr.useBuffer(buf);
     const data = this.packr.pack(msg);
     if (data.buffer !== buf.buffer) {
-      this.put(buf);
+      giveBack();
       return { data, release: () => undefined };
     }
     let released = false;
@@ -92,7 +103,7 @@ export class PooledEncoder {
       release: () => {
         if (released) return;
         released = true;
-        this.put(buf);
+        giveBack();
       },
     };
   }

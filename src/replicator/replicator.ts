@@ -474,9 +474,9 @@ export class Replicator {
         this.interrupt = undefined;
         continue;
       }
+      let bytes = 0;
+      for (const v of batch.values) bytes += v.length;
       if (batch.values.length < BATCH_ENTRIES) {
-        let bytes = 0;
-        for (const v of batch.values) bytes += v.length;
         const wait = this.lastSendAt + COALESCE_MS - Date.now();
         if (bytes < COALESCE_BYTES && wait > 0) {
           // The views are only valid until the next commit: read again after the wait.
@@ -486,7 +486,7 @@ export class Replicator {
       }
       // A replayer that predates `records` is sent the same entries as msgpack maps.
       const { data: msg, release } = this.records
-        ? this.batchEncoder.encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values })
+        ? this.batchEncoder.encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values }, bytes + batch.values.length * 8)
         : { data: encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch.values.map((v, i) => decodeValue(batch.first + i, v)) }), release: () => undefined };
       const last = batch.first + batch.values.length - 1;
       this.inflight.push({ seq: last, bytes: msg.length });
