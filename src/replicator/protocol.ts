@@ -65,8 +65,11 @@ export function encode(msg: Message): Buffer {
  * buffer is external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes
  * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
  */
-/** Room for a message's fields and per-record framing beyond the records' own bytes (PooledEncoder.encode). */
-const ENCODING_SLACK = 64 * 1024;
+/**
+ * Room for a message's fields beyond the bytes encode() is told of (records plus 8 per record for their
+ * framing). Small: a batch of 1 MiB records just over BATCH_BYTES still fits a regular buffer.
+ */
+const ENCODING_SLACK = 1024;
 /** Buffers for messages larger than a PooledEncoder's own. */
 const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 64 * 2 ** 20 });
 
