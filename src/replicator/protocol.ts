@@ -71,7 +71,7 @@ export function encode(msg: Message): Buffer {
  */
 const ENCODING_SLACK = 1024;
 /** Buffers for messages larger than a PooledEncoder's own. */
-const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 64 * 2 ** 20 });
+const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 20 * 2 ** 20 });
 
 export class PooledEncoder {
   private readonly packr = new Packr(PACKR_OPTIONS);
