@@ -91,9 +91,8 @@ class FrameReader {
   private staged = 0;
   /** Bytes of a copied-through frame still to come. */
   private passRemaining = 0;
-  /** The large frame being filled, its pooled owner, and the bytes in it so far. */
+  /** The large frame being filled (a framePool buffer) and the bytes in it so far. */
   private frame: Buffer | undefined;
-  private frameOwner: Buffer | undefined;
   private filled = 0;
   /** This link's frames in `outstanding`. */
   private readonly mine = new Set<ArrayBuffer>();
@@ -146,9 +145,9 @@ class FrameReader {
   private finishFrame(): void {
     const frame = this.frame!;
     const ab = frame.buffer as ArrayBuffer;
-    outstanding.set(ab, { owner: this.frameOwner!, link: this.mine });
+    outstanding.set(ab, { owner: frame, link: this.mine });
     this.mine.add(ab);
-    this.frame = this.frameOwner = undefined;
+    this.frame = undefined;
     this.filled = 0;
     this.emit(frame);
   }
@@ -159,7 +158,7 @@ class FrameReader {
     let at = 0;
     let runFrom = 0;
     const flushRun = (to: number) => {
-      if (to > runFrom) this.sock!.emit('data', Buffer.from(s.subarray(runFrom, to)));
+      if (to > runFrom) this.emit(Buffer.from(s.subarray(runFrom, to)));
       runFrom = to;
     };
     while (at < this.staged) {
@@ -190,14 +189,12 @@ class FrameReader {
       }
       flushRun(at);
       const total = headerBytes + payload;
-      const owner = framePool.alloc(Math.ceil(total / 2 ** 20) * 2 ** 20);
-      const frame = owner.subarray(0, total);
+      const frame = framePool.alloc(total);
       const have = Math.min(total, this.staged - at);
       s.copy(frame, 0, at, at + have);
       at += have;
       runFrom = at;
       this.frame = frame;
-      this.frameOwner = owner;
       this.filled = have;
       if (have === total) {
         this.finishFrame();

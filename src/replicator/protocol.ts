@@ -60,12 +60,6 @@ export function encode(msg: Message): Buffer {
 }
 
 /**
- * Encodes the large messages one link sends (batches of records) into buffers it reuses once the WebSocket
- * has written them, where encode() leaves msgpackr to allocate a new buffer for nearly every batch. Each such
- * buffer is external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes
- * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
- */
-/**
  * Room for a message's fields beyond the bytes encode() is told of (records plus 8 per record for their
  * framing). Small: a batch of 1 MiB records just over BATCH_BYTES still fits a regular buffer.
  */
@@ -73,6 +67,12 @@ const ENCODING_SLACK = 1024;
 /** Buffers for messages larger than a PooledEncoder's own. */
 const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 20 * 2 ** 20 });
 
+/**
+ * Encodes the large messages one link sends (batches of records) into buffers it reuses once the WebSocket
+ * has written them, where encode() leaves msgpackr to allocate a new buffer for nearly every batch. Each such
+ * buffer is external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes
+ * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
+ */
 export class PooledEncoder {
   private readonly packr = new Packr(PACKR_OPTIONS);
   private readonly free: Buffer[] = [];
