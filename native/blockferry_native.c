@@ -113,6 +113,11 @@ static napi_value zero_range(napi_env env, napi_callback_info info) {
   return do_fallocate(env, info, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, "fallocate(ZERO_RANGE)");
 }
 
+/* Allocates blocks for [offset, offset+length) without changing the file size (unwritten extents read as zeroes). */
+static napi_value allocate(napi_env env, napi_callback_info info) {
+  return do_fallocate(env, info, FALLOC_FL_KEEP_SIZE, "fallocate");
+}
+
 static napi_value do_seek(napi_env env, napi_callback_info info, int whence, const char *name) {
   int64_t a[2];
   if (!get_args(env, info, 2, a)) return NULL;
@@ -447,6 +452,7 @@ static napi_value init(napi_env env, napi_value exports) {
   napi_property_descriptor props[] = {
     {"punchHole", NULL, punch_hole, NULL, NULL, NULL, napi_default, NULL},
     {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_default, NULL},
+    {"allocate", NULL, allocate, NULL, NULL, NULL, napi_default, NULL},
     {"seekData", NULL, seek_data, NULL, NULL, NULL, napi_default, NULL},
     {"seekHole", NULL, seek_hole, NULL, NULL, NULL, napi_default, NULL},
     {"blockDeviceSize", NULL, block_device_size, NULL, NULL, NULL, napi_default, NULL},

@@ -2,6 +2,8 @@
 // - the primary's journal filesystem fills: writes get ENOSPC, reads and other clients keep working, nothing
 //   half-journaled; when space is freed, writes are taken again with no restart, and the image still equals
 //   zeroes + journal;
+// - the journal alone (no free-space guard in front) fills its filesystem: the failing commit is an error
+//   naming ENOSPC, never a SIGBUS from LMDB's write map storing into a hole; what was committed reads back;
 // - the replica's filesystem fills: the replayer stops applying and says why, the replica stays what it was,
 //   and once space returns it converges to the primary byte for byte.
 import t from 'tap';
@@ -12,6 +14,9 @@ import path from 'node:path';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, run, startReplay, startServe } from './helpers/processes.js';
+import { Journal } from '../src/journal/journal.js';
+import { EntryKind } from '../src/journal/types.js';
+import { loadNative } from '../src/device/native.js';
 
 const ENOSPC = 28;
 const MiB = 2 ** 20;
@@ -78,6 +83,39 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   const rebuilt = path.join(dir, 'rebuilt.img');
   await run(process.execPath, [CLI, 'replay-local', '--journal', journal, '--size', '64M', '--out', rebuilt]);
   t.ok(fs.readFileSync(rebuilt).equals(fs.readFileSync(image)), 'the image equals zeroes + journal: no write is in one and not the other');
+});
+
+t.test('a journal that fills its filesystem fails the commit with ENOSPC; the process lives and keeps what it committed', async (t) => {
+  const jfs = await tmpfs(t, '24m');
+  const j = await Journal.open({ dir: path.join(jfs, 'journal') });
+  let closed = false;
+  t.teardown(() => (closed ? undefined : j.close().catch(() => undefined)));
+  const writeMap = j.writeMap;
+  j.registerConsumer('away'); // holds every entry: nothing is pruned, the file can only grow
+  const block = randomBytes(MiB);
+  let committed = 0;
+  let failure: NodeJS.ErrnoException | undefined;
+  for (let i = 0; i < 48 && !failure; i++) {
+    try {
+      await j.append(EntryKind.WRITE, i * MiB, MiB, block).done;
+      committed++;
+    } catch (err) {
+      failure = err as NodeJS.ErrnoException;
+    }
+  }
+  t.ok(committed > 4 && committed < 24, `${committed} entries of 1 MiB committed before the 24 MiB filesystem was full`);
+  t.match(failure?.message, /ENOSPC/, `then the commit failed with ENOSPC named (${failure?.message})`);
+  t.throws(() => j.append(EntryKind.WRITE, 0, MiB, block), /refuses further writes/, 'later appends are refused, not reordered past the gap');
+  const back = [];
+  while (back.length < committed) back.push(...j.read(back.length + 1));
+  t.equal(back.length, committed, 'every committed entry reads back, verified');
+  t.ok(back.every((e) => e.data!.equals(block)), 'with its data intact');
+  await j.close();
+  closed = true;
+  const again = await Journal.open({ dir: path.join(jfs, 'journal') });
+  t.equal(again.stats.committedSeq, committed, 'reopened, the journal holds exactly what was committed');
+  await again.close();
+  t.equal(writeMap, Boolean(loadNative()?.allocate), `LMDB's write map was ${writeMap ? '' : 'not '}in use, as the native helper allows`);
 });
 
 t.test("the replica's disk fills: the replayer stops applying, then converges when space returns", async (t) => {

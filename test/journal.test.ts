@@ -191,7 +191,10 @@ t.test('journal pages written, read and pruned do not pile up in RSS', { skip: l
   await new Promise((r) => setTimeout(r, 100));
   t.equal(j.stats.entries, 0, 'all pruned');
   const after = mappedKiB(file);
-  t.ok(after < 4 * 1024, `after pruning ${after} KiB stay mapped`);
+  // What stays is the working set of the last commits, not the 96 MiB pruned: with LMDB's write map a commit
+  // maps the pages it writes, and right after pruning that is ~4 MiB of reused pages (its free list and the
+  // pages it takes from it), as in a steady run of 4 KiB appends.
+  t.ok(after < 8 * 1024, `after pruning ${after} KiB stay mapped`);
   const again = j.append(EntryKind.WRITE, 0, block.length, block);
   await again.done;
   t.same(j.read(again.seq)[0].data, block, 'new entries write and read back through the same map');

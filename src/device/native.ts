@@ -8,6 +8,11 @@ import { fileURLToPath } from 'node:url';
 export interface NativeHelper {
   punchHole(fd: number, offset: number, length: number): void;
   zeroRange(fd: number, offset: number, length: number): void;
+  /**
+   * Allocates disk blocks for the range without changing the file's size (fallocate mode KEEP_SIZE). Optional:
+   * a helper built before it was added lacks it, and the journal then does without a write map.
+   */
+  allocate?(fd: number, offset: number, length: number): void;
   /** Next data offset at or after `offset`, or -1 when there is none (ENXIO). */
   seekData(fd: number, offset: number): number;
   /** Next hole offset at or after `offset`, or -1 (ENXIO: offset at or past EOF). */
