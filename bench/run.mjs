@@ -191,16 +191,33 @@ function sampleRss(pid) {
   };
 }
 
+/** The machine's CPU counters (/proc/stat), for the share of time the hypervisor gave to others (steal). */
+function cpuTimes() {
+  try {
+    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1, 9).map(Number);
+    return { total: f.reduce((a, b) => a + b, 0), steal: f[7] };
+  } catch {
+    return undefined;
+  }
+}
+
+/** Percent of CPU time stolen between two cpuTimes() (NaN where unknown). */
+function stealPct(a, b) {
+  return a && b && b.total > a.total ? (100 * (b.steal - a.steal)) / (b.total - a.total) : NaN;
+}
+
 function fio(uri, job) {
   const args = [
     `--name=${job.rw}`, '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
     '--direct=1', `--size=${IMAGE_BYTES}`, '--time_based', `--runtime=${RUNTIME_S}`, `--ramp_time=${RAMP_S}`,
     '--randrepeat=0', '--output-format=json',
   ];
+  const before = cpuTimes();
   const out = execFileSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 2 ** 20, stdio: ['ignore', 'pipe', 'pipe'] });
+  const steal = stealPct(before, cpuTimes());
   const r = JSON.parse(out.slice(out.indexOf('{'))).jobs[0][job.dir];
   const p99 = r.clat_ns?.percentile?.['99.000000'];
-  return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6 };
+  return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6, steal };
 }
 
 /**
@@ -293,19 +310,19 @@ async function main() {
   const avg = (srv, job) => {
     const runs = results[srv]?.[job.name];
     if (!runs) return undefined;
-    return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)) };
+    return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)), steal: mean(runs.map((r) => r.steal)) };
   };
   const lines = [];
   lines.push(`fio nbd engine, 127.0.0.1, ${IMAGE_BYTES / 2 ** 30} GiB allocated random image, ${RUNTIME_S} s/job + ${RAMP_S} s ramp, ${rounds} round(s), mean; ${os.cpus().length} CPUs`);
-  lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd |');
-  lines.push('|---|---|---|---|---|---|---|');
+  lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd | CPU steal |');
+  lines.push('|---|---|---|---|---|---|---|---|');
   for (const job of JOBS) {
     const ref = { nbdkit: avg('nbdkit', job), 'qemu-nbd': avg('qemu-nbd', job) };
     for (const s of servers) {
       const a = avg(s.name, job);
       if (!a) continue;
       const ratio = (peer) => (s.blockferry && ref[peer] ? `${(a[job.metric] / ref[peer][job.metric]).toFixed(2)}×` : '');
-      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} |`);
+      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} | ${Number.isFinite(a.steal) ? `${a.steal.toFixed(0)}%` : ''} |`);
     }
   }
   const jn = avg('blockferry-journal', JOBS[0]);
@@ -330,6 +347,7 @@ async function main() {
     lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
   }
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
+  lines.push('CPU steal: the share of the machine\'s CPU time the hypervisor gave elsewhere during the job; rows with very different steal do not compare.');
   console.log(lines.join('\n'));
 
   const outDir = path.join(ROOT, 'bench', 'results');
