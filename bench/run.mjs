@@ -1,8 +1,10 @@
 // `npm run bench`: fio's nbd engine against blockferry (journal off and on), nbdkit file and qemu-nbd, in one
 // run, each on a fresh copy of the same fully allocated random-data image. Prints a table and writes JSON to bench/results/.
 //
-// usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N]
+// usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N] [--max-steal PCT]
 //   NAME: blockferry-nojournal, blockferry-journal, blockferry-replicated, nbdkit, qemu-nbd
+//   --max-steal: a job during which the hypervisor stole more than PCT% of the CPU time is run again (up to
+//   twice more; the least disturbed run is kept). Default 15; 100 turns it off.
 import { spawn, execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -10,6 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { cpuTimes, formatSteal, stealPct } from './steal.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist/cli/index.js');
@@ -25,6 +28,8 @@ const rounds = argv.includes('--rounds') ? Number(argv[argv.indexOf('--rounds') 
 // 5 s per job after a 1 s ramp, as in PERF-NOTES; --quick trades stability for a ~1 minute run.
 const RUNTIME_S = quick ? 2 : 5;
 const RAMP_S = 1;
+const MAX_STEAL = argv.includes('--max-steal') ? Number(argv[argv.indexOf('--max-steal') + 1]) : 15;
+const STEAL_TRIES = 3;
 
 const JOBS = [
   { name: '1M seq write', rw: 'write', bs: '1M', iodepth: 16, dir: 'write', metric: 'mibs' },
@@ -191,21 +196,6 @@ function sampleRss(pid) {
   };
 }
 
-/** The machine's CPU counters (/proc/stat), for the share of time the hypervisor gave to others (steal). */
-function cpuTimes() {
-  try {
-    const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1, 9).map(Number);
-    return { total: f.reduce((a, b) => a + b, 0), steal: f[7] };
-  } catch {
-    return undefined;
-  }
-}
-
-/** Percent of CPU time stolen between two cpuTimes() (NaN where unknown). */
-function stealPct(a, b) {
-  return a && b && b.total > a.total ? (100 * (b.steal - a.steal)) / (b.total - a.total) : NaN;
-}
-
 function fio(uri, job) {
   const args = [
     `--name=${job.rw}`, '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
@@ -289,7 +279,14 @@ async function main() {
           for (const job of JOBS) {
             // A replicating server ships the previous job's backlog first: measure each job from caught up.
             if (srv.admin?.()) await caughtUp(srv.admin());
-            ((results[s.name] ??= {})[job.name] ??= []).push(fio(srv.uri, job));
+            let kept = fio(srv.uri, job);
+            for (let tries = 1; tries < STEAL_TRIES && kept.steal > MAX_STEAL; tries++) {
+              process.stderr.write(`bench: ${s.name} ${job.name}: ${kept.steal.toFixed(0)}% CPU steal, running it again\n`);
+              if (srv.admin?.()) await caughtUp(srv.admin());
+              const again = fio(srv.uri, job);
+              if (!(again.steal >= kept.steal)) kept = again;
+            }
+            ((results[s.name] ??= {})[job.name] ??= []).push(kept);
           }
           if (s.blockferry) {
             const peak = sampler.stop();
@@ -322,7 +319,7 @@ async function main() {
       const a = avg(s.name, job);
       if (!a) continue;
       const ratio = (peer) => (s.blockferry && ref[peer] ? `${(a[job.metric] / ref[peer][job.metric]).toFixed(2)}×` : '');
-      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} | ${Number.isFinite(a.steal) ? `${a.steal.toFixed(0)}%` : ''} |`);
+      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} | ${formatSteal(a.steal)} |`);
     }
   }
   const jn = avg('blockferry-journal', JOBS[0]);
@@ -347,7 +344,7 @@ async function main() {
     lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
   }
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
-  lines.push('CPU steal: the share of the machine\'s CPU time the hypervisor gave elsewhere during the job; rows with very different steal do not compare.');
+  lines.push('CPU steal: the share of the machine\'s CPU time the hypervisor gave elsewhere during the job (bench/steal.mjs); rows with very different steal do not compare.');
   console.log(lines.join('\n'));
 
   const outDir = path.join(ROOT, 'bench', 'results');
