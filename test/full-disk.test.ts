@@ -118,6 +118,17 @@ t.test('a journal that fills its filesystem fails the commit with ENOSPC; the pr
   t.equal(writeMap, Boolean(loadNative()?.allocate), `LMDB's write map was ${writeMap ? '' : 'not '}in use, as the native helper allows`);
 });
 
+t.test('a journal opened on a nearly full filesystem opens without the write map and refuses appends with an error', { skip: loadNative()?.allocate ? false : 'the native helper cannot allocate' }, async (t) => {
+  const jfs = await tmpfs(t, '8m');
+  const dir = path.join(jfs, 'journal');
+  fs.mkdirSync(dir);
+  fill(jfs, 256 * 1024); // room for LMDB to create its databases, not for one write transaction's reservation
+  const j = await Journal.open({ dir });
+  t.teardown(() => j.close().catch(() => undefined));
+  t.equal(j.writeMap, false, 'no room to allocate ahead: LMDB writes its pages with writev instead');
+  await t.rejects(j.append(EntryKind.WRITE, 0, MiB, randomBytes(MiB)).done, /could not commit/, 'an append that cannot be stored fails, named');
+});
+
 t.test("the replica's disk fills: the replayer stops applying, then converges when space returns", async (t) => {
   const dir = t.testdir();
   const rfs = await tmpfs(t, '48m');

@@ -248,7 +248,7 @@ export class Journal extends EventEmitter {
     const durability = opts.durability ?? 'commit';
     // A write map only where blocks can be allocated ahead of it, and for commit durability (sync durability
     // commits on lmdb-js's writer thread, where no allocation can come first).
-    let writeMap = durability === 'commit' && MapSpace.supported(opts.dir);
+    const writeMap = durability === 'commit' && MapSpace.supported(opts.dir);
     let root = openEnv(opts.dir, maxBytes, durability, writeMap);
     let space: MapSpace | undefined;
     if (writeMap) {
@@ -259,7 +259,6 @@ export class Journal extends EventEmitter {
         // No room to allocate ahead: open without the write map (appends then fail with ENOSPC as writes).
         (opts.logger ?? silentLogger).warn({ err }, 'journal: cannot allocate space ahead; opening without a write map');
         await root.close();
-        writeMap = false;
         root = openEnv(opts.dir, maxBytes, durability, false);
       }
     }
