@@ -1,5 +1,6 @@
 // `blockferry journal inspect` and `blockferry replay-local`: look into a journal and rebuild from it.
 import fs from 'node:fs';
+import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
 import { Journal } from '../../journal/journal.js';
 import { replayLocal } from '../../journal/replay-local.js';
@@ -9,6 +10,10 @@ import { formatBytes, parseSize } from '../../util/size.js';
 
 export interface JournalInspection {
   stats: JournalStats;
+  /** Whether LMDB writes through its write map (see README, The journal). */
+  writeMap: boolean;
+  /** Disk space journal.mdb takes (its allocated blocks; the file's size is the map size, sparse). */
+  fileBytes: number;
   consumers: ConsumerState[];
   last: Array<Omit<JournalEntry, 'data'> & { kindName: string }>;
 }
@@ -22,6 +27,8 @@ export async function inspectJournal(dir: string, last = 10): Promise<JournalIns
     const entries = last > 0 && stats.entries > 0 ? j.read(from, { maxEntries: last }) : [];
     return {
       stats,
+      writeMap: j.writeMap,
+      fileBytes: fs.statSync(path.join(dir, 'journal.mdb')).blocks * 512,
       consumers: j.consumers(),
       last: entries.map(({ data: _d, ...e }) => ({ ...e, kindName: entryKindName(e.kind) })),
     };
@@ -56,6 +63,7 @@ const inspect: CommandModule<object, InspectArgs> = {
       `sequence    tail ${s.tailSeq}  head ${s.headSeq}  committed ${s.committedSeq}  checkpoint ${s.checkpointSeq}  acked ${s.ackedSeq}`,
       `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap)`,
       `stored      ${formatBytes(s.storedBytes)} in ${s.segments} segment${s.segments === 1 ? '' : 's'}${s.storedBytes > s.bytes ? ' (entries before the tail are reclaimed with their segment)' : ''}`,
+      `file        ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}`,
       `consumers   ${r.consumers.length === 0 ? '(none)' : r.consumers.map((c) => `${c.id} @${c.ackedSeq}`).join(', ')}`,
       '',
       `${'SEQ'.padStart(10)}  ${'KIND'.padEnd(5)}  ${'OFFSET'.padStart(14)}  ${'LENGTH'.padStart(12)}  CRC32C    TIME`,
