@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cpuTimes, formatSteal, stealPct } from './steal.mjs';
+import { formatSteal, stealMeter } from './steal.mjs';
 import { NbdProbe } from './nbd-probe.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
@@ -148,7 +148,7 @@ async function main() {
     // 16 MiB pieces, the image would sit in large folios that make every 4 KiB write slow: see readScan).
     execFileSync('dd', ['if=/dev/null', `of=${image}`, 'oflag=nocache', 'conv=notrunc,fdatasync', 'count=0'], { stdio: 'ignore' });
 
-    const cpu0 = cpuTimes();
+    const stolen0 = stealMeter();
     replay = await start(['replay', '--listen', '127.0.0.1:0', '--data-dir', path.join(work, 'replica')], /listening on (ws:\/\/\S+)/, 'replay');
     const t0 = performance.now();
     serve = await start(['serve', '--image', `disk=${image}`, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal'), '--replicate-to', replay.match[1]], /listening on (nbd:\/\/\S+)/, 'serve');
@@ -164,19 +164,19 @@ async function main() {
     }
     await probe.mark();
     const syncS = (performance.now() - t0) / 1000;
-    results.initialSync = { bytes: IMAGE_BYTES, seconds: syncS, mibs: IMAGE_BYTES / 2 ** 20 / syncS, steal: stealPct(cpu0, cpuTimes()) };
+    results.initialSync = { bytes: IMAGE_BYTES, seconds: syncS, mibs: IMAGE_BYTES / 2 ** 20 / syncS, steal: stolen0() };
 
     // 2. Maximum 4K random write rate with replication on.
     process.stderr.write('bench: maximum 4K random write rate...\n');
-    const cpu1 = cpuTimes();
+    const stolen1 = stealMeter();
     const max = await fio(uri, ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--time_based', `--runtime=${quick ? 3 : 5}`, '--ramp_time=1']);
-    results.max4k = { iops: max.iops, steal: stealPct(cpu1, cpuTimes()) };
+    results.max4k = { iops: max.iops, steal: stolen1() };
     await probe.mark();
 
     // 3. Lag at half that rate.
     const rate = Math.max(100, Math.floor(max.iops / 2));
     process.stderr.write(`bench: lag at ${rate} IOPS (half the maximum) for ${LOAD_S} s...\n`);
-    const cpu2 = cpuTimes();
+    const stolen2 = stealMeter();
     const load = fio(uri, ['--rw=randwrite', '--bs=4k', '--iodepth=32', `--rate_iops=${rate}`, '--time_based', `--runtime=${LOAD_S}`]);
     const lags = [];
     let loadDone = false;
@@ -188,7 +188,7 @@ async function main() {
       await sleep(Math.max(0, 100 - (performance.now() - started)));
     }
     const achieved = await load;
-    results.lag = { targetIops: rate, achievedIops: achieved.iops, samples: lags.length, p50ms: pct(lags, 50), p99ms: pct(lags, 99), maxms: Math.max(...lags), steal: stealPct(cpu2, cpuTimes()) };
+    results.lag = { targetIops: rate, achievedIops: achieved.iops, samples: lags.length, p50ms: pct(lags, 50), p99ms: pct(lags, 99), maxms: Math.max(...lags), steal: stolen2() };
 
     // 4. Catch-up after an outage.
     process.stderr.write('bench: outage (replayer stopped) while 1 GiB is written, then catch-up...\n');
@@ -198,17 +198,17 @@ async function main() {
     const marker = probe.mark();
     await sleep(50);
     const resumed = performance.now();
-    const cpu3 = cpuTimes();
+    const stolen3 = stealMeter();
     replay.child.kill('SIGCONT');
     await marker;
     const catchS = (performance.now() - resumed) / 1000;
-    results.catchUp = { backlogBytes: backlog.bytes, writtenMiBs: backlog.mibs, seconds: catchS, mibs: backlog.bytes / 2 ** 20 / catchS, steal: stealPct(cpu3, cpuTimes()) };
+    results.catchUp = { backlogBytes: backlog.bytes, writtenMiBs: backlog.mibs, seconds: catchS, mibs: backlog.bytes / 2 ** 20 / catchS, steal: stolen3() };
     if (memoryRun) {
       process.stderr.write('bench: memory run: 10 GiB of 1 MiB writes with replication on...\n');
-      const cpu4 = cpuTimes();
+      const stolen4 = stealMeter();
       const big = await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=16', '--io_size=10G']);
       await probe.mark();
-      results.memoryRun = { steal: stealPct(cpu4, cpuTimes()), bytes: big.bytes, mibs: big.mibs, serveVmHWMMiB: memory(serve.child.pid).hwm, serveRssAnonPeakMiB: anonPeak, replayVmHWMMiB: memory(replay.child.pid).hwm };
+      results.memoryRun = { steal: stolen4(), bytes: big.bytes, mibs: big.mibs, serveVmHWMMiB: memory(serve.child.pid).hwm, serveRssAnonPeakMiB: anonPeak, replayVmHWMMiB: memory(replay.child.pid).hwm };
     }
     client.close();
     results.memory = { serveVmHWMMiB: memory(serve.child.pid).hwm, serveRssAnonPeakMiB: anonPeak };

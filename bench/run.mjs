@@ -12,7 +12,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { cpuTimes, formatSteal, stealPct } from './steal.mjs';
+import { formatSteal, stealMeter } from './steal.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist/cli/index.js');
@@ -202,9 +202,9 @@ function fio(uri, job) {
     '--direct=1', `--size=${IMAGE_BYTES}`, '--time_based', `--runtime=${RUNTIME_S}`, `--ramp_time=${RAMP_S}`,
     '--randrepeat=0', '--output-format=json',
   ];
-  const before = cpuTimes();
+  const stolen = stealMeter();
   const out = execFileSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 2 ** 20, stdio: ['ignore', 'pipe', 'pipe'] });
-  const steal = stealPct(before, cpuTimes());
+  const steal = stolen();
   const r = JSON.parse(out.slice(out.indexOf('{'))).jobs[0][job.dir];
   const p99 = r.clat_ns?.percentile?.['99.000000'];
   return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6, steal };

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 
 /** The machine's CPU counters from /proc/stat (undefined where there is none). */
-export function cpuTimes() {
+function cpuTimes() {
   try {
     const f = fs.readFileSync('/proc/stat', 'utf8').split('\n')[0].trim().split(/\s+/).slice(1, 9).map(Number);
     return { total: f.reduce((a, b) => a + b, 0), steal: f[7] };
@@ -13,9 +13,13 @@ export function cpuTimes() {
   }
 }
 
-/** Percent of CPU time stolen between two cpuTimes() readings (NaN where unknown). */
-export function stealPct(a, b) {
-  return a && b && b.total > a.total ? (100 * (b.steal - a.steal)) / (b.total - a.total) : NaN;
+/** Starts measuring: the function returned gives the percent of CPU time stolen since (NaN where unknown). */
+export function stealMeter() {
+  const a = cpuTimes();
+  return () => {
+    const b = cpuTimes();
+    return a && b && b.total > a.total ? (100 * (b.steal - a.steal)) / (b.total - a.total) : NaN;
+  };
 }
 
 /** "12%", or '' where unknown. */

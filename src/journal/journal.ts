@@ -248,15 +248,16 @@ export class Journal extends EventEmitter {
     const durability = opts.durability ?? 'commit';
     // A write map only where blocks can be allocated ahead of it, and for commit durability (sync durability
     // commits on lmdb-js's writer thread, where no allocation can come first).
-    const writeMap = durability === 'commit' && MapSpace.supported(opts.dir);
-    let root = openEnv(opts.dir, maxBytes, durability, writeMap);
+    const allocate = durability === 'commit' ? MapSpace.allocator() : undefined;
+    let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined);
     let space: MapSpace | undefined;
-    if (writeMap) {
+    if (allocate) {
       const env = (root as unknown as { env: { stat(): { pageSize: number }; info(): { lastPageNumber: number } } }).env;
       try {
-        space = MapSpace.open(path.join(opts.dir, 'journal.mdb'), env.stat().pageSize, allocateAhead(maxBytes), () => env.info().lastPageNumber);
+        space = MapSpace.open(allocate, path.join(opts.dir, 'journal.mdb'), env.stat().pageSize, allocateAhead(maxBytes), () => env.info().lastPageNumber);
       } catch (err) {
-        // No room to allocate ahead: open without the write map (appends then fail with ENOSPC as writes).
+        // The filesystem cannot allocate (no fallocate there, or no room): open without the write map (on a full
+        // disk appends then fail as writes).
         (opts.logger ?? silentLogger).warn({ err }, 'journal: cannot allocate space ahead; opening without a write map');
         await root.close();
         root = openEnv(opts.dir, maxBytes, durability, false);

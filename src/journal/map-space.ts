@@ -7,7 +7,6 @@
 // reserve(bound): blocks stay allocated (fallocate) ahead of the last page LMDB uses, and a full disk fails that
 // fallocate with ENOSPC, which the journal reports like any failed commit.
 import fs from 'node:fs';
-import path from 'node:path';
 import { loadNative, type NativeHelper } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 
@@ -32,35 +31,21 @@ export class MapSpace {
   ) {}
 
   /**
-   * Whether blocks can be allocated ahead in `dir` (the native helper has fallocate and the filesystem supports
-   * it) and BLOCKFERRY_NO_WRITEMAP is not 1. Where not, the journal does without a write map.
+   * The native fallocate, unless the helper lacks it or BLOCKFERRY_NO_WRITEMAP is 1: then the journal does
+   * without a write map. Whether the filesystem supports it, open() finds out.
    */
-  static supported(dir: string): boolean {
+  static allocator(): Allocate | undefined {
     // An operator's (and a benchmark's) way to compare, or to avoid write maps on an unusual filesystem.
-    if (process.env.BLOCKFERRY_NO_WRITEMAP === '1') return false;
-    const allocate = loadNative()?.allocate;
-    if (!allocate) return false;
-    const probe = path.join(dir, `.allocate-probe.${process.pid}`);
-    let fd: number | undefined;
-    try {
-      fd = fs.openSync(probe, 'w', 0o600);
-      allocate(fd, 0, 4096);
-      return true;
-    } catch {
-      return false;
-    } finally {
-      if (fd !== undefined) fs.closeSync(fd);
-      fs.rmSync(probe, { force: true });
-    }
+    if (process.env.BLOCKFERRY_NO_WRITEMAP === '1') return undefined;
+    return loadNative()?.allocate;
   }
 
   /**
    * Opens the LMDB file for allocating and allocates ahead of its last page at once (before anything writes).
-   * `lastPage` reports LMDB's last used page number. Throws (ENOSPC and the like) when that first allocation fails.
+   * `lastPage` reports LMDB's last used page number. Throws (ENOSPC, EOPNOTSUPP and the like) when that first
+   * allocation fails.
    */
-  static open(file: string, pageSize: number, ahead: number, lastPage: () => number): MapSpace {
-    const allocate = loadNative()?.allocate;
-    if (!allocate) throw new BlockferryError('ENOTSUP', 'allocating journal space needs the native helper');
+  static open(allocate: Allocate, file: string, pageSize: number, ahead: number, lastPage: () => number): MapSpace {
     const fd = fs.openSync(file, 'r+');
     const space = new MapSpace(fd, allocate, pageSize, ahead, lastPage);
     try {
