@@ -567,6 +567,58 @@ t.test('recent entries are read from memory, older ones from LMDB, with the same
   t.ok(stored.length === all.length && stored.every((v, i) => v.equals(all[i])), 'what memory served equals what LMDB stored');
 });
 
+t.test('copyRecords: the same values as readRecords, from memory and from LMDB; a reader far behind stops the window', async (t) => {
+  const j = await Journal.open({ dir: t.testdir() });
+  t.teardown(() => j.close());
+  j.registerConsumer('replica', 1);
+  const internals = j as unknown as { recentOff: number[]; recentAt: number };
+  const held = () => internals.recentOff.length - internals.recentAt;
+  const sink = (room: number) => {
+    const values: Buffer[] = [];
+    let left = room;
+    return {
+      values,
+      place(len: number) {
+        if (values.length > 0 && len > left) return undefined;
+        left -= len;
+        const b = Buffer.alloc(len);
+        values.push(b);
+        return b;
+      },
+    };
+  };
+  // 40 MiB of 1 MiB entries: more than the memory window holds.
+  const append = async (n: number) => {
+    for (let i = 0; i < n; i += 8) await Promise.all(Array.from({ length: 8 }, (_, k) => j.append(EntryKind.WRITE, (i + k) * 2 ** 20, 2 ** 20, randomBytes(2 ** 20)).done));
+  };
+  await append(40);
+  t.ok(held() > 0, 'recent commits are in the memory window');
+  for (const from of [1, 39]) {
+    const want = j.readRecords(from, { maxEntries: 5 }).values.map((v) => Buffer.from(v));
+    const s = sink(2 ** 30);
+    const got = j.copyRecords(from, s, { maxEntries: 5 });
+    t.same({ first: got.first, count: got.count }, { first: from, count: want.length }, `from ${from}: first and count`);
+    t.ok(s.values.every((v, i) => v.equals(want[i])), `from ${from}: the same bytes as readRecords (${from === 1 ? 'LMDB' : 'memory'})`);
+  }
+  const small = sink(3 * (2 ** 20 + 64));
+  t.equal(j.copyRecords(1, small).count, 3, 'no more values than the sink has room for');
+  // A reader that keeps reading far behind the window: after a while commits are no longer copied into it.
+  const s1 = sink(2 ** 30);
+  j.copyRecords(2, s1, { maxEntries: 4 });
+  await new Promise((r) => setTimeout(r, 150));
+  await append(8);
+  t.equal(held(), 0, 'commits are not kept in memory while every reader is far behind');
+  // The reader catches up (reads through the head): the window starts again with the next commit.
+  let next = 6;
+  while (next <= j.stats.committedSeq) next += j.copyRecords(next, sink(2 ** 30)).count;
+  await append(8);
+  t.equal(held(), 8, 'after the reader reached the head, the next commits are kept');
+  const s2 = sink(2 ** 30);
+  t.equal(j.copyRecords(next, s2).count, 8, 'the whole window is served');
+  const want = j.readRecords(next, { stored: true }).values;
+  t.ok(want.length === 8 && s2.values.every((v, i) => v.equals(want[i])), 'with the bytes LMDB stored');
+});
+
 t.test('a new journal directory, and a replayer data directory, are private to their owner (0700)', async (t) => {
   // The journal holds the disk's data (and, with noMemInit, page slack from serve's memory): no other local
   // user may read it. The umask cannot widen it; 0022 is the usual one.

@@ -8,7 +8,7 @@ import { Journal } from '../src/journal/journal.js';
 import { decodeValue } from '../src/journal/entry.js';
 import { EntryKind, type JournalEntry } from '../src/journal/types.js';
 import { Replicator } from '../src/replicator/replicator.js';
-import { FEATURE_RECORDS, PROTOCOL_VERSION, PooledEncoder, decode, encode, type Message } from '../src/replicator/protocol.js';
+import { FEATURE_RECORDS, PROTOCOL_VERSION, RecordsBatch, RecordsPool, decode, encode, type Message } from '../src/replicator/protocol.js';
 
 /** A stand-in replayer: welcomes the primary (with or without the records feature) and hands over its first batch. */
 async function firstBatch(t: Test, features: string[] | undefined): Promise<{ msg: Message; datas: Buffer[] }> {
@@ -86,10 +86,10 @@ t.test('entries the replica refuses as corrupt are shipped again from LMDB, veri
   // A fault in memory (the window is not re-verified before it is shipped): the replayer's CRC check finds it.
   (j as unknown as { ring: Buffer }).ring.fill(0xa5);
   const reads: boolean[] = [];
-  const readRecords = j.readRecords.bind(j);
-  j.readRecords = (from, opts) => {
+  const copyRecords = j.copyRecords.bind(j);
+  j.copyRecords = (from, sink, opts) => {
     reads.push(!!opts?.stored);
-    return readRecords(from, opts);
+    return copyRecords(from, sink, opts);
   };
   r.start();
   const deadline = Date.now() + 20_000;
@@ -154,36 +154,71 @@ t.test('a steady trickle of small commits is shipped in coalesced batches, and a
   t.ok(performance.now() - sent < 40, `an idle link shipped the next entry in ${(performance.now() - sent).toFixed(1)} ms`);
 });
 
-t.test('PooledEncoder: the same bytes as encode(); a buffer is reused only once released', async (t) => {
-  const pool = new PooledEncoder(64 * 1024, 2);
-  const records = [randomBytes(4096), randomBytes(40)];
-  const msg: Message = { v: PROTOCOL_VERSION, t: 'records', first: 7, records };
-  const a = pool.encode(msg);
-  t.ok(a.data.equals(encode(msg)), 'encoded exactly as encode() does');
-  const b = pool.encode({ ...msg, first: 8 });
+t.test('RecordsPool: a buffer is handed out again only once released, and only once', async (t) => {
+  const pool = new RecordsPool(64 * 1024, 2);
+  const fill = (first: number) => {
+    const batch = pool.records();
+    randomBytes(4096).copy(batch.place(4096)!);
+    return batch.finish(first);
+  };
+  const a = fill(7);
+  const b = fill(8);
   t.not(b.data.buffer, a.data.buffer, 'a buffer not yet released is not handed out again');
-  t.same((decode(a.data) as { first: number }).first, 7, 'the first message is intact after the second was encoded');
+  t.equal((decode(a.data) as { first: number }).first, 7, 'the first message is intact after the second was written');
   a.release();
   a.release(); // twice is harmless: the buffer must not enter the pool twice
-  const c = pool.encode({ ...msg, first: 9 });
+  const c = fill(9);
   t.equal(c.data.buffer, a.data.buffer, 'a released buffer is reused');
-  const d = pool.encode({ ...msg, first: 10 });
+  const d = fill(10);
   t.not(d.data.buffer, c.data.buffer, 'released once, handed out once');
-  const big: Message = { v: PROTOCOL_VERSION, t: 'records', first: 1, records: [randomBytes(100 * 1024)] };
-  const e = pool.encode(big);
-  t.ok(e.data.equals(encode(big)), 'a message larger than the pool buffers is still encoded whole');
-  e.release();
-  // Told its size, a large message goes into a large buffer of its own, reused once released.
-  const f = pool.encode(big, 100 * 1024);
-  t.ok(f.data.equals(encode(big)), 'a large message with its size given is encoded exactly as encode() does');
-  const g = pool.encode(big, 100 * 1024);
-  t.not(g.data.buffer, f.data.buffer, 'a large buffer not yet released is not handed out again');
-  f.release();
-  g.release();
-  const h = pool.encode(big, 100 * 1024);
-  t.ok(h.data.buffer === f.data.buffer || h.data.buffer === g.data.buffer, 'a released large buffer is reused');
-  h.release();
+  // encode() elsewhere in the process never writes into a pool's buffer (msgpackr's useBuffer target is global).
+  const before = Buffer.from(c.data);
+  encode({ v: PROTOCOL_VERSION, t: 'records', first: 1, records: [randomBytes(100 * 1024)] });
+  t.ok(c.data.equals(before), 'a message in a pool buffer is untouched by encode()');
   b.release();
   c.release();
   d.release();
+});
+
+t.test('RecordsBatch: a records message written in place decodes as encode() of the same message', async (t) => {
+  const given: Buffer[] = [];
+  const pool = new RecordsPool(64 * 1024, 2);
+  const fill = (batch: RecordsBatch, records: Buffer[]): number => {
+    let n = 0;
+    for (const r of records) {
+      const dst = batch.place(r.length);
+      if (!dst) break;
+      r.copy(dst);
+      n++;
+    }
+    return n;
+  };
+  const records = [randomBytes(40), randomBytes(4096), randomBytes(0), randomBytes(300)];
+  for (const first of [1, 2 ** 32 + 5, Number.MAX_SAFE_INTEGER - 10]) {
+    const batch = pool.records();
+    t.equal(fill(batch, records), records.length);
+    const done = batch.finish(first);
+    t.same(decode(done.data), decode(encode({ v: PROTOCOL_VERSION, t: 'records', first, records })), `first ${first}: same message as encode()`);
+    t.ok(done.last!.equals(records[records.length - 1]), 'last: the last record placed');
+    done.release();
+  }
+  // A full buffer takes no further record; the message holds those placed so far.
+  const many = Array.from({ length: 40 }, () => randomBytes(4000));
+  const batch = pool.records();
+  const n = fill(batch, many);
+  t.ok(n > 10 && n < many.length, `${n} of ${many.length} records of 4000 bytes fit a 64 KiB buffer`);
+  const partial = batch.finish(9);
+  t.same((decode(partial.data) as { records: Buffer[] }).records, many.slice(0, n), 'the records that fit, in order');
+  partial.release();
+  // A first record larger than the buffer moves the message into a large buffer of its own.
+  const big = randomBytes(300 * 1024);
+  const b2 = new RecordsBatch(Buffer.alloc(1024), (buf) => given.push(buf));
+  const dst = b2.place(big.length);
+  t.equal(dst?.length, big.length, 'the first record is always placed');
+  big.copy(dst!);
+  const done = b2.finish(3);
+  t.same(decode(done.data), decode(encode({ v: PROTOCOL_VERSION, t: 'records', first: 3, records: [big] })), 'a large first record is encoded whole');
+  t.equal(given.length, 1, 'the small buffer went back to its pool at once');
+  done.release();
+  t.equal(given.length, 1, 'the large buffer goes back to the large pool, not the small one');
 });

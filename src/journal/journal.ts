@@ -67,6 +67,8 @@ const RECENT_BYTES = 24 * 2 ** 20;
 const READ_ARENA_BYTES = 8 * 2 ** 20;
 /** Larger values are not copied into the ring (they would evict most of it): the window restarts after them. */
 const RECENT_MAX_VALUE = RECENT_BYTES / 4;
+/** How long reads may all come from behind the window before commits stop being copied into it. */
+const RECENT_IDLE_MS = 100;
 /**
  * After this many bytes appended or pruned, drop the process's mappings of the journal file. LMDB reads through
  * a shared mmap, so every page it reads stays counted in RSS until unmapped: appending reads the last leaf page
@@ -117,6 +119,11 @@ interface Pending {
   reject: (err: Error) => void;
 }
 
+/** Where copyRecords puts values: a buffer of `len` bytes for the next, or undefined when full (never for the first). */
+export interface RecordSink {
+  place(len: number): Buffer | undefined;
+}
+
 export interface RecordsOptions {
   maxEntries?: number;
   maxBytes?: number;
@@ -142,6 +149,7 @@ export class Journal extends EventEmitter {
   private tail: number;
   private bytes: number;
   private cum: number;
+  private cumCommitted: number;
   private checkpoint: number;
   private syncing: Promise<void> | undefined;
   private syncAgain = false;
@@ -176,6 +184,8 @@ export class Journal extends EventEmitter {
   private recentOff: number[] = [];
   private recentLen: number[] = [];
   private recentAt = 0;
+  /** Since when reads have all come from far behind the window (undefined: a recent read was near the head). */
+  private farReadsSince: number | undefined;
   /** In seq order; the last one takes appends. Never empty. */
   private readonly segments: Segment[];
   /** First seq stored: the tail, or earlier while entries before the tail wait for their segment to be dropped. */
@@ -227,6 +237,7 @@ export class Journal extends EventEmitter {
     const cumOf = (v: Buffer) => (v.length >= VALUE_HEADER ? valueCum(v) : NaN);
     const lastCum = last ? cumOf(last.value) : NaN;
     this.cum = Number.isFinite(lastCum) ? lastCum : (m?.cum ?? 0);
+    this.cumCommitted = this.cum;
     const firstCum = first ? cumOf(first.value) : NaN;
     const stored = last && first && Number.isFinite(lastCum) && Number.isFinite(firstCum) ? this.cum - firstCum + first.value.length : 0;
     if (this.tail > this.physTail) {
@@ -289,6 +300,16 @@ export class Journal extends EventEmitter {
   /** Whether LMDB stores through a write map (with blocks allocated ahead; see MapSpace). */
   get writeMap(): boolean {
     return this.space !== undefined;
+  }
+
+  /** The last committed seq (what stats.committedSeq says, without building the rest). */
+  get committedSeq(): number {
+    return this.committed;
+  }
+
+  /** Stored bytes appended through the last committed seq, ever (its entry's cumulative-size field). */
+  get committedCum(): number {
+    return this.cumCommitted;
   }
 
   get stats(): JournalStats {
@@ -392,6 +413,7 @@ export class Journal extends EventEmitter {
     }
     if (batch.length > 0) {
       this.committed = batch[batch.length - 1].seq;
+      this.cumCommitted = valueCum(batch[batch.length - 1].value);
       let bytes = 0;
       for (const p of batch) bytes += p.value.length;
       this.activeBytes += bytes;
@@ -413,6 +435,13 @@ export class Journal extends EventEmitter {
     if (this.acks.size === 0) {
       // Nobody reads from memory: keep nothing (and let the ring go).
       if (this.ring) this.forgetRecent();
+      return;
+    }
+    if (this.farReadsSince !== undefined && performance.now() - this.farReadsSince > RECENT_IDLE_MS) {
+      // Every reader is further behind than the window holds: they read from LMDB, and copying each commit
+      // here would only be overwritten unread (with 1 MiB writes replicated, that copy was 7% of serve's CPU).
+      // The window restarts with the first commit after a reader reaches the head.
+      if (this.recentOff.length) this.forgetRecent();
       return;
     }
     const ring = (this.ring ??= Buffer.allocUnsafeSlow(RECENT_BYTES));
@@ -530,51 +559,99 @@ export class Journal extends EventEmitter {
 
   /** Verified entries from `fromSeq` (or the tail, if that is later) on, at least one if any is committed. */
   read(fromSeq: number, opts: { maxEntries?: number; maxBytes?: number } = {}): JournalEntry[] {
-    const { first, values } = this.records(fromSeq, opts);
+    const { first, values } = this.readRecords(fromSeq, opts);
     // Entries outlive the turn: values (views into the ring or the read arena) are copied out.
     return values.map((v, i) => decodeValue(first + i, Buffer.from(v)));
   }
 
   /**
    * The stored values (header and data, as entry.ts lays them out) of the committed entries from `fromSeq`
-   * (or the tail) on: what the replicator ships. Recent ones come from memory, as they were committed; older
-   * ones are read from LMDB and verified, so a corrupt entry raises JournalCorruptError naming its seq.
+   * (or the tail) on. Recent ones come from memory, as they were committed; older ones are read from LMDB and
+   * verified, so a corrupt entry raises JournalCorruptError naming its seq.
    * The values are views that stay valid only until the next commit (a later turn of the event loop) or the
    * next read of this journal: encode or copy them before reading again or awaiting anything.
    */
   readRecords(fromSeq: number, opts: RecordsOptions = {}): { first: number; values: Buffer[] } {
-    const { first, values } = this.records(fromSeq, opts);
-    return { first, values };
-  }
-
-  private records(fromSeq: number, opts: RecordsOptions): { first: number; values: Buffer[] } {
+    const values: Buffer[] = [];
     const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
-    const held = this.recentOff.length - this.recentAt;
-    if (!opts.stored && this.ring && from > this.committed - held && from <= this.committed) {
-      const values: Buffer[] = [];
+    if (this.fromMemory(from, opts)) {
       let bytes = 0;
       for (let i = this.recentOff.length - (this.committed - from + 1); i < this.recentOff.length; i++) {
-        values.push(this.ring.subarray(this.recentOff[i], this.recentOff[i] + this.recentLen[i]));
+        values.push(this.ring!.subarray(this.recentOff[i], this.recentOff[i] + this.recentLen[i]));
         bytes += this.recentLen[i];
         if (values.length >= maxEntries || bytes >= maxBytes) break;
       }
       return { first: from, values };
     }
-    return { first: from, values: this.readStored(from, maxEntries, maxBytes) };
+    let used = 0; // of the arena
+    const arenaSink: RecordSink = {
+      place: (len) => {
+        if (!this.readArena || this.readArena.length < used + len) {
+          // Views already handed out keep the old arena alive; the new one serves the rest of this read and later ones.
+          this.readArena = Buffer.allocUnsafeSlow(Math.max(READ_ARENA_BYTES, 2 * len));
+          used = 0;
+        }
+        const value = this.readArena.subarray(used, used + len);
+        used += len;
+        values.push(value);
+        return value;
+      },
+    };
+    this.readStored(from, maxEntries, maxBytes, arenaSink, !opts.stored);
+    return { first: from, values };
   }
 
   /**
-   * Stored values, verified, as views into one reused arena. getRange would hand out every value in a new,
-   * zero-filled buffer: per 1 MiB entry a memset, a copy and an ArrayBuffer, and a full GC every ~64 MiB of
-   * them (see util/buffer-pool); it was a sixth of a replicating serve's main thread once the replica fell
-   * behind the memory window. getBinaryFast reads into lmdb-js's own reused buffer (or maps the value), and
-   * the value is copied from there into the arena before the next get overwrites it.
+   * What the replicator ships: the values readRecords would return, copied straight into `sink` (the message
+   * being built) instead of into views, from the memory window or, verified, from LMDB. Returns the first seq
+   * and how many values went in; fewer than asked when the sink had no room for the next.
    */
-  private readStored(from: number, maxEntries: number, maxBytes: number): Buffer[] {
-    const out: Buffer[] = [];
-    let bytes = 0; // used of the arena
+  copyRecords(fromSeq: number, sink: RecordSink, opts: RecordsOptions = {}): { first: number; count: number } {
+    const maxEntries = opts.maxEntries ?? READ_MAX_ENTRIES;
+    const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
+    const from = Math.max(fromSeq, this.tail);
+    if (this.fromMemory(from, opts)) {
+      const ring = this.ring!;
+      let bytes = 0;
+      let count = 0;
+      for (let i = this.recentOff.length - (this.committed - from + 1); i < this.recentOff.length; i++) {
+        const off = this.recentOff[i];
+        const len = this.recentLen[i];
+        const dst = sink.place(len);
+        if (!dst) break;
+        ring.copy(dst, 0, off, off + len);
+        count++;
+        bytes += len;
+        if (count >= maxEntries || bytes >= maxBytes) break;
+      }
+      return { first: from, count };
+    }
+    return { first: from, count: this.readStored(from, maxEntries, maxBytes, sink, !opts.stored) };
+  }
+
+  /**
+   * Whether a read from `from` comes from the memory window. Also keeps the window worth its copy: a read
+   * served from it, or one that reaches the last commit, is near the head; once only reads far behind the
+   * window have come for RECENT_IDLE_MS, commits stop being copied into it (see remember).
+   */
+  private fromMemory(from: number, opts: RecordsOptions): boolean {
+    const held = this.recentOff.length - this.recentAt;
+    const hit = !opts.stored && !!this.ring && from > this.committed - held && from <= this.committed;
+    if (hit) this.farReadsSince = undefined;
+    return hit;
+  }
+
+  /**
+   * Stored values, verified, copied into the buffers `sink` places them in: getBinaryFast reads each into
+   * lmdb-js's own reused buffer (or maps it), and the value is copied from there before the next get
+   * overwrites it. (getRange would hand out every value in a new, zero-filled buffer: per 1 MiB entry a
+   * memset, a copy and an ArrayBuffer, and a full GC every ~64 MiB of them; see util/buffer-pool.)
+   * `reader`: a reader's own read (not a forced re-read), which tells whether it is near the head.
+   */
+  private readStored(from: number, maxEntries: number, maxBytes: number, sink: RecordSink, reader: boolean): number {
+    let count = 0;
     let total = 0;
     let expect = from;
     for (const { key, db } of this.storedKeys(expect, this.committed)) {
@@ -587,12 +664,8 @@ export class Journal extends EventEmitter {
       }
       // lmdb-js's reused buffer is longer than the value: its `length` property says how much is the value.
       const len = fast.length;
-      if (!this.readArena || this.readArena.length < bytes + len) {
-        // Views already handed out keep the old arena alive; the new one serves the rest of this read and later ones.
-        this.readArena = Buffer.allocUnsafeSlow(Math.max(READ_ARENA_BYTES, 2 * len));
-        bytes = 0;
-      }
-      const value = this.readArena.subarray(bytes, bytes + len);
+      const value = sink.place(len);
+      if (!value) break;
       value.set(fast.subarray(0, len));
       try {
         verifyEntry(decodeValue(seq, value));
@@ -600,14 +673,17 @@ export class Journal extends EventEmitter {
         this.emit('corrupt', err);
         throw err;
       }
-      out.push(value);
-      bytes += value.length;
-      total += value.length;
+      count++;
+      total += len;
       expect++;
-      if (out.length >= maxEntries || total >= maxBytes) break;
+      if (count >= maxEntries || total >= maxBytes) break;
     }
     this.touched(total);
-    return out;
+    if (reader) {
+      if (expect > this.committed) this.farReadsSince = undefined;
+      else this.farReadsSince ??= performance.now();
+    }
+    return count;
   }
 
   /**

@@ -4,6 +4,7 @@ import { Packr } from 'msgpackr';
 import { BlockferryError } from '../util/errors.js';
 import { BufferPool, releaseBuffer } from '../util/buffer-pool.js';
 import type { JournalEntry } from '../journal/types.js';
+import type { RecordSink } from '../journal/journal.js';
 
 export const PROTOCOL_VERSION = 1;
 /** Largest WebSocket message either side accepts: one batch of entries plus framing. */
@@ -59,22 +60,20 @@ export function encode(msg: Message): Buffer {
   return packr.pack(msg);
 }
 
-/**
- * Room for a message's fields beyond the bytes encode() is told of (records plus 8 per record for their
- * framing). Small: a batch of 1 MiB records just over BATCH_BYTES still fits a regular buffer.
- */
+/** Room past a large record for the message's head, when it needs a buffer of its own. */
 const ENCODING_SLACK = 1024;
-/** Buffers for messages larger than a PooledEncoder's own. */
+/** Buffers for messages larger than a RecordsPool's own (a resync's 8 MiB records, a host's 32 MiB writes). */
 const largeMessages = new BufferPool({ unit: 2 ** 20, maxLength: 48 * 2 ** 20, maxBytes: 20 * 2 ** 20 });
 
 /**
- * Encodes the large messages one link sends (batches of records) into buffers it reuses once the WebSocket
- * has written them, where encode() leaves msgpackr to allocate a new buffer for nearly every batch. Each such
- * buffer is external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes
- * replicated, V8's marking and sweeping were ~20% of serve's samples (perf).
+ * The buffers one link writes its batches of records into, each reused once the WebSocket has written it,
+ * where encoding with msgpackr would allocate a new buffer for nearly every batch. Each such buffer is
+ * external memory to V8, and hundreds of MiB of them a second drove major GCs: with 1 MiB writes replicated,
+ * V8's marking and sweeping were ~20% of serve's samples (perf). (Not msgpackr's useBuffer: its target
+ * buffer is shared by every Packr in the process, so the next encode() anywhere would write into a buffer
+ * this pool may have handed out again.)
  */
-export class PooledEncoder {
-  private readonly packr = new Packr(PACKR_OPTIONS);
+export class RecordsPool {
   private readonly free: Buffer[] = [];
 
   /** Buffers of `size` bytes; at most `keep` of them are kept while unused. */
@@ -83,36 +82,94 @@ export class PooledEncoder {
     private readonly keep: number,
   ) {}
 
-  /**
-   * `msg` encoded, and the function to call once its bytes have been written (the buffer returns to the
-   * pool). `bytes`: about how large the encoding will be (the records' bytes); a message larger than the
-   * pool's buffers is encoded into one from a pool of large buffers by the MiB (a resync's 8 MiB records, a
-   * host's 32 MiB writes), which msgpackr would otherwise grow to four times the size, anew each time.
-   */
-  encode(msg: Message, bytes = 0): { data: Buffer; release: () => void } {
-    const need = bytes + ENCODING_SLACK;
-    const big = need > this.size;
-    const buf = big ? largeMessages.alloc(Math.ceil(need / 2 ** 20) * 2 ** 20) : (this.free.pop() ?? Buffer.allocUnsafeSlow(this.size));
-    const giveBack = () => (big ? releaseBuffer(buf) : this.put(buf));
-    this.packr.useBuffer(buf);
-    const data = this.packr.pack(msg);
-    if (data.buffer !== buf.buffer) {
-      giveBack();
-      return { data, release: () => undefined };
-    }
-    let released = false;
-    return {
-      data,
-      release: () => {
-        if (released) return;
-        released = true;
-        giveBack();
-      },
-    };
+  /** A records message to fill in place (see RecordsBatch), in one of this pool's buffers. */
+  records(): RecordsBatch {
+    return new RecordsBatch(this.free.pop() ?? Buffer.allocUnsafeSlow(this.size), (buf) => this.put(buf));
   }
 
   private put(buf: Buffer): void {
     if (this.free.length < this.keep) this.free.push(buf);
+  }
+}
+
+/**
+ * The head of a `records` message as msgpack: a map of four, `v`, `t: 'records'`, `first` (a float64: exact
+ * for any seq, and what msgpackr itself writes for numbers past 32 bits) and `records`, an array (its count,
+ * a uint32, patched in at the end). decode() reads it as it reads msgpackr's own encoding of the same map.
+ */
+const RECORDS_HEAD = Buffer.concat([
+  Buffer.from([0x84, 0xa1, 0x76, PROTOCOL_VERSION, 0xa1, 0x74, 0xa7]),
+  Buffer.from('records'),
+  Buffer.from([0xa5]),
+  Buffer.from('first'),
+  Buffer.from([0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xa7]),
+  Buffer.from('records'),
+  Buffer.from([0xdd, 0, 0, 0, 0]),
+]);
+const FIRST_AT = RECORDS_HEAD.indexOf(0xcb) + 1;
+const COUNT_AT = RECORDS_HEAD.length - 4;
+/** msgpack's bin 32 header before each record: 0xc6 and the length. */
+const RECORD_HEAD_BYTES = 5;
+
+/**
+ * A `records` message written in place: the journal copies each value straight into the message's buffer
+ * (sink.place), where encoding the values it had read into memory first cost a second copy of every shipped
+ * byte (with 1 MiB writes replicated, a tenth of serve's CPU went to such copies). The buffers come from the
+ * link's pool and return to it once the WebSocket has written them.
+ */
+export class RecordsBatch implements RecordSink {
+  private pos = RECORDS_HEAD.length;
+  private count = 0;
+  private last: Buffer | undefined;
+
+  constructor(
+    private buf: Buffer,
+    private giveBack: (buf: Buffer) => void,
+  ) {
+    RECORDS_HEAD.copy(buf, 0);
+  }
+
+  place(len: number): Buffer | undefined {
+    const end = this.pos + RECORD_HEAD_BYTES + len;
+    if (end > this.buf.length) {
+      if (this.count > 0) return undefined;
+      // A single record larger than the pool's buffers (a resync's 8 MiB chunks, a host's 32 MiB writes).
+      const big = largeMessages.alloc(Math.ceil((end + ENCODING_SLACK) / 2 ** 20) * 2 ** 20);
+      this.buf.copy(big, 0, 0, this.pos);
+      this.giveBack(this.buf);
+      this.buf = big;
+      this.giveBack = releaseBuffer;
+    }
+    const buf = this.buf;
+    buf[this.pos] = 0xc6;
+    buf.writeUInt32BE(len, this.pos + 1);
+    this.count++;
+    this.pos = end;
+    this.last = buf.subarray(end - len, end);
+    return this.last;
+  }
+
+  /** The message, once every record is in, and the function to call when its bytes have been written. */
+  finish(first: number): { data: Buffer; count: number; last: Buffer | undefined; release: () => void } {
+    this.buf.writeDoubleBE(first, FIRST_AT);
+    this.buf.writeUInt32BE(this.count, COUNT_AT);
+    const { buf, giveBack } = this;
+    let released = false;
+    return {
+      data: buf.subarray(0, this.pos),
+      count: this.count,
+      last: this.last,
+      release: () => {
+        if (released) return;
+        released = true;
+        giveBack(buf);
+      },
+    };
+  }
+
+  /** Gives the buffer back unsent (an empty read, or a link that closed meanwhile). */
+  discard(): void {
+    this.finish(0).release();
   }
 }
 

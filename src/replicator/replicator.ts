@@ -25,8 +25,8 @@ import { JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { CHUNKS_PER_REQUEST, CHUNK_BYTES, chunkCount, differingChunks } from './chunk-hash.js';
 import { lagBytes } from './lag-bytes.js';
-import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, PooledEncoder, decode, encode } from './protocol.js';
-import { decodeValue } from '../journal/entry.js';
+import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RecordsPool, decode, encode } from './protocol.js';
+import { decodeValue, valueCum } from '../journal/entry.js';
 
 /** Unacknowledged bytes in flight per replica. */
 const WINDOW_BYTES = 16 * 2 ** 20;
@@ -107,6 +107,9 @@ export class Replicator {
   private interrupt: (() => void) | undefined;
   /** When the last batch was sent (see COALESCE_MS). */
   private lastSendAt = 0;
+  /** The last seq put in a message, and its entry's cumulative-size field (how much had been stored through it). */
+  private shippedSeq = 0;
+  private shippedCum: number | undefined;
   private lastError: string | undefined;
   /** A journal entry at or below this seq failed its CRC: the replica gets past it by a digest resync. */
   private corruptThrough = 0;
@@ -135,7 +138,7 @@ export class Replicator {
    * Batch messages: one batch of values plus msgpack framing (5 bytes a record at most); as many kept as the
    * window can have in flight, plus one.
    */
-  private readonly batchEncoder = new PooledEncoder(BATCH_BYTES + BATCH_ENTRIES * 8 + 1024, Math.ceil(WINDOW_BYTES / BATCH_BYTES) + 1);
+  private readonly batches = new RecordsPool(BATCH_BYTES + BATCH_ENTRIES * 8 + 1024, Math.ceil(WINDOW_BYTES / BATCH_BYTES) + 1);
   private readonly log: Logger;
   readonly consumerId: string;
 
@@ -457,42 +460,62 @@ export class Replicator {
         await new Promise<void>((r) => (this.wake = r));
         continue;
       }
-      let batch: { first: number; values: Buffer[] };
-      try {
-        batch = j.readRecords(this.nextSeq, { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES, stored: this.nextSeq <= this.storedThrough });
-      } catch (err) {
-        return this.cannotShip(ws, err as Error);
-      }
-      if (batch.values.length === 0) {
-        // Caught up: wait for the next commit, or for the link to close or shipping to stop (acks change
-        // nothing here). No AbortController: aborting one builds a DOMException, once per ack.
-        this.wake = undefined;
-        await new Promise<void>((resolve) => {
-          this.interrupt = resolve;
-          void j.waitFor(this.nextSeq - 1).then(resolve);
-        });
-        this.interrupt = undefined;
+      const committed = j.committedSeq;
+      if (this.nextSeq > committed) {
+        await this.nextCommit();
         continue;
       }
-      let bytes = 0;
-      for (const v of batch.values) bytes += v.length;
-      if (batch.values.length < BATCH_ENTRIES) {
+      if (committed - this.nextSeq + 1 < BATCH_ENTRIES && this.shippedCum !== undefined && this.shippedSeq === this.nextSeq - 1) {
+        // A small batch right after the last one: wait a little for more (a trickle of small commits goes
+        // out as a few batches, not one per commit). Sizes come from the entries' cumulative-size field.
         const wait = this.lastSendAt + COALESCE_MS - Date.now();
-        if (bytes < COALESCE_BYTES && wait > 0) {
-          // The views are only valid until the next commit: read again after the wait.
+        if (wait > 0 && j.committedCum - this.shippedCum < COALESCE_BYTES) {
           await new Promise((r) => setTimeout(r, wait));
           continue;
         }
       }
-      // A replayer that predates `records` is sent the same entries as msgpack maps.
-      const { data: msg, release } = this.records
-        ? this.batchEncoder.encode({ v: PROTOCOL_VERSION, t: 'records', first: batch.first, records: batch.values }, bytes + batch.values.length * 8)
-        : { data: encode({ v: PROTOCOL_VERSION, t: 'entries', entries: batch.values.map((v, i) => decodeValue(batch.first + i, v)) }), release: () => undefined };
-      const last = batch.first + batch.values.length - 1;
+      const opts = { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES, stored: this.nextSeq <= this.storedThrough };
+      let msg: Buffer;
+      let release: () => void;
+      let batch: { first: number; count: number };
+      let lastValue: Buffer | undefined;
+      try {
+        if (this.records) {
+          // The journal copies each value straight into the message.
+          const out = this.batches.records();
+          try {
+            const read = j.copyRecords(this.nextSeq, out, opts);
+            const done = out.finish(read.first);
+            ({ data: msg, release } = done);
+            batch = read;
+            lastValue = done.last;
+          } catch (err) {
+            out.discard();
+            throw err;
+          }
+        } else {
+          // A replayer that predates `records` is sent the same entries as msgpack maps.
+          const { first, values } = j.readRecords(this.nextSeq, opts);
+          msg = encode({ v: PROTOCOL_VERSION, t: 'entries', entries: values.map((v, i) => decodeValue(first + i, v)) });
+          release = () => undefined;
+          batch = { first, count: values.length };
+          lastValue = values[values.length - 1];
+        }
+      } catch (err) {
+        return this.cannotShip(ws, err as Error);
+      }
+      if (batch.count === 0) {
+        release();
+        await this.nextCommit();
+        continue;
+      }
+      const last = batch.first + batch.count - 1;
+      this.shippedSeq = last;
+      this.shippedCum = lastValue ? valueCum(lastValue) : undefined;
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
-      if (!this.resync) this.state = j.stats.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
+      if (!this.resync) this.state = j.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
       if (this.opts.maxRate) await this.pace(msg.length);
       if (this.ws !== ws || ws.readyState !== ws.OPEN) {
         release();
@@ -502,6 +525,19 @@ export class Replicator {
       ws.send(msg, release);
       this.lastSendAt = Date.now();
     }
+  }
+
+  /**
+   * Caught up: waits for the next commit, or for the link to close or shipping to stop (acks change nothing
+   * here). No AbortController: aborting one builds a DOMException, once per ack.
+   */
+  private async nextCommit(): Promise<void> {
+    this.wake = undefined;
+    await new Promise<void>((resolve) => {
+      this.interrupt = resolve;
+      void this.opts.journal.waitFor(this.nextSeq - 1).then(resolve);
+    });
+    this.interrupt = undefined;
   }
 
   /**
