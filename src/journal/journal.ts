@@ -380,13 +380,11 @@ export class Journal extends EventEmitter {
     const waiters = this.batchWaiters;
     this.batchWaiters = [];
     let rotated: Segment | undefined;
+    let bytes = 0;
+    for (const p of batch) bytes += p.value.length;
     try {
       if (this.failure) throw this.failure;
-      if (this.space) {
-        let bytes = 0;
-        for (const p of batch) bytes += p.value.length;
-        this.space.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
-      }
+      this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
       this.root.transactionSync(() => {
         let seg = this.segments[this.segments.length - 1];
         if (this.lazy && batch.length > 0 && this.activeBytes >= this.segmentBytes && this.segments.length < MAX_SEGMENTS - 2) {
@@ -414,8 +412,6 @@ export class Journal extends EventEmitter {
     if (batch.length > 0) {
       this.committed = batch[batch.length - 1].seq;
       this.cumCommitted = valueCum(batch[batch.length - 1].value);
-      let bytes = 0;
-      for (const p of batch) bytes += p.value.length;
       this.activeBytes += bytes;
       this.remember(batch);
       this.touched(bytes);
@@ -577,12 +573,8 @@ export class Journal extends EventEmitter {
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
     if (this.fromMemory(from, opts)) {
-      let bytes = 0;
-      for (let i = this.recentOff.length - (this.committed - from + 1); i < this.recentOff.length; i++) {
-        values.push(this.ring!.subarray(this.recentOff[i], this.recentOff[i] + this.recentLen[i]));
-        bytes += this.recentLen[i];
-        if (values.length >= maxEntries || bytes >= maxBytes) break;
-      }
+      const end = this.recentEnd(from, maxEntries, maxBytes);
+      for (let i = this.recentIndex(from); i < end; i++) values.push(this.ring!.subarray(this.recentOff[i], this.recentOff[i] + this.recentLen[i]));
       return { first: from, values };
     }
     let used = 0; // of the arena
@@ -613,22 +605,34 @@ export class Journal extends EventEmitter {
     const maxBytes = opts.maxBytes ?? READ_MAX_BYTES;
     const from = Math.max(fromSeq, this.tail);
     if (this.fromMemory(from, opts)) {
-      const ring = this.ring!;
-      let bytes = 0;
-      let count = 0;
-      for (let i = this.recentOff.length - (this.committed - from + 1); i < this.recentOff.length; i++) {
-        const off = this.recentOff[i];
-        const len = this.recentLen[i];
-        const dst = sink.place(len);
+      const start = this.recentIndex(from);
+      const end = this.recentEnd(from, maxEntries, maxBytes);
+      let i = start;
+      for (; i < end; i++) {
+        const dst = sink.place(this.recentLen[i]);
         if (!dst) break;
-        ring.copy(dst, 0, off, off + len);
-        count++;
-        bytes += len;
-        if (count >= maxEntries || bytes >= maxBytes) break;
+        this.ring!.copy(dst, 0, this.recentOff[i], this.recentOff[i] + this.recentLen[i]);
       }
-      return { first: from, count };
+      return { first: from, count: i - start };
     }
     return { first: from, count: this.readStored(from, maxEntries, maxBytes, sink, !opts.stored) };
+  }
+
+  /** Where seq `from` (held in the memory window) is in recentOff/recentLen. */
+  private recentIndex(from: number): number {
+    return this.recentOff.length - (this.committed - from + 1);
+  }
+
+  /** The end (exclusive index) of a read from `from` in the memory window: up to the limits, at least one value. */
+  private recentEnd(from: number, maxEntries: number, maxBytes: number): number {
+    const start = this.recentIndex(from);
+    let bytes = 0;
+    let i = start;
+    while (i < this.recentOff.length) {
+      bytes += this.recentLen[i++];
+      if (i - start >= maxEntries || bytes >= maxBytes) break;
+    }
+    return i;
   }
 
   /**

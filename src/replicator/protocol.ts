@@ -150,14 +150,13 @@ export class RecordsBatch implements RecordSink {
   }
 
   /** The message, once every record is in, and the function to call when its bytes have been written. */
-  finish(first: number): { data: Buffer; count: number; last: Buffer | undefined; release: () => void } {
+  finish(first: number): { data: Buffer; last: Buffer | undefined; release: () => void } {
     this.buf.writeDoubleBE(first, FIRST_AT);
     this.buf.writeUInt32BE(this.count, COUNT_AT);
     const { buf, giveBack } = this;
     let released = false;
     return {
       data: buf.subarray(0, this.pos),
-      count: this.count,
       last: this.last,
       release: () => {
         if (released) return;
@@ -169,7 +168,7 @@ export class RecordsBatch implements RecordSink {
 
   /** Gives the buffer back unsent (an empty read, or a link that closed meanwhile). */
   discard(): void {
-    this.finish(0).release();
+    this.giveBack(this.buf);
   }
 }
 

@@ -28,6 +28,16 @@ import { lagBytes } from './lag-bytes.js';
 import { FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RecordsPool, decode, encode } from './protocol.js';
 import { decodeValue, valueCum } from '../journal/entry.js';
 
+/** A batch ready to send: entries first..first+count-1 in `data`; release() once written. */
+interface Batch {
+  first: number;
+  count: number;
+  data: Buffer;
+  /** The last entry's stored value (for its cumulative-size field). */
+  last: Buffer | undefined;
+  release: () => void;
+}
+
 /** Unacknowledged bytes in flight per replica. */
 const WINDOW_BYTES = 16 * 2 ** 20;
 /** Per batch: bounded so one message stays far below MAX_MESSAGE_BYTES. */
@@ -474,36 +484,13 @@ export class Replicator {
           continue;
         }
       }
-      const opts = { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES, stored: this.nextSeq <= this.storedThrough };
-      let msg: Buffer;
-      let release: () => void;
-      let batch: { first: number; count: number };
-      let lastValue: Buffer | undefined;
+      let batch: Batch;
       try {
-        if (this.records) {
-          // The journal copies each value straight into the message.
-          const out = this.batches.records();
-          try {
-            const read = j.copyRecords(this.nextSeq, out, opts);
-            const done = out.finish(read.first);
-            ({ data: msg, release } = done);
-            batch = read;
-            lastValue = done.last;
-          } catch (err) {
-            out.discard();
-            throw err;
-          }
-        } else {
-          // A replayer that predates `records` is sent the same entries as msgpack maps.
-          const { first, values } = j.readRecords(this.nextSeq, opts);
-          msg = encode({ v: PROTOCOL_VERSION, t: 'entries', entries: values.map((v, i) => decodeValue(first + i, v)) });
-          release = () => undefined;
-          batch = { first, count: values.length };
-          lastValue = values[values.length - 1];
-        }
+        batch = this.readBatch();
       } catch (err) {
         return this.cannotShip(ws, err as Error);
       }
+      const { data: msg, release } = batch;
       if (batch.count === 0) {
         release();
         await this.nextCommit();
@@ -511,7 +498,7 @@ export class Replicator {
       }
       const last = batch.first + batch.count - 1;
       this.shippedSeq = last;
-      this.shippedCum = lastValue ? valueCum(lastValue) : undefined;
+      this.shippedCum = batch.last ? valueCum(batch.last) : undefined;
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
@@ -524,6 +511,27 @@ export class Replicator {
       // The callback comes once the bytes are written (or the send failed): then the buffer may be reused.
       ws.send(msg, release);
       this.lastSendAt = Date.now();
+    }
+  }
+
+  /** The next batch from nextSeq on, as this replayer takes it; throws what the journal's read throws. */
+  private readBatch(): Batch {
+    const j = this.opts.journal;
+    const opts = { maxEntries: BATCH_ENTRIES, maxBytes: BATCH_BYTES, stored: this.nextSeq <= this.storedThrough };
+    if (!this.records) {
+      // A replayer that predates `records` is sent the same entries as msgpack maps.
+      const { first, values } = j.readRecords(this.nextSeq, opts);
+      const data = encode({ v: PROTOCOL_VERSION, t: 'entries', entries: values.map((v, i) => decodeValue(first + i, v)) });
+      return { first, count: values.length, data, last: values[values.length - 1], release: () => undefined };
+    }
+    // The journal copies each value straight into the message.
+    const out = this.batches.records();
+    try {
+      const { first, count } = j.copyRecords(this.nextSeq, out, opts);
+      return { first, count, ...out.finish(first) };
+    } catch (err) {
+      out.discard();
+      throw err;
     }
   }
 
