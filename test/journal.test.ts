@@ -200,6 +200,44 @@ t.test('journal pages written, read and pruned do not pile up in RSS', { skip: l
   t.same(j.read(again.seq)[0].data, block, 'new entries write and read back through the same map');
 });
 
+t.test('trackChanges walks a large journal in steps: every change reported, pages unmapped, the loop kept turning', { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {
+  const dir = t.testdir();
+  const j = await Journal.open({ dir });
+  t.teardown(() => j.close());
+  j.registerConsumer('replica'); // an absent replica holds everything, as when the journal fills
+  const file = fs.realpathSync(path.join(dir, 'journal.mdb'));
+  const block = randomBytes(2 ** 20);
+  const n = 200;
+  for (let i = 0; i < n; i++) await j.append(EntryKind.WRITE, i * 3 * block.length, block.length, block).done;
+  await j.append(EntryKind.TRIM, 7 * 2 ** 30, 4096).done;
+  const seen: Array<[number, number, number]> = [];
+  let turns = 0;
+  let walking = true;
+  const spin = (): void => {
+    if (!walking) return;
+    turns++;
+    setImmediate(spin);
+  };
+  setImmediate(spin);
+  let peak = 0;
+  const walk = j.trackChanges(1, (kind, offset, length) => {
+    seen.push([kind, offset, length]);
+    if (seen.length % 8 === 0) peak = Math.max(peak, mappedKiB(file));
+  });
+  await walk;
+  walking = false;
+  t.equal(seen.length, n + 1, 'every stored change reported once');
+  t.same(seen[0], [EntryKind.WRITE, 0, block.length], 'with its kind, offset and length');
+  t.same(seen[n - 1], [EntryKind.WRITE, (n - 1) * 3 * block.length, block.length], 'up to the last write');
+  t.same(seen[n], [EntryKind.TRIM, 7 * 2 ** 30, 4096], 'and the trim after it');
+  t.ok(turns >= 2, `the event loop turned ${turns} times during the walk over ${n} MiB (steps of 64 MiB)`);
+  t.ok(peak >= 8 * 1024, `the walk maps entries in (peak ${peak} KiB), so the bound below means something`);
+  t.ok(peak <= 32 * 1024, `no more than about the 16 MiB unmap interval stays mapped while walking ${n} MiB (peak ${peak} KiB)`);
+  // Changes after the walk reach the listener too.
+  await j.append(EntryKind.ZERO, 4096, 8192).done;
+  t.same(seen[n + 1], [EntryKind.ZERO, 4096, 8192], 'a later change is reported through the installed listener');
+});
+
 t.test('at the cap, appends wait for space instead of failing or dropping', async (t) => {
   const j = await Journal.open({ dir: t.testdir(), maxBytes: 64 * 1024 });
   t.teardown(() => j.close());

@@ -54,6 +54,8 @@ const PRUNE_BATCH = 256;
  * between transactions, so 256 entries of 1 MiB raised serve's peak RSS (VmHWM) from 162 to 321 MB.
  */
 const PRUNE_BYTES = 16 * 2 ** 20;
+/** Stored bytes trackChanges reads between turns of the event loop (see there). */
+const TRACK_STEP_BYTES = 64 * 2 ** 20;
 /** Default read batch limits. */
 const READ_MAX_ENTRIES = 1024;
 const READ_MAX_BYTES = 16 * 2 ** 20;
@@ -697,6 +699,11 @@ export class Journal extends EventEmitter {
    * Reports every change from `fromSeq` on: those stored, those still waiting for space, and, through
    * `listener` (which stays installed until removeChangeListener), every later one. Used when a replica stops
    * holding the journal and switches to a dirty-region bitmap.
+   *
+   * The stored entries are read in steps of TRACK_STEP_BYTES with a turn of the event loop between them, and
+   * their pages are unmapped as they go (touched): this runs when the journal is full, over up to its whole
+   * cap. Read in one synchronous pass, 8 GiB of stored entries kept serve's loop busy for that long and left
+   * all 8 GiB mapped (`bench/replication.mjs --memory`, stalled replica: serve's peak RSS 8540 MiB).
    */
   async trackChanges(fromSeq: number, listener: ChangeListener): Promise<void> {
     this.changeListeners.add(listener);
@@ -704,14 +711,33 @@ export class Journal extends EventEmitter {
     const admitted = this.head - this.waitingForSpace.length;
     if (this.committed < admitted) await this.waitFor(admitted - 1);
     const from = Math.max(fromSeq, this.tail);
-    for (const { key, value } of this.range(from, this.committed)) {
-      const e = decodeValue(key, value);
-      listener(e.kind, e.offset, e.length);
-    }
+    const to = this.committed;
+    // Those waiting now may be admitted, committed and leave the queue while the walk below yields: now.
     for (const p of this.waitingForSpace) {
       if (p.seq < from) continue;
       const e = decodeValue(p.seq, p.value);
       listener(e.kind, e.offset, e.length);
+    }
+    let next = from;
+    while (next <= to && !this.isClosed) {
+      let bytes = 0;
+      let stepEnded = false;
+      // The entries stay: this replica's ack holds them until its bitmap is saved (after this returns).
+      for (const { key, db } of this.storedKeys(next, to)) {
+        const value = db.getBinaryFast(key);
+        if (!value) continue;
+        const e = decodeValue(key, value);
+        listener(e.kind, e.offset, e.length);
+        this.touched(value.length);
+        next = key + 1;
+        bytes += value.length;
+        if (bytes >= TRACK_STEP_BYTES) {
+          stepEnded = true;
+          break;
+        }
+      }
+      if (!stepEnded) break;
+      await new Promise<void>((resolve) => setImmediate(resolve));
     }
   }
 

@@ -340,6 +340,8 @@ export class Replicator {
     const from = this.ackedSeq + 1;
     j.trackChanges(from, mark)
       .then(async () => {
+        // The walk yields: if the replica came back meanwhile, the journal (still held) serves it instead.
+        if (this.tracking !== mark) return;
         // Every change this replica lacks is now in the bitmap: save it, then let the journal go.
         await this.saveBitmap();
         this.log.warn({ fromSeq: from, dirtyBytes: this.dirtyBytes() }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
