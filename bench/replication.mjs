@@ -8,6 +8,9 @@
 // Prints a table and writes JSON to bench/results/.
 //
 //   - memory (--memory): 10 GiB of 1 MiB writes with replication on; peak RSS and anonymous memory of serve.
+//     Then the same 10 GiB with the replayer stopped (SIGSTOP, a stalled replica): more than the journal's
+//     8 GiB cap, so the replica is switched to the dirty bitmap; serve's peak memory over that run, the states
+//     the replica went through, and the time from SIGCONT until it is continuous with no lag again.
 //
 // usage: node bench/replication.mjs [--quick] [--memory]
 import { execFileSync, spawn } from 'node:child_process';
@@ -115,6 +118,17 @@ function pct(xs, p) {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))];
 }
 
+/** Starts a new peak for VmHWM (`5` to clear_refs resets the process's peak RSS). */
+function resetPeak(pid) {
+  fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
+}
+
+async function status(adminUrl) {
+  const res = await fetch(`${adminUrl}/status`);
+  if (!res.ok) throw new Error(`GET /status: ${res.status}`);
+  return res.json();
+}
+
 function memory(pid) {
   try {
     const st = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
@@ -132,6 +146,8 @@ async function main() {
   let serve;
   let replay;
   let anonPeak = 0;
+  /** serve's peaks before a phase that measures its own (VmHWM reset). */
+  let before = { hwm: 0, anon: 0 };
   const sampler = setInterval(() => {
     if (serve) anonPeak = Math.max(anonPeak, memory(serve.child.pid).anon || 0);
   }, 200);
@@ -151,8 +167,13 @@ async function main() {
     const stolen0 = stealMeter();
     replay = await start(['replay', '--listen', '127.0.0.1:0', '--data-dir', path.join(work, 'replica')], /listening on (ws:\/\/\S+)/, 'replay');
     const t0 = performance.now();
-    serve = await start(['serve', '--image', `disk=${image}`, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal'), '--replicate-to', replay.match[1]], /listening on (nbd:\/\/\S+)/, 'serve');
-    const uri = serve.match[1];
+    serve = await start(
+      ['serve', '--image', `disk=${image}`, '--listen', '127.0.0.1:0', '--journal', path.join(work, 'journal'), '--replicate-to', replay.match[1], '--admin', '127.0.0.1:0'],
+      /admin on (http:\/\/\S+)[\s\S]*listening on (nbd:\/\/\S+)/,
+      'serve',
+    );
+    const adminUrl = serve.match[1];
+    const uri = serve.match[2];
     const client = await NbdProbe.connect('127.0.0.1', Number(new URL(uri).port), 'disk');
     const probe = new Probe(client, path.join(work, 'replica', 'disk.img'));
 
@@ -209,9 +230,61 @@ async function main() {
       const big = await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=16', '--io_size=10G']);
       await probe.mark();
       results.memoryRun = { steal: stolen4(), bytes: big.bytes, mibs: big.mibs, serveVmHWMMiB: memory(serve.child.pid).hwm, serveRssAnonPeakMiB: anonPeak, replayVmHWMMiB: memory(replay.child.pid).hwm };
+
+      // 6. A stalled replica through 10 GiB: past the journal's cap, so it must move to the dirty bitmap while
+      // writes go on, and serve's memory must not grow with what the replica lacks.
+      process.stderr.write('bench: stalled replica: replayer stopped (SIGSTOP) while 10 GiB is written...\n');
+      // Its own peaks: the whole run's so far are kept for the `serve memory` row.
+      before = { hwm: memory(serve.child.pid).hwm, anon: anonPeak };
+      resetPeak(serve.child.pid);
+      anonPeak = 0;
+      const states = new Set();
+      let journalPeak = 0;
+      let dirtyPeak = 0;
+      let watching = true;
+      const watch = (async () => {
+        while (watching) {
+          const st = await status(adminUrl);
+          const v = st.volumes[0];
+          journalPeak = Math.max(journalPeak, v.journal.bytes);
+          for (const rep of v.replicas) {
+            states.add(rep.state);
+            dirtyPeak = Math.max(dirtyPeak, rep.dirtyBytes ?? 0);
+          }
+          await sleep(250);
+        }
+      })();
+      replay.child.kill('SIGSTOP');
+      const stolen5 = stealMeter();
+      const stalledRun = await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=16', '--io_size=10G']);
+      const stallSteal = stolen5();
+      const stallMem = { hwm: memory(serve.child.pid).hwm, anon: anonPeak };
+      const resumed2 = performance.now();
+      replay.child.kill('SIGCONT');
+      for (;;) {
+        const rep = (await status(adminUrl)).volumes[0].replicas[0];
+        states.add(rep.state);
+        if (rep.state === 'continuous' && rep.lagEntries === 0) break;
+        if (performance.now() - resumed2 > 600_000) throw new Error(`the stalled replica did not converge in 10 minutes (state ${rep.state})`);
+        await sleep(100);
+      }
+      const convergeS = (performance.now() - resumed2) / 1000;
+      watching = false;
+      await watch;
+      results.stalledRun = {
+        steal: stallSteal,
+        bytes: stalledRun.bytes,
+        mibs: stalledRun.mibs,
+        serveVmHWMMiB: stallMem.hwm,
+        serveRssAnonPeakMiB: stallMem.anon,
+        journalPeakBytes: journalPeak,
+        dirtyPeakBytes: dirtyPeak,
+        states: [...states],
+        convergeSeconds: convergeS,
+      };
     }
     client.close();
-    results.memory = { serveVmHWMMiB: memory(serve.child.pid).hwm, serveRssAnonPeakMiB: anonPeak };
+    results.memory = { serveVmHWMMiB: Math.max(before.hwm, memory(serve.child.pid).hwm), serveRssAnonPeakMiB: Math.max(before.anon, anonPeak) };
   } finally {
     clearInterval(sampler);
     for (const c of live) {
@@ -238,6 +311,12 @@ async function main() {
   ];
   if (r.memoryRun) {
     lines.push(`| memory run: ${(r.memoryRun.bytes / 2 ** 30).toFixed(1)} GiB written at ${r.memoryRun.mibs.toFixed(0)} MiB/s, replicated | serve peak RSS ${r.memoryRun.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${r.memoryRun.serveRssAnonPeakMiB.toFixed(0)} MiB; replay peak RSS ${r.memoryRun.replayVmHWMMiB.toFixed(0)} MiB | < 300 MB | ${formatSteal(r.memoryRun.steal)} |`);
+  }
+  if (r.stalledRun) {
+    const x = r.stalledRun;
+    lines.push(
+      `| stalled replica (replayer SIGSTOPped): ${(x.bytes / 2 ** 30).toFixed(1)} GiB written at ${x.mibs.toFixed(0)} MiB/s, journal peak ${(x.journalPeakBytes / 2 ** 30).toFixed(1)} GiB, dirty bitmap peak ${(x.dirtyPeakBytes / 2 ** 20).toFixed(0)} MiB, states ${x.states.join(' > ')}; continuous again ${x.convergeSeconds.toFixed(1)} s after SIGCONT | serve peak RSS ${x.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${x.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB | ${formatSteal(x.steal)} |`,
+    );
   }
   console.log(lines.join('\n'));
   const outDir = path.join(ROOT, 'bench', 'results');
