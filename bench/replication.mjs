@@ -69,7 +69,7 @@ function fio(uri, extra) {
     p.on('exit', (code) => {
       if (code !== 0) return reject(new Error(`fio exited ${code}: ${err}`));
       const w = JSON.parse(out.slice(out.indexOf('{'))).jobs[0].write;
-      resolve({ iops: w.iops, mibs: w.bw_bytes / 2 ** 20, bytes: w.io_bytes });
+      resolve({ iops: w.iops, mibs: w.bw_bytes / 2 ** 20, bytes: w.io_bytes, maxLatencyMs: w.clat_ns.max / 1e6 });
     });
   });
 }
@@ -275,6 +275,7 @@ async function main() {
         steal: stallSteal,
         bytes: stalledRun.bytes,
         mibs: stalledRun.mibs,
+        maxLatencyMs: stalledRun.maxLatencyMs,
         serveVmHWMMiB: stallMem.hwm,
         serveRssAnonPeakMiB: stallMem.anon,
         journalPeakBytes: journalPeak,
@@ -315,7 +316,7 @@ async function main() {
   if (r.stalledRun) {
     const x = r.stalledRun;
     lines.push(
-      `| stalled replica (replayer SIGSTOPped): ${(x.bytes / 2 ** 30).toFixed(1)} GiB written at ${x.mibs.toFixed(0)} MiB/s, journal peak ${(x.journalPeakBytes / 2 ** 30).toFixed(1)} GiB, dirty bitmap peak ${(x.dirtyPeakBytes / 2 ** 20).toFixed(0)} MiB, states ${x.states.join(' > ')}; continuous again ${x.convergeSeconds.toFixed(1)} s after SIGCONT | serve peak RSS ${x.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${x.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB | ${formatSteal(x.steal)} |`,
+      `| stalled replica (replayer SIGSTOPped): ${(x.bytes / 2 ** 30).toFixed(1)} GiB written at ${x.mibs.toFixed(0)} MiB/s (slowest write ${(x.maxLatencyMs / 1000).toFixed(2)} s), journal peak ${(x.journalPeakBytes / 2 ** 30).toFixed(1)} GiB, dirty bitmap peak ${(x.dirtyPeakBytes / 2 ** 20).toFixed(0)} MiB, states ${x.states.join(' > ')}; continuous again ${x.convergeSeconds.toFixed(1)} s after SIGCONT | serve peak RSS ${x.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${x.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB | ${formatSteal(x.steal)} |`,
     );
   }
   console.log(lines.join('\n'));
