@@ -307,6 +307,11 @@ export class Journal extends EventEmitter {
     return this.space !== undefined;
   }
 
+  /** Whether appends are waiting for room (the journal is at its cap). */
+  get appendsWaiting(): boolean {
+    return this.waitingForSpace.length > 0;
+  }
+
   /** The last committed seq (what stats.committedSeq says, without building the rest). */
   get committedSeq(): number {
     return this.committed;
@@ -704,8 +709,10 @@ export class Journal extends EventEmitter {
    * their pages are unmapped as they go (touched): this runs when the journal is full, over up to its whole
    * cap. Read in one synchronous pass, 8 GiB of stored entries kept serve's loop busy for that long and left
    * all 8 GiB mapped (`bench/replication.mjs --memory`, stalled replica: serve's peak RSS 8540 MiB).
+   * `onStep(seq)` is called after each step: every change through `seq` has been reported by then, so a caller
+   * holding the journal for these changes may let go of that much (and no more) while the walk goes on.
    */
-  async trackChanges(fromSeq: number, listener: ChangeListener): Promise<void> {
+  async trackChanges(fromSeq: number, listener: ChangeListener, onStep?: (throughSeq: number) => void): Promise<void> {
     this.changeListeners.add(listener);
     // Appends already admitted commit without needing room: wait for them, then read them back.
     const admitted = this.head - this.waitingForSpace.length;
@@ -737,6 +744,8 @@ export class Journal extends EventEmitter {
         }
       }
       if (!stepEnded) break;
+      // Everything through next - 1 has been reported (and every change after `to`, by the listener).
+      onStep?.(next - 1);
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
   }
@@ -825,6 +834,9 @@ export class Journal extends EventEmitter {
       try {
         if (upTo >= this.tail) this.advanceTail(upTo);
         this.reclaim();
+        // Appends waiting for room take it as soon as there is some, not once the whole backlog is pruned (a
+        // step prunes at most PRUNE_BYTES while appends wait, so 8 GiB let go at once is 512 steps, one a turn).
+        this.admitWaiting();
       } catch (err) {
         this.log.error({ err }, 'pruning the journal failed');
       } finally {

@@ -123,7 +123,13 @@ export class Replicator {
   private lastError: string | undefined;
   /** A journal entry at or below this seq failed its CRC: the replica gets past it by a digest resync. */
   private corruptThrough = 0;
-  private savingBitmap = false;
+  /** The save of the bitmap under way (saves run one after another; see saveBitmap). */
+  private bitmapSave: Promise<void> | undefined;
+  /**
+   * While the journal's stored entries are being walked into the bitmap: until the walk is done the bitmap covers
+   * only the entries walked so far (and every later append), so nothing may be let go past the walk's position.
+   */
+  private walking = false;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
@@ -184,23 +190,29 @@ export class Replicator {
   }
 
   /**
-   * Saves the bitmap as covering every change through the committed seq (the listener marks changes as they
-   * are appended), then lets the journal prune through that seq. Called whenever the journal fills up while
-   * this replica is tracked by the bitmap.
+   * Saves the bitmap as covering every change through `through` (by default the committed seq: the listener
+   * marks changes as they are appended), then lets the journal prune through that seq. Called whenever the
+   * journal fills up while this replica is tracked by the bitmap, and while the walk that builds it goes on
+   * (through the walk's position). Saves run one after another, so the last one asked for is the one that lands.
    */
-  private async saveBitmap(): Promise<void> {
-    const dirty = this.dirty;
-    if (!dirty || this.savingBitmap) return;
-    this.savingBitmap = true;
-    try {
+  private async saveBitmap(through?: number): Promise<void> {
+    const before = this.bitmapSave;
+    const save = (async () => {
+      if (before) await before.catch(() => undefined);
+      const dirty = this.dirty;
+      if (!dirty) return;
       const j = this.opts.journal;
-      const through = j.stats.committedSeq;
+      const upTo = through ?? j.stats.committedSeq;
       const bits = Buffer.alloc(Math.ceil(dirty.length / 8));
       for (let c = 0; c < dirty.length; c++) if (dirty[c]) bits[c >> 3] |= 1 << (c & 7);
-      await j.setMeta(this.bitmapKey, { from: this.dirtyFrom, through, incomplete: this.resyncIncomplete, bits } satisfies SavedBitmap);
-      if (this.tracking) j.ack(this.consumerId, through);
+      await j.setMeta(this.bitmapKey, { from: this.dirtyFrom, through: upTo, incomplete: this.resyncIncomplete, bits } satisfies SavedBitmap);
+      if (this.tracking) j.ack(this.consumerId, upTo);
+    })();
+    this.bitmapSave = save;
+    try {
+      await save;
     } finally {
-      this.savingBitmap = false;
+      if (this.bitmapSave === save) this.bitmapSave = undefined;
     }
   }
 
@@ -318,6 +330,10 @@ export class Replicator {
   private readonly onJournalFull = (): void => {
     const j = this.opts.journal;
     if (this.tracking) {
+      // Still walking the stored entries: the walk lets go of what it has covered as it goes (onWalkStep).
+      // Saving through the head now would let the journal drop entries the walk has not marked yet, and the
+      // returning replica would be compared over too few regions.
+      if (this.walking) return;
       // Full again while tracked: save the bitmap through the head so the journal can let go of it all.
       this.saveBitmap().catch((err) => this.log.error({ err }, 'saving the dirty bitmap failed; the journal keeps holding the entries'));
       return;
@@ -337,17 +353,38 @@ export class Replicator {
       for (let c = Math.floor(offset / CHUNK_BYTES); c <= last; c++) dirty[c] = 1;
     };
     this.tracking = mark;
+    this.walking = true;
     const from = this.ackedSeq + 1;
-    j.trackChanges(from, mark)
+    j.trackChanges(from, mark, (through) => this.onWalkStep(mark, through))
       .then(async () => {
+        this.walking = false;
         // The walk yields: if the replica came back meanwhile, the journal (still held) serves it instead.
         if (this.tracking !== mark) return;
         // Every change this replica lacks is now in the bitmap: save it, then let the journal go.
         await this.saveBitmap();
         this.log.warn({ fromSeq: from, dirtyBytes: this.dirtyBytes() }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
       })
-      .catch((err) => this.log.error({ err }, 'switching to the dirty bitmap failed'));
+      .catch((err) => {
+        this.walking = false;
+        // The bitmap may lack changes the walk did not reach: the journal keeps holding them (from the last
+        // step saved), and the next time it fills a new walk starts from there.
+        if (this.tracking === mark) {
+          j.removeChangeListener(mark);
+          this.tracking = undefined;
+        }
+        this.log.error({ err }, 'switching to the dirty bitmap failed; the journal keeps holding what the replica lacks');
+      });
   };
+
+  /**
+   * A step of the walk is done: every change through `through` is in the bitmap. While writes wait for room,
+   * save it through there and let the journal go of those entries, so the writes go on during the rest of the
+   * walk (over a full 8 GiB journal the walk takes seconds) instead of waiting for all of it.
+   */
+  private onWalkStep(mark: ChangeListener, through: number): void {
+    if (this.tracking !== mark || this.bitmapSave || !this.opts.journal.appendsWaiting) return;
+    this.saveBitmap(through).catch((err) => this.log.error({ err }, 'saving the dirty bitmap failed; the journal keeps holding the entries'));
+  }
 
   private dirtyBytes(): number {
     if (!this.dirty) return 0;
