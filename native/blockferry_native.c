@@ -168,11 +168,37 @@ static napi_value fadvise_random(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
-/* dropFileMappings(path): MADV_DONTNEED on every *shared* mapping of exactly `path` in this process (from
- * /proc/self/maps). The pages stay in the page cache and fault back in with the same contents on the next
- * access; only this process's page-table entries go, so its RSS stops counting file pages it read once (LMDB
- * reads the journal through a shared read-only map). Private mappings are never touched: there MADV_DONTNEED
- * would discard data. Returns the bytes of mappings advised. */
+/* dropFileMappings(path): MADV_DONTNEED on every *shared* mapping of exactly `path` in this process. The pages
+ * stay in the page cache and fault back in with the same contents on the next access; only this process's
+ * page-table entries go, so its RSS stops counting file pages it read once (LMDB reads the journal through a
+ * shared map). Private mappings are never touched: there MADV_DONTNEED would discard data. Returns the bytes of
+ * mappings advised.
+ *
+ * Finding the mappings means parsing /proc/self/maps, which cost ~3% of serve's loop thread at 1 MiB journaled
+ * writes (perf: vfscanf, strtoull and the kernel's show_map; the call runs every 16 MiB of journal touched). So
+ * the ranges found are remembered per path, and on later calls each is checked before use with one readlink of
+ * /proc/self/map_files/START-END, which names the file only while exactly that range is still one mapping of
+ * it; any mismatch (LMDB resized or reopened its map) falls back to the parse. The kernel refuses map_files to
+ * a process without CAP_SYS_ADMIN on some versions: then every call parses, as before. */
+#define MAP_CACHE_PATHS 8
+#define MAP_CACHE_RANGES 8
+static struct {
+  char path[4096];
+  int n; /* ranges remembered; -1: more than MAP_CACHE_RANGES (always parse) */
+  unsigned long start[MAP_CACHE_RANGES], end[MAP_CACHE_RANGES];
+} map_cache[MAP_CACHE_PATHS];
+static int map_cache_next;
+
+/* Whether [start, end) is still exactly one mapping of `want` (map_files names only whole mappings). */
+static bool mapping_is(unsigned long start, unsigned long end, const char *want) {
+  char link[96], target[4096];
+  snprintf(link, sizeof link, "/proc/self/map_files/%lx-%lx", start, end);
+  ssize_t n = readlink(link, target, sizeof target - 1);
+  if (n <= 0) return false;
+  target[n] = 0;
+  return strcmp(target, want) == 0;
+}
+
 static napi_value drop_file_mappings(napi_env env, napi_callback_info info) {
   napi_value argv[1];
   size_t argc = 1;
@@ -183,11 +209,38 @@ static napi_value drop_file_mappings(napi_env env, napi_callback_info info) {
     napi_throw_type_error(env, NULL, "blockferry_native: dropFileMappings needs a path");
     return NULL;
   }
+  int slot = -1;
+  for (int i = 0; i < MAP_CACHE_PATHS; i++) {
+    if (strcmp(map_cache[i].path, want) == 0) {
+      slot = i;
+      break;
+    }
+  }
+  if (slot >= 0 && map_cache[slot].n > 0) {
+    bool valid = true;
+    for (int i = 0; i < map_cache[slot].n && valid; i++) valid = mapping_is(map_cache[slot].start[i], map_cache[slot].end[i], want);
+    if (valid) {
+      int64_t advised = 0;
+      for (int i = 0; i < map_cache[slot].n; i++) {
+        unsigned long start = map_cache[slot].start[i], end = map_cache[slot].end[i];
+        if (madvise((void *)start, end - start, MADV_DONTNEED) != 0) return throw_errno(env, "madvise(MADV_DONTNEED)", errno);
+        advised += (int64_t)(end - start);
+      }
+      return num(env, advised);
+    }
+  }
+  if (slot < 0) {
+    slot = map_cache_next;
+    map_cache_next = (map_cache_next + 1) % MAP_CACHE_PATHS;
+    memcpy(map_cache[slot].path, want, len + 1);
+  }
+  map_cache[slot].n = 0;
   FILE *f = fopen("/proc/self/maps", "r");
   if (!f) return throw_errno(env, "open(/proc/self/maps)", errno);
   char line[4096 + 256];
   int64_t advised = 0;
   int err = 0;
+  int found = 0;
   while (fgets(line, sizeof line, f)) {
     unsigned long start, end;
     char perms[8];
@@ -202,10 +255,43 @@ static napi_value drop_file_mappings(napi_env env, napi_callback_info info) {
       break;
     }
     advised += (int64_t)(end - start);
+    if (found < MAP_CACHE_RANGES) {
+      map_cache[slot].start[found] = start;
+      map_cache[slot].end[found] = end;
+    }
+    found++;
   }
   fclose(f);
   if (err) return throw_errno(env, "madvise(MADV_DONTNEED)", err);
+  /* Remember only what the next call can check: every range, each still naming the file in map_files. */
+  bool checkable = found > 0 && found <= MAP_CACHE_RANGES;
+  for (int i = 0; i < found && checkable; i++) checkable = mapping_is(map_cache[slot].start[i], map_cache[slot].end[i], want);
+  map_cache[slot].n = checkable ? found : -1;
   return num(env, advised);
+}
+
+/* releasePages(buffer): gives the memory pages wholly inside `buffer` back to the kernel (MADV_DONTNEED), so RSS
+ * stops counting them; they read as zeroes when next touched. Only for a buffer of the caller's own whose
+ * contents are no longer needed (the journal's memory window once it stops): its first and last partial pages,
+ * which may be shared with other allocations, are left alone. Returns the bytes released. */
+static napi_value release_pages(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  size_t argc = 1;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  void *data = NULL;
+  size_t length = 0;
+  bool is_buffer = false;
+  if (argc < 1 || napi_is_buffer(env, argv[0], &is_buffer) != napi_ok || !is_buffer ||
+      napi_get_buffer_info(env, argv[0], &data, &length) != napi_ok) {
+    napi_throw_type_error(env, NULL, "blockferry_native: releasePages needs a Buffer");
+    return NULL;
+  }
+  uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+  uintptr_t from = ((uintptr_t)data + page - 1) & ~(page - 1);
+  uintptr_t to = ((uintptr_t)data + length) & ~(page - 1);
+  if (to <= from) return num(env, 0);
+  if (madvise((void *)from, to - from, MADV_DONTNEED) != 0) return throw_errno(env, "madvise(MADV_DONTNEED)", errno);
+  return num(env, (int64_t)(to - from));
 }
 
 /* pwritePieces(fd, buffer, offset, piece, callback): writes all of `buffer` at `offset` as pwrite calls of at
@@ -461,6 +547,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"fadviseWillNeed", NULL, fadvise_will_need, NULL, NULL, NULL, napi_default, NULL},
     {"fadviseRandom", NULL, fadvise_random, NULL, NULL, NULL, napi_default, NULL},
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
+    {"releasePages", NULL, release_pages, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
     {"keepFreedMemory", NULL, keep_freed_memory, NULL, NULL, NULL, napi_default, NULL},
     {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},

@@ -29,6 +29,12 @@ export interface NativeHelper {
    */
   dropFileMappings(path: string): number;
   /**
+   * Gives the pages wholly inside `buffer` back to the kernel (MADV_DONTNEED): RSS stops counting them and they
+   * read as zeroes when next touched. Only for a buffer of the caller's own whose contents are no longer needed.
+   * Optional: a helper built before it was added lacks it, and callers then keep the memory.
+   */
+  releasePages?(buffer: Buffer): number;
+  /**
    * Writes all of `data` at `offset` as pwrite calls of at most `piece` bytes, in one thread-pool trip; the
    * callback gets a Node-style error (code, errno, syscall) or null.
    */
