@@ -36,6 +36,8 @@ const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export interface VolumeState {
   appliedSeq: number;
+  /** CRC32C of the entry at appliedSeq (null or absent: not known, e.g. after a resync began). */
+  appliedCrc?: number | null;
   volumeId: string | null;
   size: number;
   /**
@@ -305,7 +307,9 @@ export class ReplayServer {
             if (ws.readyState === ws.OPEN) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: self.state.appliedSeq, durableSeq: seq }));
           };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
-          ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS] }));
+          ws.send(
+            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrc: v.state.appliedCrc ?? null }),
+          );
           return;
         }
         if (msg.t === 'digests?') {
@@ -325,6 +329,7 @@ export class ReplayServer {
           // Entries before fromSeq will never arrive: from here the replica is inconsistent until `synced`.
           log.warn({ volume: vol.name, appliedSeq: vol.state.appliedSeq, fromSeq: msg.fromSeq }, 'resync: the replica is inconsistent until the primary has sent every differing chunk');
           vol.state.appliedSeq = msg.fromSeq - 1;
+          vol.state.appliedCrc = null;
           vol.state.consistentFrom = -1;
           await vol.sync();
           return;
@@ -379,6 +384,7 @@ export class ReplayServer {
         if (e.kind === EntryKind.FLUSH) {
           // Everything before the marker is on stable storage before anything after it is applied.
           v.state.appliedSeq = e.seq;
+          v.state.appliedCrc = e.crc;
           v.markApplied();
           await v.sync();
           continue;
@@ -387,6 +393,7 @@ export class ReplayServer {
         const applying = applyEntry(v.device, e);
         if (applying) await applying;
         v.state.appliedSeq = e.seq;
+        v.state.appliedCrc = e.crc;
         v.unsyncedBytes += e.kind === EntryKind.WRITE ? e.length : 0;
       }
       v.lastApplyAt = Date.now();

@@ -31,7 +31,12 @@ export const CloseCode = {
 export type Message =
   | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify'; token?: string }
   /** features: what this replayer understands beyond version 1's base (FEATURE_RECORDS). */
-  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[] }
+  /**
+   * appliedCrc: the CRC32C of the entry at appliedSeq as the replica applied it (absent or null when not known:
+   * a replayer from before it was sent, or a replica whose last step was a resync). The primary compares it with
+   * its own entry at that seq: a different one means two histories (its journal lost a tail the replica has).
+   */
+  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[]; appliedCrc?: number | null }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
   /** Entries first, first+1, ... as the journal stores them (entry.ts: a 40-byte header, then any data). */
   | { v: number; t: 'records'; first: number; records: Buffer[] }
@@ -204,6 +209,7 @@ export function decode(buf: Buffer): Message {
         throw new ProtocolError('bad welcome');
       }
       if (m.features !== undefined && !(Array.isArray(m.features) && m.features.every((f) => typeof f === 'string'))) throw new ProtocolError('bad welcome features');
+      if (m.appliedCrc !== undefined && m.appliedCrc !== null && !(isInt(m.appliedCrc) && (m.appliedCrc as number) <= 0xffffffff)) throw new ProtocolError('bad welcome crc');
       return m as Message;
     case 'resync':
       if (!isInt(m.fromSeq) || m.fromSeq < 1) throw new ProtocolError('bad resync');

@@ -294,7 +294,7 @@ export class Replicator {
         this.attempt = 0;
         this.lastError = undefined;
         this.records = msg.features?.includes(FEATURE_RECORDS) ?? false;
-        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null);
+        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null, msg.appliedCrc ?? null);
       } else if (msg.t === 'digests') {
         this.digestWaiters.get(msg.id)?.(msg.digests);
         this.digestWaiters.delete(msg.id);
@@ -393,7 +393,27 @@ export class Replicator {
     return n * CHUNK_BYTES;
   }
 
-  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null): void {
+  /**
+   * Whether the replica's last applied entry is another than this journal's at that seq: two histories with
+   * the same seqs. It happens when the journal lost a tail the replica had applied (a power cut with `commit`
+   * durability loses LMDB's unsynced transactions) and new writes took those seqs before the replica came back:
+   * shipping on from the replica's seq would leave it with the lost writes where the primary has the new ones.
+   */
+  private historyDiffers(applied: number, appliedCrc: number | null): boolean {
+    const j = this.opts.journal;
+    if (appliedCrc === null || applied < 1 || applied < j.stats.tailSeq || applied > j.committedSeq) return false;
+    try {
+      const { first, values } = j.readRecords(applied, { maxEntries: 1 });
+      if (first !== applied || values.length === 0) return true;
+      return decodeValue(first, values[0]).crc !== appliedCrc;
+    } catch (err) {
+      // Our own entry there is unreadable (corrupt): what the replica has cannot be vouched for either.
+      this.log.error({ err, seq: applied }, 'cannot read the entry the replica says it applied last');
+      return true;
+    }
+  }
+
+  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrc: number | null = null): void {
     const j = this.opts.journal;
     if (this.tracking) {
       // Hold the journal again from its tail, then stop marking: from here changes are shipped.
@@ -405,13 +425,21 @@ export class Replicator {
     const { tailSeq, committedSeq } = j.stats;
     // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
     // the journal does not start from an empty image, or a resync was interrupted: compare digests.
-    const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough;
+    const diverged = this.historyDiffers(applied, appliedCrc);
+    if (diverged) {
+      this.log.error(
+        { appliedSeq: applied },
+        `the replica's entry at seq ${applied} is not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,
+      );
+    }
+    const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged;
     const isNew = applied === 0 && consistentFrom === -1;
     const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
-    // Nor after a corrupt entry: what it changed is not known, so every chunk is compared.
-    if (!needsResync || isNew || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
+    // Nor after a corrupt entry: what it changed is not known, so every chunk is compared. Nor for another
+    // history: the writes only the replica has are in no bitmap.
+    if (!needsResync || isNew || diverged || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
