@@ -10,18 +10,7 @@ import { replayLocal } from '../src/journal/replay-local.js';
 import { EntryKind } from '../src/journal/types.js';
 import { decodeValue, encodeValue, entryCrc } from '../src/journal/entry.js';
 import { loadNative } from '../src/device/native.js';
-
-/** KiB of `file` this process has mapped in (its share of RSS), from /proc/self/smaps. */
-function mappedKiB(file: string): number {
-  let total = 0;
-  let inFile = false;
-  for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
-    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
-    if (head) inFile = head[1] === file;
-    else if (inFile && line.startsWith('Rss:')) total += Number(/(\d+)/.exec(line)![1]);
-  }
-  return total;
-}
+import { mappedKiB } from './helpers/memory.js';
 
 t.test('appends get gap-free seqs in call order, kept across reopen', async (t) => {
   const dir = t.testdir();

@@ -6,24 +6,9 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { open } from 'lmdb';
 import { loadNative } from '../src/device/native.js';
+import { mappedKiB, rssAnonKiB } from './helpers/memory.js';
 
 const native = loadNative();
-
-/** KiB of `file` this process has mapped in (its share of RSS), from /proc/self/smaps. */
-function mappedKiB(file: string): number {
-  let total = 0;
-  let inFile = false;
-  for (const line of fs.readFileSync('/proc/self/smaps', 'utf8').split('\n')) {
-    const head = /^[0-9a-f]+-[0-9a-f]+ \S+ \S+ \S+ \S+\s*(.*)$/.exec(line);
-    if (head) inFile = head[1] === file;
-    else if (inFile && line.startsWith('Rss:')) total += Number(/(\d+)/.exec(line)![1]);
-  }
-  return total;
-}
-
-function rssAnonKiB(): number {
-  return Number(/RssAnon:\s+(\d+) kB/.exec(fs.readFileSync('/proc/self/status', 'utf8'))![1]);
-}
 
 t.test('dropFileMappings unmaps an LMDB file on every call, also after the environment is closed and mapped anew', { skip: native ? false : 'the native helper is not built' }, async (t) => {
   // LMDB directly (the journal unmaps by itself as it reads): each round maps the file afresh, wherever the

@@ -113,11 +113,8 @@ t.test('a replica that lost everything after the journal was pruned past it is r
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
-/**
- * A replicated volume with a 4 MiB journal cap whose replayer is then SIGKILLed, followed by ~24 MiB of writes
- * into the first 8 MiB only (six times the cap: without the bitmap they would wait for the replica forever).
- */
-async function outage(t: Test) {
+/** serve replicating a volume of `size` bytes with a journal cap of `journalMax` to a replayer on a fixed port. */
+async function replicated(t: Test, size: number, journalMax: string) {
   const dir = t.testdir();
   const image = path.join(dir, 'disk.img');
   const replicaDir = path.join(dir, 'replica');
@@ -126,8 +123,17 @@ async function outage(t: Test) {
   const port = await freePort();
   const replayArgs = ['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir];
   const replay = await startReplay(replayArgs, t.teardown);
-  const serveArgs = ['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal-max', '4M', '--replicate-to', replay.url];
+  const serveArgs = ['--image', `disk=${image}`, '--size', String(size), '--listen', '127.0.0.1:0', '--journal-max', journalMax, '--replicate-to', replay.url];
   const s = await startServe(serveArgs, t.teardown);
+  return { image, replica, replayArgs, serveArgs, replay, s };
+}
+
+/**
+ * A replicated volume with a 4 MiB journal cap whose replayer is then SIGKILLed, followed by ~24 MiB of writes
+ * into the first 8 MiB only (six times the cap: without the bitmap they would wait for the replica forever).
+ */
+async function outage(t: Test) {
+  const { image, replica, replayArgs, serveArgs, replay, s } = await replicated(t, SIZE, '4M');
   await writes(s.port, 4);
   t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
   replay.child.kill('SIGKILL');
@@ -176,15 +182,7 @@ t.test('a long outage whose bitmap walk takes several steps while writes wait: e
   // go on meanwhile. Whatever was let go must be in the bitmap, or the returning replica, compared over the
   // bitmap's regions only, would keep stale data while reporting itself caught up (test/replicator-bitmap
   // checks that at every turn of the walk; this is the same through real processes).
-  const size = 1024 * 2 ** 20;
-  const dir = t.testdir();
-  const image = path.join(dir, 'disk.img');
-  const replicaDir = path.join(dir, 'replica');
-  const replica = path.join(replicaDir, 'disk.img');
-  const port = await freePort();
-  const replayArgs = ['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir];
-  const replay = await startReplay(replayArgs, t.teardown);
-  const s = await startServe(['--image', `disk=${image}`, '--size', String(size), '--listen', '127.0.0.1:0', '--journal-max', '640M', '--replicate-to', replay.url], t.teardown);
+  const { image, replica, replayArgs, replay, s } = await replicated(t, 1024 * 2 ** 20, '640M');
   await hotWrites(s.port, 2);
   t.ok(await converges(image, replica, 90_000), 'replica in step before the outage');
   replay.child.kill('SIGKILL');
