@@ -10,7 +10,8 @@
 //   - memory (--memory): 10 GiB of 1 MiB writes with replication on; peak RSS and anonymous memory of serve.
 //     Then the same 10 GiB with the replayer stopped (SIGSTOP, a stalled replica): more than the journal's
 //     8 GiB cap, so the replica is switched to the dirty bitmap; serve's peak memory over that run, the states
-//     the replica went through, and the time from SIGCONT until it is continuous with no lag again.
+//     the replica went through, the time from SIGCONT until it is continuous with no lag again, and whether the
+//     replica file is then byte-identical to the primary's image (the run exits 1 if not).
 //
 // usage: node bench/replication.mjs [--quick] [--memory]
 import { execFileSync, spawn } from 'node:child_process';
@@ -129,6 +130,26 @@ async function status(adminUrl) {
   return res.json();
 }
 
+/** Whether two files hold the same bytes (read in 16 MiB pieces). */
+function sameBytes(a, b) {
+  const fa = fs.openSync(a, 'r');
+  const fb = fs.openSync(b, 'r');
+  try {
+    if (fs.fstatSync(fa).size !== fs.fstatSync(fb).size) return false;
+    const ba = Buffer.alloc(16 * 2 ** 20);
+    const bb = Buffer.alloc(16 * 2 ** 20);
+    for (let off = 0; ; off += ba.length) {
+      const n = fs.readSync(fa, ba, 0, ba.length, off);
+      const m = fs.readSync(fb, bb, 0, bb.length, off);
+      if (n !== m || !ba.subarray(0, n).equals(bb.subarray(0, m))) return false;
+      if (n === 0) return true;
+    }
+  } finally {
+    fs.closeSync(fa);
+    fs.closeSync(fb);
+  }
+}
+
 function memory(pid) {
   try {
     const st = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
@@ -186,12 +207,15 @@ async function main() {
     await probe.mark();
     const syncS = (performance.now() - t0) / 1000;
     results.initialSync = { bytes: IMAGE_BYTES, seconds: syncS, mibs: IMAGE_BYTES / 2 ** 20 / syncS, steal: stolen0() };
+    // serve's peak RSS so far after each early phase (VmHWM only grows): where the early peak comes from.
+    const phasePeaks = (results.phasePeaks = { initialSync: memory(serve.child.pid).hwm });
 
     // 2. Maximum 4K random write rate with replication on.
     process.stderr.write('bench: maximum 4K random write rate...\n');
     const stolen1 = stealMeter();
     const max = await fio(uri, ['--rw=randwrite', '--bs=4k', '--iodepth=32', '--time_based', `--runtime=${quick ? 3 : 5}`, '--ramp_time=1']);
     results.max4k = { iops: max.iops, steal: stolen1() };
+    phasePeaks.max4k = memory(serve.child.pid).hwm;
     await probe.mark();
 
     // 3. Lag at half that rate.
@@ -209,6 +233,7 @@ async function main() {
       await sleep(Math.max(0, 100 - (performance.now() - started)));
     }
     const achieved = await load;
+    phasePeaks.lag = memory(serve.child.pid).hwm;
     results.lag = { targetIops: rate, achievedIops: achieved.iops, samples: lags.length, p50ms: pct(lags, 50), p99ms: pct(lags, 99), maxms: Math.max(...lags), steal: stolen2() };
 
     // 4. Catch-up after an outage.
@@ -223,9 +248,17 @@ async function main() {
     replay.child.kill('SIGCONT');
     await marker;
     const catchS = (performance.now() - resumed) / 1000;
+    phasePeaks.catchUp = memory(serve.child.pid).hwm;
     results.catchUp = { backlogBytes: backlog.bytes, writtenMiBs: backlog.mibs, seconds: catchS, mibs: backlog.bytes / 2 ** 20 / catchS, steal: stolen3() };
     if (memoryRun) {
       process.stderr.write('bench: memory run: 10 GiB of 1 MiB writes with replication on...\n');
+      // Its own peaks, like the stalled run's below: the phases before it (initial sync, catch-up) are kept for
+      // the `serve memory` row.
+      before = { hwm: memory(serve.child.pid).hwm, anon: anonPeak };
+      results.earlyPhases = { serveVmHWMMiB: before.hwm, serveRssAnonPeakMiB: before.anon };
+      resetPeak(serve.child.pid);
+      resetPeak(replay.child.pid);
+      anonPeak = 0;
       const stolen4 = stealMeter();
       const big = await fio(uri, ['--rw=write', '--bs=1M', '--iodepth=16', '--io_size=10G']);
       await probe.mark();
@@ -235,7 +268,7 @@ async function main() {
       // writes go on, and serve's memory must not grow with what the replica lacks.
       process.stderr.write('bench: stalled replica: replayer stopped (SIGSTOP) while 10 GiB is written...\n');
       // Its own peaks: the whole run's so far are kept for the `serve memory` row.
-      before = { hwm: memory(serve.child.pid).hwm, anon: anonPeak };
+      before = { hwm: Math.max(before.hwm, memory(serve.child.pid).hwm), anon: Math.max(before.anon, anonPeak) };
       resetPeak(serve.child.pid);
       anonPeak = 0;
       const states = new Set();
@@ -271,6 +304,9 @@ async function main() {
       const convergeS = (performance.now() - resumed2) / 1000;
       watching = false;
       await watch;
+      // "continuous with no lag" is what serve says; the bytes are what a user relies on.
+      const identical = sameBytes(image, path.join(work, 'replica', 'disk.img'));
+      if (!identical) process.exitCode = 1;
       results.stalledRun = {
         steal: stallSteal,
         bytes: stalledRun.bytes,
@@ -282,6 +318,7 @@ async function main() {
         dirtyPeakBytes: dirtyPeak,
         states: [...states],
         convergeSeconds: convergeS,
+        identical,
       };
     }
     client.close();
@@ -308,15 +345,20 @@ async function main() {
     `| 4K random write, qd32, replication on | ${r.max4k.iops.toFixed(0)} IOPS | | ${formatSteal(r.max4k.steal)} |`,
     `| lag (RPO) at ${r.lag.targetIops} IOPS (achieved ${r.lag.achievedIops.toFixed(0)}), ${r.lag.samples} probes | p50 ${(r.lag.p50ms / 1000).toFixed(3)} s, p99 ${(r.lag.p99ms / 1000).toFixed(3)} s, max ${(r.lag.maxms / 1000).toFixed(3)} s | p99 <= 1 s | ${formatSteal(r.lag.steal)} |`,
     `| catch-up after ${(r.catchUp.backlogBytes / 2 ** 20).toFixed(0)} MiB written during an outage | ${r.catchUp.seconds.toFixed(1)} s = ${r.catchUp.mibs.toFixed(0)} MiB/s | >= 300 MiB/s | ${formatSteal(r.catchUp.steal)} |`,
-    `| serve memory | peak RSS ${r.memory.serveVmHWMMiB.toFixed(0)} MiB (VmHWM, includes mapped journal pages), peak anonymous ${r.memory.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB (286 MiB) | |`,
+    `| serve memory, whole run | peak RSS ${r.memory.serveVmHWMMiB.toFixed(0)} MiB (VmHWM, includes mapped journal pages), peak anonymous ${r.memory.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB (286 MiB) | |`,
   ];
+  if (r.phasePeaks) {
+    const p = r.phasePeaks;
+    const early = r.earlyPhases ?? r.memory;
+    lines.push(`| serve memory before the 10 GiB runs | peak RSS ${p.catchUp.toFixed(0)} MiB (${p.initialSync.toFixed(0)} after the initial sync, ${p.max4k.toFixed(0)} after 4K writes, ${p.lag.toFixed(0)} after the lag run, ${p.catchUp.toFixed(0)} after the catch-up), peak anonymous ${early.serveRssAnonPeakMiB.toFixed(0)} MiB | | |`);
+  }
   if (r.memoryRun) {
     lines.push(`| memory run: ${(r.memoryRun.bytes / 2 ** 30).toFixed(1)} GiB written at ${r.memoryRun.mibs.toFixed(0)} MiB/s, replicated | serve peak RSS ${r.memoryRun.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${r.memoryRun.serveRssAnonPeakMiB.toFixed(0)} MiB; replay peak RSS ${r.memoryRun.replayVmHWMMiB.toFixed(0)} MiB | < 300 MB (286 MiB) | ${formatSteal(r.memoryRun.steal)} |`);
   }
   if (r.stalledRun) {
     const x = r.stalledRun;
     lines.push(
-      `| stalled replica (replayer SIGSTOPped): ${(x.bytes / 2 ** 30).toFixed(1)} GiB written at ${x.mibs.toFixed(0)} MiB/s (slowest write ${(x.maxLatencyMs / 1000).toFixed(2)} s), journal peak ${(x.journalPeakBytes / 2 ** 30).toFixed(1)} GiB, dirty bitmap peak ${(x.dirtyPeakBytes / 2 ** 20).toFixed(0)} MiB, states ${x.states.join(' > ')}; continuous again ${x.convergeSeconds.toFixed(1)} s after SIGCONT | serve peak RSS ${x.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${x.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB (286 MiB) | ${formatSteal(x.steal)} |`,
+      `| stalled replica (replayer SIGSTOPped): ${(x.bytes / 2 ** 30).toFixed(1)} GiB written at ${x.mibs.toFixed(0)} MiB/s (slowest write ${(x.maxLatencyMs / 1000).toFixed(2)} s), journal peak ${(x.journalPeakBytes / 2 ** 30).toFixed(1)} GiB, dirty bitmap peak ${(x.dirtyPeakBytes / 2 ** 20).toFixed(0)} MiB, states ${x.states.join(' > ')}; continuous again ${x.convergeSeconds.toFixed(1)} s after SIGCONT, replica ${x.identical ? 'byte-identical to the primary' : 'DIFFERS FROM THE PRIMARY'} | serve peak RSS ${x.serveVmHWMMiB.toFixed(0)} MiB, peak anonymous ${x.serveRssAnonPeakMiB.toFixed(0)} MiB | < 300 MB (286 MiB) | ${formatSteal(x.steal)} |`,
     );
   }
   console.log(lines.join('\n'));
