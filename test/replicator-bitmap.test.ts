@@ -31,7 +31,7 @@ t.test('the bitmap walk lets the journal go only of what it has marked, and wait
   const r = new Replicator({ url: `ws://127.0.0.1:${await closedPort()}`, volume: 'v', volumeId: 'vid', size, journal: j, source });
   r.start();
   t.teardown(() => r.stop(0));
-  const internals = r as unknown as { dirty?: Uint8Array; walking: boolean };
+  const internals = r as unknown as { dirty?: Uint8Array; walk?: unknown };
   // Entry seq n writes MiB n - 1: its first chunk tells whether the bitmap holds it.
   const chunkOf = (seq: number) => ((seq - 1) * MiB) / CHUNK_BYTES;
   let seq = 0;
@@ -57,7 +57,7 @@ t.test('the bitmap walk lets the journal go only of what it has marked, and wait
   let done = 0;
   for (const w of waiting) void w.then(() => done++);
   let turns = 0;
-  while ((internals.walking || !internals.dirty) && turns++ < 10_000) {
+  while ((internals.walk || !internals.dirty) && turns++ < 10_000) {
     const through = held();
     const dirty = internals.dirty;
     for (let s = 1; s <= through; s++) {
@@ -66,7 +66,7 @@ t.test('the bitmap walk lets the journal go only of what it has marked, and wait
         break;
       }
     }
-    if (internals.walking) admittedDuringWalk = Math.max(admittedDuringWalk, done);
+    if (internals.walk) admittedDuringWalk = Math.max(admittedDuringWalk, done);
     await new Promise((r) => setImmediate(r));
   }
   t.equal(violations, 0, `the journal never let go of an entry the bitmap lacked${firstViolation ? ` (${firstViolation})` : ''}`);

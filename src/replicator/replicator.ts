@@ -126,10 +126,12 @@ export class Replicator {
   /** The save of the bitmap under way (saves run one after another; see saveBitmap). */
   private bitmapSave: Promise<void> | undefined;
   /**
-   * While the journal's stored entries are being walked into the bitmap: until the walk is done the bitmap covers
+   * The listener whose walk over the journal's stored entries is under way: until it is done the bitmap covers
    * only the entries walked so far (and every later append), so nothing may be let go past the walk's position.
+   * A listener, not a flag: a walk left behind by a replica that came back goes on until it ends, and must not
+   * end a newer one's protection.
    */
-  private walking = false;
+  private walk: ChangeListener | undefined;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
@@ -333,7 +335,7 @@ export class Replicator {
       // Still walking the stored entries: the walk lets go of what it has covered as it goes (onWalkStep).
       // Saving through the head now would let the journal drop entries the walk has not marked yet, and the
       // returning replica would be compared over too few regions.
-      if (this.walking) return;
+      if (this.walk === this.tracking) return;
       // Full again while tracked: save the bitmap through the head so the journal can let go of it all.
       this.saveBitmap().catch((err) => this.log.error({ err }, 'saving the dirty bitmap failed; the journal keeps holding the entries'));
       return;
@@ -353,11 +355,11 @@ export class Replicator {
       for (let c = Math.floor(offset / CHUNK_BYTES); c <= last; c++) dirty[c] = 1;
     };
     this.tracking = mark;
-    this.walking = true;
+    this.walk = mark;
     const from = this.ackedSeq + 1;
     j.trackChanges(from, mark, (through) => this.onWalkStep(mark, through))
       .then(async () => {
-        this.walking = false;
+        if (this.walk === mark) this.walk = undefined;
         // The walk yields: if the replica came back meanwhile, the journal (still held) serves it instead.
         if (this.tracking !== mark) return;
         // Every change this replica lacks is now in the bitmap: save it, then let the journal go.
@@ -365,7 +367,7 @@ export class Replicator {
         this.log.warn({ fromSeq: from, dirtyBytes: this.dirtyBytes() }, 'journal full while the replica is away: tracking its dirty regions in a bitmap; writes continue');
       })
       .catch((err) => {
-        this.walking = false;
+        if (this.walk === mark) this.walk = undefined;
         // The bitmap may lack changes the walk did not reach: the journal keeps holding them (from the last
         // step saved), and the next time it fills a new walk starts from there.
         if (this.tracking === mark) {
