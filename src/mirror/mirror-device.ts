@@ -19,6 +19,10 @@ const CHECKPOINT_INTERVAL_MS = 5_000;
 /**
  * ...and after this many bytes of changes: the journal prunes up to the checkpoint, and LMDB reuses pages it
  * freed (already in the page cache) instead of growing its file, which measured 1.7x faster for 1 MiB writes.
+ * Each checkpoint's fsync writes the image's dirty pages out (a journaled 1 MiB fio run over a 1 GiB image wrote
+ * 6-8 GiB to disk, an unjournaled one none). Skipping it while a replica's acknowledgement, not the checkpoint,
+ * held the journal changed nothing measurable (replicated 1 MiB writes, three alternating pairs, 597-634 against
+ * 625-637 MiB/s, the same bytes written to disk).
  */
 const CHECKPOINT_BYTES = 256 * 2 ** 20;
 /** Largest range captureRange reads in one go: one NBD payload. */

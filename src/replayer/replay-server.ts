@@ -125,7 +125,12 @@ class Volume {
  */
 const REPLICA_WRITE_PIECE = 32 * 1024;
 
-/** Background sync cadence while entries flow without FLUSHes. */
+/**
+ * Background sync cadence while entries flow without FLUSHes. Only durable acknowledgements let the primary
+ * prune: syncing every 5 s or 2 GiB instead (fewer forced writebacks of the replica) made replicated 1 MiB
+ * writes slower, 467-512 against 605-628 MiB/s in three alternating fio pairs, with serve's CPU per MiB up 20%
+ * as its journal held more and reused fewer pages.
+ */
 const SYNC_INTERVAL_MS = 1000;
 const SYNC_BYTES = 256 * 2 ** 20;
 /**
