@@ -1,5 +1,6 @@
 // `npm run bench`: fio's nbd engine against blockferry (journal off and on), nbdkit file and qemu-nbd, in one
 // run, each on a fresh copy of the same fully allocated random-data image. Prints a table and writes JSON to bench/results/.
+// The replicating server's replica is compared with its image byte for byte after its last job (exit 1 if they differ).
 //
 // usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N] [--max-steal PCT]
 //   NAME: blockferry-nojournal, blockferry-journal, blockferry-replicated, nbdkit, qemu-nbd
@@ -13,6 +14,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatSteal, stealMeter } from './steal.mjs';
+import { sameBytes } from './files.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist/cli/index.js');
@@ -259,6 +261,7 @@ async function main() {
   const base = path.join(work, 'base.img');
   const results = {}; // server -> job -> [{mibs, iops, p99ms}]
   const rss = {};
+  const replicas = {}; // server -> every round's replica byte-identical to the image after the last job
   try {
     process.stderr.write(`bench: writing a ${IMAGE_BYTES / 2 ** 30} GiB random image...\n`);
     makeBase(base);
@@ -287,6 +290,13 @@ async function main() {
               if (!(again.steal >= kept.steal)) kept = again;
             }
             ((results[s.name] ??= {})[job.name] ??= []).push(kept);
+          }
+          if (srv.admin?.()) {
+            // A throughput figure for replication means something only if the replica came out right.
+            await caughtUp(srv.admin());
+            const same = sameBytes(img, path.join(dir, 'replica', 'disk.img'));
+            replicas[s.name] = (replicas[s.name] ?? true) && same;
+            if (!same) process.exitCode = 1;
           }
           if (s.blockferry) {
             const peak = sampler.stop();
@@ -343,6 +353,9 @@ async function main() {
   for (const [name, m] of Object.entries(rss)) {
     lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
   }
+  for (const [name, same] of Object.entries(replicas)) {
+    lines.push(`${name}: replica ${same ? 'byte-identical to the image after the last job of every round' : 'DIFFERED FROM THE IMAGE after a round'}`);
+  }
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
   lines.push('CPU steal: the share of the machine\'s CPU time the hypervisor gave elsewhere during the job (bench/steal.mjs); rows with very different steal do not compare.');
   console.log(lines.join('\n'));
@@ -350,7 +363,7 @@ async function main() {
   const outDir = path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(outDir, { recursive: true });
   const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
-  fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, imageBytes: IMAGE_BYTES, runtimeS: RUNTIME_S, rampS: RAMP_S, rounds, results, peakRssMiB: rss }, null, 2));
+  fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, imageBytes: IMAGE_BYTES, runtimeS: RUNTIME_S, rampS: RAMP_S, rounds, results, peakRssMiB: rss, replicaIdentical: replicas }, null, 2));
   console.log(`results: ${path.relative(ROOT, file)}`);
 }
 
