@@ -30,14 +30,17 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { CloseCode, FEATURE_RECORDS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
+import { CloseCode, FEATURE_RECORDS, MAX_APPLIED_CRCS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
 export interface VolumeState {
   appliedSeq: number;
-  /** CRC32C of the entry at appliedSeq (null or absent: not known, e.g. after a resync began). */
-  appliedCrc?: number | null;
+  /**
+   * CRC32Cs of the last applied entries (at most MAX_APPLIED_CRCS, gap-free, the last one at appliedSeq); null
+   * or absent: not known (a state from before they were kept, or after a resync began).
+   */
+  appliedCrcs?: number[] | null;
   volumeId: string | null;
   size: number;
   /**
@@ -94,7 +97,8 @@ class Volume {
     while (this.syncing) await this.syncing;
     this.syncing = (async () => {
       const seq = this.state.appliedSeq;
-      const snapshot = { ...this.state };
+      // The CRC list goes on growing while the image is flushed: the snapshot keeps its own, as of seq.
+      const snapshot = { ...this.state, appliedCrcs: this.state.appliedCrcs?.slice(-MAX_APPLIED_CRCS) ?? null };
       this.unsyncedBytes = 0;
       await this.device.flush();
       await this.db.put('state', snapshot);
@@ -313,7 +317,7 @@ export class ReplayServer {
           };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
           ws.send(
-            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrc: v.state.appliedCrc ?? null }),
+            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrcs: v.state.appliedCrcs ?? null }),
           );
           return;
         }
@@ -334,7 +338,7 @@ export class ReplayServer {
           // Entries before fromSeq will never arrive: from here the replica is inconsistent until `synced`.
           log.warn({ volume: vol.name, appliedSeq: vol.state.appliedSeq, fromSeq: msg.fromSeq }, 'resync: the replica is inconsistent until the primary has sent every differing chunk');
           vol.state.appliedSeq = msg.fromSeq - 1;
-          vol.state.appliedCrc = null;
+          vol.state.appliedCrcs = null;
           vol.state.consistentFrom = -1;
           await vol.sync();
           return;
@@ -384,12 +388,15 @@ export class ReplayServer {
       expect++;
     }
     if (todo.length === 0) return;
+    // The CRCs of the last entries applied, for the welcome's history check; the array stays the state's own
+    // (sync copies it), trimmed once per batch rather than per entry.
+    const crcs = (v.state.appliedCrcs ??= []);
     try {
       for (const e of todo) {
         if (e.kind === EntryKind.FLUSH) {
           // Everything before the marker is on stable storage before anything after it is applied.
           v.state.appliedSeq = e.seq;
-          v.state.appliedCrc = e.crc;
+          crcs.push(e.crc);
           v.markApplied();
           await v.sync();
           continue;
@@ -398,9 +405,10 @@ export class ReplayServer {
         const applying = applyEntry(v.device, e);
         if (applying) await applying;
         v.state.appliedSeq = e.seq;
-        v.state.appliedCrc = e.crc;
+        crcs.push(e.crc);
         v.unsyncedBytes += e.kind === EntryKind.WRITE ? e.length : 0;
       }
+      if (crcs.length > MAX_APPLIED_CRCS) crcs.splice(0, crcs.length - MAX_APPLIED_CRCS);
       v.lastApplyAt = Date.now();
       v.markApplied();
       if (v.unsyncedBytes >= SYNC_BYTES) await v.sync();

@@ -32,11 +32,13 @@ export type Message =
   | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify'; token?: string }
   /** features: what this replayer understands beyond version 1's base (FEATURE_RECORDS). */
   /**
-   * appliedCrc: the CRC32C of the entry at appliedSeq as the replica applied it (absent or null when not known:
-   * a replayer from before it was sent, or a replica whose last step was a resync). The primary compares it with
-   * its own entry at that seq: a different one means two histories (its journal lost a tail the replica has).
+   * appliedCrcs: the CRC32Cs of the last entries the replica applied, oldest first, the last one at appliedSeq
+   * (absent or null when not known: a replayer from before they were sent, or a replica whose last step was a
+   * resync). The primary compares them with its own entries at those seqs: any difference means two histories
+   * (its journal lost a tail the replica has). More than one, because a FLUSH marker (or a TRIM of the same
+   * range) is the same bytes in any history.
    */
-  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[]; appliedCrc?: number | null }
+  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[]; appliedCrcs?: number[] | null }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
   /** Entries first, first+1, ... as the journal stores them (entry.ts: a 40-byte header, then any data). */
   | { v: number; t: 'records'; first: number; records: Buffer[] }
@@ -56,6 +58,8 @@ export const FEATURE_RECORDS = 'records';
 
 /** Most chunks one digest request may ask for (bounds the replayer's work per message). */
 export const MAX_DIGEST_CHUNKS = 4096;
+/** How many of its last applied entries' CRCs a replayer names in its welcome (see `welcome`). */
+export const MAX_APPLIED_CRCS = 64;
 
 /** Plain msgpack maps (no record extension): what every peer, of any version, decodes. */
 const PACKR_OPTIONS = { useRecords: false, mapsAsObjects: true } as const;
@@ -209,7 +213,10 @@ export function decode(buf: Buffer): Message {
         throw new ProtocolError('bad welcome');
       }
       if (m.features !== undefined && !(Array.isArray(m.features) && m.features.every((f) => typeof f === 'string'))) throw new ProtocolError('bad welcome features');
-      if (m.appliedCrc !== undefined && m.appliedCrc !== null && !(isInt(m.appliedCrc) && (m.appliedCrc as number) <= 0xffffffff)) throw new ProtocolError('bad welcome crc');
+      if (m.appliedCrcs !== undefined && m.appliedCrcs !== null) {
+        const crcs = m.appliedCrcs;
+        if (!Array.isArray(crcs) || crcs.length > MAX_APPLIED_CRCS || !crcs.every((c) => isInt(c) && c <= 0xffffffff)) throw new ProtocolError('bad welcome crcs');
+      }
       return m as Message;
     case 'resync':
       if (!isInt(m.fromSeq) || m.fromSeq < 1) throw new ProtocolError('bad resync');

@@ -296,7 +296,7 @@ export class Replicator {
         this.attempt = 0;
         this.lastError = undefined;
         this.records = msg.features?.includes(FEATURE_RECORDS) ?? false;
-        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null, msg.appliedCrc ?? null);
+        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null, msg.appliedCrcs ?? null);
       } else if (msg.t === 'digests') {
         this.digestWaiters.get(msg.id)?.(msg.digests);
         this.digestWaiters.delete(msg.id);
@@ -396,26 +396,38 @@ export class Replicator {
   }
 
   /**
-   * Whether the replica's last applied entry is another than this journal's at that seq: two histories with
+   * Whether the replica's last applied entries are others than this journal's at those seqs: two histories with
    * the same seqs. It happens when the journal lost a tail the replica had applied (a power cut with `commit`
    * durability loses LMDB's unsynced transactions) and new writes took those seqs before the replica came back:
    * shipping on from the replica's seq would leave it with the lost writes where the primary has the new ones.
+   * `crcs` end at `applied`; those whose seqs this journal no longer (or not yet) holds cannot be compared.
    */
-  private historyDiffers(applied: number, appliedCrc: number | null): boolean {
+  private historyDiffers(applied: number, crcs: number[] | null): boolean {
     const j = this.opts.journal;
-    if (appliedCrc === null || applied < 1 || applied < j.stats.tailSeq || applied > j.committedSeq) return false;
+    if (!crcs || crcs.length === 0 || applied < 1) return false;
+    const from = Math.max(applied - crcs.length + 1, j.stats.tailSeq, 1);
+    const to = Math.min(applied, j.committedSeq);
+    if (from > to) return false;
     try {
-      const { first, values } = j.readRecords(applied, { maxEntries: 1 });
-      if (first !== applied || values.length === 0) return true;
-      return decodeValue(first, values[0]).crc !== appliedCrc;
+      // Whole values are read (up to 64 of them, once a connection): only their headers' CRCs are compared.
+      for (let seq = from; seq <= to; ) {
+        const { first, values } = j.readRecords(seq, { maxEntries: to - seq + 1 });
+        if (first !== seq || values.length === 0) return true;
+        for (const v of values) {
+          if (seq > to) break;
+          if (decodeValue(seq, v).crc !== crcs[crcs.length - 1 - (applied - seq)]) return true;
+          seq++;
+        }
+      }
+      return false;
     } catch (err) {
-      // Our own entry there is unreadable (corrupt): what the replica has cannot be vouched for either.
-      this.log.error({ err, seq: applied }, 'cannot read the entry the replica says it applied last');
+      // Our own entries there are unreadable (corrupt): what the replica has cannot be vouched for either.
+      this.log.error({ err, fromSeq: from, toSeq: to }, 'cannot read the entries the replica says it applied last');
       return true;
     }
   }
 
-  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrc: number | null = null): void {
+  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrcs: number[] | null = null): void {
     const j = this.opts.journal;
     if (this.tracking) {
       // Hold the journal again from its tail, then stop marking: from here changes are shipped.
@@ -427,11 +439,11 @@ export class Replicator {
     const { tailSeq, committedSeq } = j.stats;
     // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
     // the journal does not start from an empty image, or a resync was interrupted: compare digests.
-    const diverged = this.historyDiffers(applied, appliedCrc);
+    const diverged = this.historyDiffers(applied, appliedCrcs);
     if (diverged) {
       this.log.error(
         { appliedSeq: applied },
-        `the replica's entry at seq ${applied} is not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,
+        `the replica's last entries through seq ${applied} are not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,
       );
     }
     const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged;
