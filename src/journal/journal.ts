@@ -398,10 +398,9 @@ export class Journal extends EventEmitter {
     for (const p of batch) bytes += p.value.length;
     try {
       if (this.failure) throw this.failure;
-      // The commit maps the pages it writes: drop what is mapped first if the two together would pass the
-      // unmap interval, so a large batch does not pile on top of a full interval (the mapped journal peaked at
-      // 41 MiB journal-only and 64 MiB replicated with 1 MiB writes when only the total after was checked).
-      if (this.touchedSinceUnmap > 0 && this.touchedSinceUnmap + bytes > UNMAP_AFTER_BYTES) this.unmapRead();
+      // The commit maps the pages it writes (the mapped journal peaked at 41 MiB journal-only and 64 MiB
+      // replicated with 1 MiB writes when only the total after was checked).
+      this.beforeTouching(bytes);
       this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
       this.root.transactionSync(() => {
         let seg = this.segments[this.segments.length - 1];
@@ -925,8 +924,8 @@ export class Journal extends EventEmitter {
     const freed = this.physTail < next.first ? this.storedSpan(this.physTail, next.first - 1) : 0;
     this.space?.reserve(PRUNE_TXN_BYTES);
     // Dropping maps every leaf page of the segment (LMDB reads each leaf for the overflow runs it must free):
-    // with 4 KiB entries that is about the segment's size. Unmap first, so it is not added to what is mapped.
-    if (this.touchedSinceUnmap > 0) this.unmapRead();
+    // with 4 KiB entries about the segment's size, not known ahead. Unmap first, so it is not added on top.
+    this.beforeTouching(Infinity);
     this.root.transactionSync(() => {
       old.db.dropSync();
       this.meta.putSync('segments', this.segments.slice(1).map((g) => [g.name, g.first]));
@@ -994,6 +993,14 @@ export class Journal extends EventEmitter {
   private freeSegmentName(): string {
     const used = new Set(this.segments.map((g) => g.name));
     for (let k = 1; ; k++) if (!used.has(`${FIRST_SEGMENT}.${k}`)) return `${FIRST_SEGMENT}.${k}`;
+  }
+
+  /**
+   * Before something maps about `bytes` of the journal: drop what is mapped first if the two together would
+   * pass the unmap interval, so a large batch or a segment drop does not pile on top of a full one.
+   */
+  private beforeTouching(bytes: number): void {
+    if (this.touchedSinceUnmap > 0 && this.touchedSinceUnmap + bytes > UNMAP_AFTER_BYTES) this.unmapRead();
   }
 
   private touched(bytes: number): void {

@@ -30,8 +30,8 @@ export const CloseCode = {
  */
 export type Message =
   | { v: number; t: 'hello'; volume: string; volumeId: string; size: number; role?: 'primary' | 'verify'; token?: string }
-  /** features: what this replayer understands beyond version 1's base (FEATURE_RECORDS). */
   /**
+   * features: what this replayer understands beyond version 1's base (FEATURE_RECORDS).
    * appliedCrcs: the CRC32Cs of the last entries the replica applied, oldest first, the last one at appliedSeq
    * (absent or null when not known: a replayer from before they were sent, or a replica whose last step was a
    * resync). The primary compares them with its own entries at those seqs: any difference means two histories
