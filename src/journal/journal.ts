@@ -86,6 +86,22 @@ const RECENT_IDLE_MS = 100;
  */
 const UNMAP_AFTER_BYTES = 8 * 2 ** 20;
 
+/**
+ * Whether the journal stores through LMDB's write map unless told otherwise. The write map saves a copy of each
+ * value (one memcpy into the mapped file, against a memcpy into LMDB's page buffers and their writev) and
+ * measured ahead on the machines of 2026-12-03. On Linux 6.18 (2026-12-06) the mapped copy costs more than the
+ * two: every page it stores into faults in (zero-filling a large folio of the blocks allocated ahead), and
+ * keeping RSS bounded unmaps the journal every UNMAP_AFTER_BYTES, so the same pages fault in again. With writev
+ * a commit maps none of its data, and only reads count toward that unmapping. fio against serve after a 4 s
+ * warm-up of the same job, three alternating pairs each, write map against writev: journaled 1 MiB writes
+ * 1070/1192/1290 against 1160/1384/1375 MiB/s; replicated 1 MiB 572/622/535 against 652/695/638 MiB/s;
+ * journaled 4 KiB 36.2/35.6/34.2k against 37.0/38.3/46.5k IOPS; replicated 4 KiB 28.7/19.2/21.8k against
+ * 27.1/19.8/22.7k (a wash). bench/replication.mjs --quick --memory: 10 GiB replicated at 437 against 491 MiB/s,
+ * stalled 370 against 428 MiB/s; serve's peak anonymous memory 148-156 against 174-183 MiB (LMDB's page
+ * buffers), peak RSS 230-235 against 238-247 MiB.
+ */
+const WRITE_MAP_DEFAULT = false;
+
 /** Blocks allocated ahead of LMDB's last page (see MapSpace): a sixteenth of the cap, within bounds. */
 function allocateAhead(maxBytes: number): number {
   return Math.min(64 * 2 ** 20, Math.max(4 * 2 ** 20, Math.floor(maxBytes / 16)));
@@ -103,6 +119,12 @@ export interface JournalOptions {
    * replay-local and audits). Default: prune them at once, so LMDB reuses their pages instead of growing.
    */
   keep?: boolean;
+  /**
+   * Store through LMDB's write map, with disk blocks allocated ahead (commit durability only; see MapSpace).
+   * Default off: LMDB then builds each commit's pages in memory and writes them with writev, which measured
+   * faster on Linux 6.18 (see WRITE_MAP_DEFAULT).
+   */
+  writeMap?: boolean;
   logger?: Logger;
 }
 
@@ -181,6 +203,8 @@ export class Journal extends EventEmitter {
   private mapPath: string | undefined;
   /** With a write map: the blocks allocated ahead of LMDB's pages; every write transaction reserves first. */
   private space: MapSpace | undefined;
+  /** The journal's directory (the filesystem a failed commit may have filled). */
+  private dir: string | undefined;
   private touchedSinceUnmap = 0;
   /**
    * commit durability: the values of the last committed seqs (see RECENT_BYTES), in `ring` at
@@ -266,9 +290,9 @@ export class Journal extends EventEmitter {
     fs.mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
     const maxBytes = opts.maxBytes ?? DEFAULT_MAX_BYTES;
     const durability = opts.durability ?? 'commit';
-    // A write map only where blocks can be allocated ahead of it, and for commit durability (sync durability
-    // commits on lmdb-js's writer thread, where no allocation can come first).
-    const allocate = durability === 'commit' ? MapSpace.allocator() : undefined;
+    // A write map only when asked for, where blocks can be allocated ahead of it, and for commit durability
+    // (sync durability commits on lmdb-js's writer thread, where no allocation can come first).
+    const allocate = durability === 'commit' && (opts.writeMap ?? WRITE_MAP_DEFAULT) ? MapSpace.allocator() : undefined;
     let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined);
     let space: MapSpace | undefined;
     if (allocate) {
@@ -288,6 +312,7 @@ export class Journal extends EventEmitter {
     const segments = listed.map(([name, first]) => ({ name, first, db: openSegment(root, name) }));
     const j = new Journal(root, segments, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.space = space;
+    j.dir = opts.dir;
     j.checkTail();
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     return j;
@@ -396,11 +421,12 @@ export class Journal extends EventEmitter {
     let rotated: Segment | undefined;
     let bytes = 0;
     for (const p of batch) bytes += p.value.length;
+    // Through the write map a commit maps the pages it writes (the mapped journal peaked at 41 MiB journal-only
+    // and 64 MiB replicated with 1 MiB writes when only the total after was checked); with writev, none of them.
+    const mapped = this.space ? bytes : 0;
     try {
       if (this.failure) throw this.failure;
-      // The commit maps the pages it writes (the mapped journal peaked at 41 MiB journal-only and 64 MiB
-      // replicated with 1 MiB writes when only the total after was checked).
-      this.beforeTouching(bytes);
+      this.beforeTouching(mapped);
       this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
       this.root.transactionSync(() => {
         let seg = this.segments[this.segments.length - 1];
@@ -417,7 +443,7 @@ export class Journal extends EventEmitter {
         }
       });
     } catch (err) {
-      const failure = this.fail(batch[0]?.seq, err as Error);
+      const failure = this.fail(batch[0]?.seq, err as Error, bytes);
       for (const p of batch) p.reject(failure);
       for (const w of waiters) w.reject(failure);
       return;
@@ -431,7 +457,7 @@ export class Journal extends EventEmitter {
       this.cumCommitted = valueCum(batch[batch.length - 1].value);
       this.activeBytes += bytes;
       this.remember(batch);
-      this.touched(bytes);
+      this.touched(mapped);
       this.wake();
     }
     // Every commit also reads B-tree pages through the map (the last leaf and the branches above it, the free
@@ -518,16 +544,33 @@ export class Journal extends EventEmitter {
    * A commit failed (disk full, I/O error): seqs already handed out can no longer be stored in order, so the
    * journal stops taking appends; the mirror above stops too, and a restart recovers from what is committed.
    */
-  private fail(seq: number | undefined, err: Error): BlockferryError {
+  private fail(seq: number | undefined, err: Error, bytes = 0): BlockferryError {
     if (!this.failure) {
+      const free = this.fullDisk(err, bytes);
+      const cause = free === undefined ? err.message : `${err.message}: the journal's filesystem is full, ${free} bytes free (ENOSPC)`;
       this.failure = new BlockferryError(
-        'EIO',
-        `the journal could not commit${seq === undefined ? '' : ` seq ${seq}`} (${err.message}); it refuses further writes until restarted`,
+        free === undefined ? 'EIO' : 'ENOSPC',
+        `the journal could not commit${seq === undefined ? '' : ` seq ${seq}`} (${cause}); it refuses further writes until restarted`,
       );
       this.log.error({ err, seq }, 'journal commit failed');
       for (const p of this.waitingForSpace.splice(0)) p.reject(this.failure);
     }
     return this.failure;
+  }
+
+  /**
+   * The free bytes of the journal's filesystem when a failed commit of `bytes` is down to a full disk that its
+   * error does not name: LMDB reports a short writev (the disk filled part-way) as EIO. Undefined otherwise.
+   */
+  private fullDisk(err: Error, bytes: number): number | undefined {
+    if (/ENOSPC/.test(err.message) || !this.dir) return undefined;
+    try {
+      const st = fs.statfsSync(this.dir);
+      const free = st.bavail * st.bsize;
+      return free < Math.max(bytes, 2 ** 20) ? free : undefined;
+    } catch {
+      return undefined;
+    }
   }
 
   /** Writes a meta key (undefined removes it) in order with the entries. */

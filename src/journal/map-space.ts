@@ -31,12 +31,10 @@ export class MapSpace {
   ) {}
 
   /**
-   * The native fallocate, unless the helper lacks it or BLOCKFERRY_NO_WRITEMAP is 1: then the journal does
-   * without a write map. Whether the filesystem supports it, open() finds out.
+   * The native fallocate, unless the helper lacks it: then the journal does without a write map. Whether the
+   * filesystem supports it, open() finds out.
    */
   static allocator(): Allocate | undefined {
-    // An operator's (and a benchmark's) way to compare, or to avoid write maps on an unusual filesystem.
-    if (process.env.BLOCKFERRY_NO_WRITEMAP === '1') return undefined;
     return loadNative()?.allocate;
   }
 
