@@ -6,7 +6,6 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { CLI, run, startServe } from './helpers/processes.js';
 import { filesEqual, sha256File } from './helpers/files.js';
-import { loadNative } from '../src/device/native.js';
 
 const SIZE = 256 * 2 ** 20;
 
