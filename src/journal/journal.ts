@@ -91,14 +91,15 @@ const UNMAP_AFTER_BYTES = 8 * 2 ** 20;
  * value (one memcpy into the mapped file, against a memcpy into LMDB's page buffers and their writev) and
  * measured ahead on the machines of 2026-12-03. On Linux 6.18 (2026-12-06) the mapped copy costs more than the
  * two: every page it stores into faults in (zero-filling a large folio of the blocks allocated ahead), and
- * keeping RSS bounded unmaps the journal every UNMAP_AFTER_BYTES, so the same pages fault in again. With writev
- * a commit maps none of its data, and only reads count toward that unmapping. fio against serve after a 4 s
- * warm-up of the same job, three alternating pairs each, write map against writev: journaled 1 MiB writes
- * 1070/1192/1290 against 1160/1384/1375 MiB/s; replicated 1 MiB 572/622/535 against 652/695/638 MiB/s;
- * journaled 4 KiB 36.2/35.6/34.2k against 37.0/38.3/46.5k IOPS; replicated 4 KiB 28.7/19.2/21.8k against
- * 27.1/19.8/22.7k (a wash). bench/replication.mjs --quick --memory: 10 GiB replicated at 437 against 491 MiB/s,
- * stalled 370 against 428 MiB/s; serve's peak anonymous memory 148-156 against 174-183 MiB (LMDB's page
- * buffers), peak RSS 230-235 against 238-247 MiB.
+ * keeping RSS bounded unmaps the journal every UNMAP_AFTER_BYTES, so the same pages fault in again.
+ * fio against serve, alternating runs, write map against writev. On a new journal (the file still growing):
+ * journaled 1 MiB writes 914/900 against 1056/997 MiB/s, replicated 1 MiB 579/528/661 against 642/583/672 MiB/s,
+ * journaled 4 KiB 26.3/32.8/30.0k against 39.6/40.7/33.5k IOPS, replicated 4 KiB 20.3/16.5/20.2k against
+ * 24.5/24.0/24.9k. After a 4 s warm-up of the same job: journaled 1 MiB 1175/1111 against 1329/1263 MiB/s;
+ * replicated 1 MiB 623/657/670 against 630/631/511, journaled 4 KiB 39.6/48.0/47.1k against 42.7/45.3/46.1k,
+ * replicated 4 KiB 21.8/25.1/28.7k against 23.4/24.6/29.2k (a wash). bench/replication.mjs --quick --memory:
+ * 10 GiB replicated at 437 against 491 MiB/s, stalled 370 against 428 MiB/s; serve's peak anonymous memory
+ * 148-156 against 174-183 MiB (LMDB's page buffers), peak RSS 230-235 against 238-247 MiB.
  */
 const WRITE_MAP_DEFAULT = false;
 
@@ -421,12 +422,14 @@ export class Journal extends EventEmitter {
     let rotated: Segment | undefined;
     let bytes = 0;
     for (const p of batch) bytes += p.value.length;
-    // Through the write map a commit maps the pages it writes (the mapped journal peaked at 41 MiB journal-only
-    // and 64 MiB replicated with 1 MiB writes when only the total after was checked); with writev, none of them.
-    const mapped = this.space ? bytes : 0;
     try {
       if (this.failure) throw this.failure;
-      this.beforeTouching(mapped);
+      // Through the write map a commit maps the pages it writes (the mapped journal peaked at 41 MiB
+      // journal-only and 64 MiB replicated with 1 MiB writes when only the total after was checked). With writev
+      // it maps none itself, but the kernel's fault-around maps the freshly written pages next to any it reads:
+      // not counting commits let 82 MiB of journal stay mapped after 1 GiB written with the replica away, and
+      // serve's peak RSS in bench/replication.mjs --memory reach 550 MiB. So both count them.
+      this.beforeTouching(bytes);
       this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
       this.root.transactionSync(() => {
         let seg = this.segments[this.segments.length - 1];
@@ -457,7 +460,7 @@ export class Journal extends EventEmitter {
       this.cumCommitted = valueCum(batch[batch.length - 1].value);
       this.activeBytes += bytes;
       this.remember(batch);
-      this.touched(mapped);
+      this.touched(bytes);
       this.wake();
     }
     // Every commit also reads B-tree pages through the map (the last leaf and the branches above it, the free
