@@ -18,6 +18,7 @@ import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { loadNative } from '../device/native.js';
+import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
 import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
@@ -567,13 +568,8 @@ export class Journal extends EventEmitter {
    */
   private fullDisk(err: Error, bytes: number): number | undefined {
     if (/ENOSPC/.test(err.message) || !this.dir) return undefined;
-    try {
-      const st = fs.statfsSync(this.dir);
-      const free = st.bavail * st.bsize;
-      return free < Math.max(bytes, 2 ** 20) ? free : undefined;
-    } catch {
-      return undefined;
-    }
+    const free = freeBytes(this.dir);
+    return free !== undefined && free < Math.max(bytes, 2 ** 20) ? free : undefined;
   }
 
   /** Writes a meta key (undefined removes it) in order with the entries. */

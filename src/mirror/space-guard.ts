@@ -3,8 +3,8 @@
 // sees ENOSPC) and nothing is journaled, so the journal stays consistent and no sequence number is spent;
 // when space returns, writes are taken again. Free space is polled (statfs) and, between polls, the bytes
 // taken since are subtracted, so a burst cannot run far past the reserve.
-import fs from 'node:fs';
 import { BlockferryError } from '../util/errors.js';
+import { freeBytes } from '../util/free-space.js';
 import { formatBytes } from '../util/size.js';
 
 const POLL_MS = 250;
@@ -25,12 +25,9 @@ export class SpaceGuard {
 
   private poll(): void {
     for (const p of this.paths) {
-      try {
-        const s = fs.statfsSync(p);
-        this.free.set(p, s.bavail * s.bsize);
-      } catch {
-        // The path may be gone for a moment; keep the last figure.
-      }
+      const free = freeBytes(p);
+      // The path may be gone for a moment; keep the last figure.
+      if (free !== undefined) this.free.set(p, free);
     }
     this.takenSincePoll = 0;
   }
