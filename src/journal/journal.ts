@@ -1147,14 +1147,14 @@ function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', w
     // file that already holds the disk's data (SECURITY.md). fio 1 MiB journaled writes measured 309 ->
     // 363 MiB/s, serve's CPU per MiB 0.49 -> 0.38 ticks.
     noMemInit: true,
-    // Readahead stays on. A page LMDB takes at the end of its file faults in with readahead, which zero-fills a
-    // large folio of the allocated-ahead blocks (3.7% of serve's loop thread at 4 KiB journaled writes, perf);
-    // noReadAhead (MADV_RANDOM on the map) zero-fills one page instead but measured slower: 47-50k against
-    // 52-61k IOPS in three alternating fio pairs (p99 1.7-1.8 against 2.6-2.8 ms).
-    // With a write map LMDB stores values straight into its mapped file: one copy per value instead of a
-    // memcpy into malloc'd pages and a writev of them, and no malloc'd pages in RSS. MapSpace allocates the
-    // file's blocks ahead of it, since a store into a hole of a full filesystem would be a SIGBUS. Measured
-    // (same machine, alternating runs): LMDB alone appending 1 MiB values 1.4 -> 0.25 ms CPU per MiB, 4 KiB
+    // Readahead stays on. With the write map, a page LMDB takes at the end of its file faults in with readahead,
+    // which zero-fills a large folio of the allocated-ahead blocks (3.7% of serve's loop thread at 4 KiB
+    // journaled writes, perf); noReadAhead (MADV_RANDOM on the map) zero-fills one page instead but measured
+    // slower: 47-50k against 52-61k IOPS in three alternating fio pairs (p99 1.7-1.8 against 2.6-2.8 ms).
+    // With a write map (opt-in since it measured slower on Linux 6.18: see WRITE_MAP_DEFAULT) LMDB stores
+    // values straight into its mapped file: one copy per value instead of a memcpy into malloc'd pages and a
+    // writev of them, and no malloc'd pages in RSS. MapSpace allocates the file's blocks ahead of it, since a
+    // store into a hole of a full filesystem would be a SIGBUS. Measured on 2026-12-03 (alternating runs): LMDB alone appending 1 MiB values 1.4 -> 0.25 ms CPU per MiB, 4 KiB
     // ones 0.76 -> 0.52; in serve, fio 1 MiB journaled writes 0.163 -> 0.150 CPU ticks per MiB (throughput
     // within the noise, 709-788 vs 674-856 MiB/s); bench/replication.mjs --quick --memory: 10 GiB replicated
     // at 254-344 -> 369-374 MiB/s, serve's peak anonymous memory 179-181 -> 161 MiB, peak RSS 277-310 -> 269-273.
