@@ -4,6 +4,8 @@
 //   zeroes + journal;
 // - the journal alone (no free-space guard in front) fills its filesystem: the failing commit is an error
 //   naming ENOSPC, never a SIGBUS from LMDB's write map storing into a hole; what was committed reads back;
+// - through serve, in both of the journal's modes, a commit meeting the full disk reaches the NBD client as
+//   ENOSPC (not EIO) and the log names the full disk;
 // - the replica's filesystem fills: the replayer stops applying and says why, the replica stays what it was,
 //   and once space returns it converges to the primary byte for byte.
 import t from 'tap';
@@ -118,6 +120,35 @@ for (const writeMap of [false, true]) {
     const again = await Journal.open({ dir: path.join(jfs, 'journal') });
     t.equal(again.stats.committedSeq, committed, 'reopened, the journal holds exactly what was committed');
     await again.close();
+  });
+}
+
+for (const writeMap of [false, true]) {
+  const how = writeMap ? 'serve --journal-write-map' : 'serve (writev)';
+  const skip = writeMap && !loadNative()?.allocate ? 'the native helper cannot allocate' : false;
+  t.test(`${how}: a commit that fills the journal's disk reaches the client as ENOSPC; reads go on`, { skip }, async (t) => {
+    const dir = t.testdir();
+    const jfs = await tmpfs(t, '24m');
+    const image = path.join(dir, 'disk.img');
+    // No free-space guard (--min-free 0): the commit itself meets the full disk.
+    const args = ['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', path.join(jfs, 'journal'), '--min-free', '0'];
+    const s = await startServe(writeMap ? [...args, '--journal-write-map'] : args, t.teardown);
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+    let refusal: unknown;
+    for (let i = 0; i < 48 && !refusal; i++) {
+      try {
+        await c.write(i * MiB, randomBytes(MiB));
+      } catch (err) {
+        refusal = err;
+      }
+    }
+    t.ok(refusal instanceof NbdError && refusal.errno === ENOSPC, `a write got ENOSPC, not EIO (${String(refusal)})`);
+    t.equal((await c.read(0, 4096)).length, 4096, 'reads still work');
+    const log = s.stdout() + s.stderr();
+    // Which path stored the journal shows in how the failure was met: the write map's fallocate ahead, or a
+    // short writev on a filesystem found full.
+    t.match(log, writeMap ? /cannot allocate \d+ bytes of journal space/ : /the journal's filesystem is full/, 'the log names the full disk');
+    await c.close();
   });
 }
 

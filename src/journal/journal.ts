@@ -550,24 +550,26 @@ export class Journal extends EventEmitter {
    */
   private fail(seq: number | undefined, err: Error, bytes = 0): BlockferryError {
     if (!this.failure) {
-      const free = this.fullDisk(err, bytes);
+      // ENOSPC named by the error (the write map's fallocate), or found by looking (a short writev is EIO).
+      const named = (err as NodeJS.ErrnoException).code === 'ENOSPC' || /ENOSPC/.test(err.message);
+      const free = named ? undefined : this.fullDisk(bytes);
       const cause = free === undefined ? err.message : `${err.message}: the journal's filesystem is full, ${free} bytes free (ENOSPC)`;
       this.failure = new BlockferryError(
-        free === undefined ? 'EIO' : 'ENOSPC',
+        named || free !== undefined ? 'ENOSPC' : 'EIO',
         `the journal could not commit${seq === undefined ? '' : ` seq ${seq}`} (${cause}); it refuses further writes until restarted`,
       );
-      this.log.error({ err, seq }, 'journal commit failed');
+      this.log.error({ err, seq }, this.failure.message);
       for (const p of this.waitingForSpace.splice(0)) p.reject(this.failure);
     }
     return this.failure;
   }
 
   /**
-   * The free bytes of the journal's filesystem when a failed commit of `bytes` is down to a full disk that its
-   * error does not name: LMDB reports a short writev (the disk filled part-way) as EIO. Undefined otherwise.
+   * The free bytes of the journal's filesystem when it is too full for a commit of `bytes` (LMDB reports a
+   * short writev, the disk filled part-way, as EIO). Undefined otherwise.
    */
-  private fullDisk(err: Error, bytes: number): number | undefined {
-    if (/ENOSPC/.test(err.message) || !this.dir) return undefined;
+  private fullDisk(bytes: number): number | undefined {
+    if (!this.dir) return undefined;
     const free = freeBytes(this.dir);
     return free !== undefined && free < Math.max(bytes, 2 ** 20) ? free : undefined;
   }
