@@ -2,8 +2,10 @@
 // run, each on a fresh copy of the same fully allocated random-data image. Prints a table and writes JSON to bench/results/.
 // The replicating server's replica is compared with its image byte for byte after its last job (exit 1 if they differ).
 //
-// usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--rounds N] [--max-steal PCT]
+// usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--jobs JOB[,JOB]] [--rounds N] [--max-steal PCT]
 //   NAME: blockferry-nojournal, blockferry-journal, blockferry-replicated, nbdkit, qemu-nbd
+//   JOB: 1M-seq-write, 1M-seq-read, 4K-rand-write, 4K-rand-read (in this order whatever the order given: a job
+//   runs on what the jobs before it left, so a subset measures a different starting point)
 //   --max-steal: a job during which the hypervisor stole more than PCT% of the CPU time is run again (up to
 //   twice more; the least disturbed run is kept). Default 15; 100 turns it off.
 import { spawn, execFileSync } from 'node:child_process';
@@ -33,12 +35,16 @@ const RAMP_S = 1;
 const MAX_STEAL = argv.includes('--max-steal') ? Number(argv[argv.indexOf('--max-steal') + 1]) : 15;
 const STEAL_TRIES = 3;
 
-const JOBS = [
+const ALL_JOBS = [
   { name: '1M seq write', rw: 'write', bs: '1M', iodepth: 16, dir: 'write', metric: 'mibs' },
   { name: '1M seq read', rw: 'read', bs: '1M', iodepth: 16, dir: 'read', metric: 'mibs' },
   { name: '4K rand write', rw: 'randwrite', bs: '4k', iodepth: 32, dir: 'write', metric: 'iops' },
   { name: '4K rand read', rw: 'randread', bs: '4k', iodepth: 32, dir: 'read', metric: 'iops' },
 ];
+
+const jobsArg = argv.includes('--jobs') ? argv[argv.indexOf('--jobs') + 1] : undefined;
+const jobKey = (name) => name.replace(/ /g, '-');
+const JOBS = jobsArg ? ALL_JOBS.filter((j) => jobsArg.split(',').includes(jobKey(j.name))) : ALL_JOBS;
 
 /** Every server speaks NBD on 127.0.0.1; `start` resolves to { uri, pid, child } once it accepts clients. */
 const SERVERS = [
@@ -198,18 +204,58 @@ function sampleRss(pid) {
   };
 }
 
-function fio(uri, job) {
+/** Clock ticks per second of /proc/PID/stat's CPU times. */
+const CLK_TCK = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim()) || 100;
+
+/** CPU seconds (user + system, every thread) process `pid` has used so far; NaN once it is gone. */
+function cpuSeconds(pid) {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // After "pid (comm) ": state is the first field, utime the 12th and stime the 13th.
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+  } catch {
+    return NaN;
+  }
+}
+
+/**
+ * Runs one fio job against `uri`. `pids` are the server's processes (serve, then the replayer): their CPU time
+ * is read when the ramp ends and again when the measured runtime ends, and divided by the requests fio counted,
+ * so each row says what a request cost the server in CPU. Throughput on this shared 2-CPU machine swings from run
+ * to run; CPU per request moves much less, and it shows where a difference comes from (serve, the replayer, or
+ * fio itself, which shares the same two CPUs).
+ */
+async function fio(uri, job, pids) {
   const args = [
     `--name=${job.rw}`, '--ioengine=nbd', `--uri=${uri}`, `--rw=${job.rw}`, `--bs=${job.bs}`, `--iodepth=${job.iodepth}`,
     '--direct=1', `--size=${IMAGE_BYTES}`, '--time_based', `--runtime=${RUNTIME_S}`, `--ramp_time=${RAMP_S}`,
     '--randrepeat=0', '--output-format=json',
   ];
   const stolen = stealMeter();
-  const out = execFileSync('fio', args, { encoding: 'utf8', maxBuffer: 64 * 2 ** 20, stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn('fio', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d) => (out += d));
+  child.stderr.on('data', (d) => (err = (err + d).slice(-4000)));
+  let cpuFrom;
+  let cpuTo;
+  // fio's clock starts when it has connected, a few ms after the spawn: the window is shifted by that much.
+  const atRampEnd = setTimeout(() => (cpuFrom = pids.map(cpuSeconds)), RAMP_S * 1000);
+  const atEnd = setTimeout(() => (cpuTo = pids.map(cpuSeconds)), (RAMP_S + RUNTIME_S) * 1000);
+  const code = await new Promise((resolve, reject) => child.once('error', reject).once('close', resolve));
+  clearTimeout(atRampEnd);
+  clearTimeout(atEnd);
+  if (code !== 0) throw new Error(`fio exited ${code}: ${err}`);
   const steal = stolen();
-  const r = JSON.parse(out.slice(out.indexOf('{'))).jobs[0][job.dir];
+  const j = JSON.parse(out.slice(out.indexOf('{'))).jobs[0];
+  const r = j[job.dir];
   const p99 = r.clat_ns?.percentile?.['99.000000'];
-  return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6, steal };
+  const requests = r.iops * RUNTIME_S;
+  const cpuUs = cpuFrom && cpuTo && requests > 0 ? pids.map((_, i) => ((cpuTo[i] - cpuFrom[i]) / requests) * 1e6) : pids.map(() => NaN);
+  // fio's usr_cpu and sys_cpu are percentages of one CPU over the job: per request, that over its IOPS.
+  const fioCpuUs = r.iops > 0 ? (((j.usr_cpu ?? NaN) + (j.sys_cpu ?? NaN)) / 100 / r.iops) * 1e6 : NaN;
+  return { mibs: r.bw_bytes / 2 ** 20, iops: r.iops, p99ms: p99 === undefined ? NaN : p99 / 1e6, steal, cpuUs, fioCpuUs };
 }
 
 /**
@@ -254,6 +300,7 @@ async function main() {
   const only = onlyArg ? onlyArg.split(',') : undefined;
   const servers = only ? SERVERS.filter((s) => only.includes(s.name)) : SERVERS;
   if (servers.length === 0) throw new Error(`--only ${onlyArg}: no such server (${SERVERS.map((s) => s.name).join(', ')})`);
+  if (JOBS.length === 0) throw new Error(`--jobs ${jobsArg}: no such job (${ALL_JOBS.map((j) => jobKey(j.name)).join(', ')})`);
   if (servers.some((s) => s.blockferry) && !fs.existsSync(CLI)) throw new Error(`${CLI} is missing: run npx tsc -p . first`);
 
   // On the root filesystem, not /tmp, so every server sees the same disk and page cache behaviour.
@@ -278,15 +325,16 @@ async function main() {
         process.stderr.write(`bench: round ${round}/${rounds} ${s.name}\n`);
         const srv = await s.start(img, dir);
         const sampler = s.blockferry ? sampleRss(srv.pid) : undefined;
+        const pids = [srv.pid, ...(srv.extra ?? []).map((c) => c.pid)];
         try {
           for (const job of JOBS) {
             // A replicating server ships the previous job's backlog first: measure each job from caught up.
             if (srv.admin?.()) await caughtUp(srv.admin());
-            let kept = fio(srv.uri, job);
+            let kept = await fio(srv.uri, job, pids);
             for (let tries = 1; tries < STEAL_TRIES && kept.steal > MAX_STEAL; tries++) {
               process.stderr.write(`bench: ${s.name} ${job.name}: ${kept.steal.toFixed(0)}% CPU steal, running it again\n`);
               if (srv.admin?.()) await caughtUp(srv.admin());
-              const again = fio(srv.uri, job);
+              const again = await fio(srv.uri, job, pids);
               if (!(again.steal >= kept.steal)) kept = again;
             }
             ((results[s.name] ??= {})[job.name] ??= []).push(kept);
@@ -317,38 +365,36 @@ async function main() {
   const avg = (srv, job) => {
     const runs = results[srv]?.[job.name];
     if (!runs) return undefined;
-    return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)), steal: mean(runs.map((r) => r.steal)) };
+    const cpuUs = runs[0].cpuUs.map((_, i) => mean(runs.map((r) => r.cpuUs[i])));
+    return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)), steal: mean(runs.map((r) => r.steal)), cpuUs, fioCpuUs: mean(runs.map((r) => r.fioCpuUs)) };
   };
   const lines = [];
   lines.push(`fio nbd engine, 127.0.0.1, ${IMAGE_BYTES / 2 ** 30} GiB allocated random image, ${RUNTIME_S} s/job + ${RAMP_S} s ramp, ${rounds} round(s), mean; ${os.cpus().length} CPUs`);
-  lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd | CPU steal |');
-  lines.push('|---|---|---|---|---|---|---|---|');
+  lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd | server CPU µs/req | fio CPU µs/req | CPU steal |');
+  lines.push('|---|---|---|---|---|---|---|---|---|---|');
   for (const job of JOBS) {
     const ref = { nbdkit: avg('nbdkit', job), 'qemu-nbd': avg('qemu-nbd', job) };
     for (const s of servers) {
       const a = avg(s.name, job);
       if (!a) continue;
       const ratio = (peer) => (s.blockferry && ref[peer] ? `${(a[job.metric] / ref[peer][job.metric]).toFixed(2)}×` : '');
-      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} | ${formatSteal(a.steal)} |`);
+      const cpu = a.cpuUs.length > 1 ? `${fmt(a.cpuUs.reduce((x, y) => x + y, 0), 1)} (serve ${fmt(a.cpuUs[0], 1)} + replay ${fmt(a.cpuUs[1], 1)})` : fmt(a.cpuUs[0], 1);
+      lines.push(`| ${job.name} | ${s.name} | ${fmt(a.mibs)} | ${fmt(a.iops)} | ${fmt(a.p99ms, 2)} | ${ratio('nbdkit')} | ${ratio('qemu-nbd')} | ${cpu} | ${fmt(a.fioCpuUs, 1)} | ${formatSteal(a.steal)} |`);
     }
   }
-  const jn = avg('blockferry-journal', JOBS[0]);
-  const nj = avg('blockferry-nojournal', JOBS[0]);
-  if (jn && nj) {
-    const jw = avg('blockferry-journal', JOBS[2]);
-    const nw = avg('blockferry-nojournal', JOBS[2]);
-    lines.push(`journal on / off: 1M seq write ${(jn.mibs / nj.mibs).toFixed(2)}×, 4K rand write ${(jw.iops / nw.iops).toFixed(2)}×`);
-  }
-  const rp = avg('blockferry-replicated', JOBS[0]);
-  if (rp && nj) {
-    const rw = avg('blockferry-replicated', JOBS[2]);
-    const nw = avg('blockferry-nojournal', JOBS[2]);
-    lines.push(`replicated / journal off: 1M seq write ${(rp.mibs / nj.mibs).toFixed(2)}×, 4K rand write ${(rw.iops / nw.iops).toFixed(2)}×`);
-  }
-  if (rp && jn) {
-    const rw = avg('blockferry-replicated', JOBS[2]);
-    const jw = avg('blockferry-journal', JOBS[2]);
-    lines.push(`replicated / journal only: 1M seq write ${(rp.mibs / jn.mibs).toFixed(2)}×, 4K rand write ${(rw.iops / jw.iops).toFixed(2)}×`);
+  // The write jobs' ratios between blockferry's modes (the issues' targets), for the jobs this run had.
+  const writeJobs = JOBS.filter((j) => j.dir === 'write');
+  for (const [label, num, den] of [
+    ['journal on / off', 'blockferry-journal', 'blockferry-nojournal'],
+    ['replicated / journal off', 'blockferry-replicated', 'blockferry-nojournal'],
+    ['replicated / journal only', 'blockferry-replicated', 'blockferry-journal'],
+  ]) {
+    const parts = writeJobs.flatMap((job) => {
+      const n = avg(num, job);
+      const d = avg(den, job);
+      return n && d ? [`${job.name} ${(n[job.metric] / d[job.metric]).toFixed(2)}×`] : [];
+    });
+    if (parts.length > 0) lines.push(`${label}: ${parts.join(', ')}`);
   }
   for (const [name, m] of Object.entries(rss)) {
     lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
@@ -357,6 +403,7 @@ async function main() {
     lines.push(`${name}: replica ${same ? 'byte-identical to the image after the last job of every round' : 'DIFFERED FROM THE IMAGE after a round'}`);
   }
   lines.push('ratios: MiB/s for sequential jobs, IOPS for random jobs; nbdkit file and qemu-nbd both use the page cache (writeback).');
+  lines.push('CPU µs/req: CPU time (user + system, all threads) per request over the measured runtime; the server\'s processes (blockferry-replicated: serve and its replayer, on the same 2 CPUs) and fio\'s own. All three share the machine, so a server\'s throughput here is bounded by the sum.');
   lines.push('CPU steal: the share of the machine\'s CPU time the hypervisor gave elsewhere during the job (bench/steal.mjs); rows with very different steal do not compare.');
   console.log(lines.join('\n'));
 
