@@ -26,7 +26,7 @@ process.stdout.write(String((process.resourceUsage().minorPageFault - before) / 
 `;
 
 function faultsPerRound(mode: 'default' | 'keep'): number {
-  const out = execFileSync(process.execPath, ['--expose-gc', '--input-type=module', '-e', CHILD, mode], { encoding: 'utf8' });
+  const out = execFileSync(process.execPath, ['--expose-gc', '--single-threaded-gc', '--input-type=module', '-e', CHILD, mode], { encoding: 'utf8' });
   return Number(out);
 }
 

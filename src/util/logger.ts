@@ -10,7 +10,10 @@ export function createLogger(opts: { level?: string; pretty?: boolean } = {}): L
   if (pretty) {
     return pino({ level, transport: { target: 'pino-pretty', options: { destination: 2, translateTime: 'HH:MM:ss.l' } } });
   }
-  return pino({ level }, pino.destination(2));
+  // Synchronous: a line is on stderr when it is logged. pino's default destination writes through the thread
+  // pool, where a resync's image reads queued it: an error logged at a replica's welcome reached stderr only after
+  // the whole resync, and a SIGKILL would lose whatever was still queued. Lines are few (none per request).
+  return pino({ level }, pino.destination({ dest: 2, sync: true }));
 }
 
 /** A logger that drops everything: the default for library use and unit tests. */
