@@ -11,6 +11,7 @@ import { EntryKind } from '../src/journal/types.js';
 import { decodeValue, encodeValue, entryCrc } from '../src/journal/entry.js';
 import { loadNative } from '../src/device/native.js';
 import { mappedKiB } from './helpers/memory.js';
+import { dataFileBytes, flipStoredByte } from './helpers/journal-store.js';
 
 t.test('appends get gap-free seqs in call order, kept across reopen', async (t) => {
   const dir = t.testdir();
@@ -51,22 +52,32 @@ t.test('waitFor wakes on a commit and on abort', async (t) => {
   t.pass('abort resolves the wait');
 });
 
-t.test('a flipped byte in a stored entry is named by seq, never returned', async (t) => {
+// commit durability (the default) keeps WRITE data in the segments' data files; sync durability, and journals
+// written before those files, keep it in LMDB. A flipped data byte is caught in either place.
+for (const [durability, where] of [['commit', 'data file'], ['sync', 'lmdb']] as const) {
+  t.test(`a flipped byte in a stored entry is named by seq, never returned (${durability} durability: data in ${where})`, async (t) => {
+    const dir = t.testdir();
+    const j = await Journal.open({ dir, durability });
+    for (let i = 0; i < 5; i++) await j.append(EntryKind.WRITE, i * 4096, 4096, randomBytes(4096)).done;
+    await j.close();
+    t.equal(await flipStoredByte(dir, 3, 100, 0x01), where, `entry 3's data byte is stored in the ${where}`);
+    const j2 = await Journal.open({ dir, durability });
+    t.teardown(() => j2.close());
+    t.equal(j2.read(1, { maxEntries: 2 }).length, 2, 'entries before it still read');
+    t.throws(() => j2.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 3 .*CRC32C mismatch/ });
+  });
+}
+
+t.test('a data file cut short: reading names the seq and how much of its data is there', async (t) => {
   const dir = t.testdir();
   const j = await Journal.open({ dir });
-  for (let i = 0; i < 5; i++) await j.append(EntryKind.WRITE, i * 4096, 4096, randomBytes(4096)).done;
+  for (let i = 0; i < 3; i++) await j.append(EntryKind.WRITE, i * 4096, 4096, randomBytes(4096)).done;
   await j.close();
-  // Corrupt entry 3 behind the journal's back with a raw LMDB handle.
-  const raw = open({ path: path.join(dir, 'journal.mdb') });
-  const entries = raw.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
-  const v = Buffer.from(entries.getBinary(3)!);
-  v[100] ^= 0x01;
-  await entries.put(3, v);
-  await raw.close();
+  fs.truncateSync(path.join(dir, 'entries.data'), 2 * 4096 + 1000);
   const j2 = await Journal.open({ dir });
   t.teardown(() => j2.close());
   t.equal(j2.read(1, { maxEntries: 2 }).length, 2, 'entries before it still read');
-  t.throws(() => j2.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 3 .*CRC32C mismatch/ });
+  t.throws(() => j2.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 3 .*holds 1000 of its 4096 bytes/ });
 });
 
 t.test('a truncated last entry: the journal still opens, and reading it names the seq', async (t) => {
@@ -153,31 +164,41 @@ t.test('retention without consumers: pruned up to the checkpoint; with keep, hel
   t.equal(keeping.stats.tailSeq, 5, 'keep: only what the cap needed was given up, never past the checkpoint');
 });
 
-for (const writeMap of [false, true]) {
-  const how = writeMap ? "through LMDB's write map" : 'with writev (the default)';
+// Three ways entries are stored: commit durability puts WRITE data in the segments' data files and LMDB holds
+// headers, through writev or through LMDB's write map; sync durability keeps whole values in LMDB, where every
+// read maps the data's pages and the unmapping interval is what bounds them.
+for (const mode of ['writev', 'write map', 'sync'] as const) {
+  const writeMap = mode === 'write map';
+  const durability = mode === 'sync' ? 'sync' : 'commit';
+  const how = mode === 'sync' ? 'whole in LMDB (sync durability)' : writeMap ? "in data files, headers through LMDB's write map" : 'in data files, headers with writev (the default)';
   const skip = !loadNative() ? 'the native helper is not built' : writeMap && !loadNative()?.allocate ? 'the native helper cannot allocate' : false;
-  t.test(`journal pages written ${how}, read and pruned do not pile up in RSS`, { skip }, async (t) => {
+  t.test(`journal entries stored ${how}: written, read and pruned, they do not pile up in RSS`, { skip }, async (t) => {
     const dir = t.testdir();
-    const j = await Journal.open({ dir, writeMap });
+    const j = await Journal.open({ dir, writeMap, durability });
     t.equal(j.writeMap, writeMap, `the journal is written ${how}`);
     t.teardown(() => j.close());
     const file = fs.realpathSync(path.join(dir, 'journal.mdb'));
     const block = randomBytes(2 ** 20);
-    // 96 MiB written while a replica is away, then read back entry by entry as its catch-up does: every read
-    // maps its pages.
+    // 96 MiB written while a replica is away, then read back entry by entry as its catch-up does.
     let peakWriting = 0;
     for (let i = 0; i < 96; i++) {
       await j.append(EntryKind.WRITE, i * block.length, block.length, block).done;
       peakWriting = Math.max(peakWriting, mappedKiB(file));
     }
+    if (durability === 'commit') t.ok(dataFileBytes(dir) >= 96 * block.length, `the data is in the data files (${dataFileBytes(dir)} bytes), read with pread and never mapped`);
+    else t.equal(dataFileBytes(dir), 0, 'sync durability writes no data files');
     let peak = 0;
     let read = 0;
     for (let seq = 1; seq <= 96; seq++) {
-      read += j.read(seq, { maxEntries: 1 })[0].data!.length;
+      const [e] = j.read(seq, { maxEntries: 1 });
+      t.equal(e.seq, seq);
+      if (!e.data!.equals(block)) t.fail(`seq ${seq} reads back other bytes`);
+      read += e.data!.length;
       peak = Math.max(peak, mappedKiB(file));
     }
-    t.equal(read, 96 * block.length, 'every entry read back');
-    t.ok(peak >= 4 * 1024, `reads do map the journal in (peak ${peak} KiB), so the bounds below mean something`);
+    t.equal(read, 96 * block.length, 'every entry read back, byte for byte');
+    // Where reads map data (sync durability), the bound below is the unmapping at work.
+    if (durability === 'sync') t.ok(peak >= 4 * 1024, `reads do map the journal in (peak ${peak} KiB), so the bounds below mean something`);
     t.ok(peak <= 16 * 1024, `no more than about the 8 MiB unmap interval (plus a batch) stays mapped while reading 96 MiB (peak ${peak} KiB)`);
     t.ok(peakWriting <= 48 * 1024, `nor while writing them (peak ${peakWriting} KiB)`);
     await j.setCheckpoint(96);
@@ -189,15 +210,17 @@ for (const writeMap of [false, true]) {
     // right after pruning that is ~4 MiB of reused pages (its free list and the pages it takes from it), as in
     // a steady run of 4 KiB appends.
     t.ok(after < 8 * 1024, `after pruning ${after} KiB stay mapped`);
+    if (durability === 'commit') t.ok(dataFileBytes(dir) < 96 * block.length, `pruned segments' data files are gone (${dataFileBytes(dir)} bytes left)`);
     const again = j.append(EntryKind.WRITE, 0, block.length, block);
     await again.done;
-    t.same(j.read(again.seq)[0].data, block, 'new entries write and read back through the same map');
+    t.same(j.read(again.seq)[0].data, block, 'new entries write and read back');
   });
 }
 
-t.test('trackChanges walks a large journal in steps: every change reported, pages unmapped, the loop kept turning', { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {
+for (const durability of ['commit', 'sync'] as const) {
+t.test(`trackChanges walks a large journal in steps: every change reported, pages unmapped, the loop kept turning (${durability} durability)`, { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {
   const dir = t.testdir();
-  const j = await Journal.open({ dir });
+  const j = await Journal.open({ dir, durability });
   t.teardown(() => j.close());
   j.registerConsumer('replica'); // an absent replica holds everything, as when the journal fills
   const file = fs.realpathSync(path.join(dir, 'journal.mdb'));
@@ -226,12 +249,14 @@ t.test('trackChanges walks a large journal in steps: every change reported, page
   t.same(seen[n - 1], [EntryKind.WRITE, (n - 1) * 3 * block.length, block.length], 'up to the last write');
   t.same(seen[n], [EntryKind.TRIM, 7 * 2 ** 30, 4096], 'and the trim after it');
   t.ok(turns >= 2, `the event loop turned ${turns} times during the walk over ${n} MiB (steps of 64 MiB)`);
-  t.ok(peak >= 4 * 1024, `the walk maps entries in (peak ${peak} KiB), so the bound below means something`);
+  // Only sync durability keeps data in LMDB, where the walk maps it; with data files it reads headers only.
+  if (durability === 'sync') t.ok(peak >= 4 * 1024, `the walk maps entries in (peak ${peak} KiB), so the bound below means something`);
   t.ok(peak <= 16 * 1024, `no more than about the 8 MiB unmap interval stays mapped while walking ${n} MiB (peak ${peak} KiB)`);
   // Changes after the walk reach the listener too.
   await j.append(EntryKind.ZERO, 4096, 8192).done;
   t.same(seen[n + 1], [EntryKind.ZERO, 4096, 8192], 'a later change is reported through the installed listener');
 });
+}
 
 t.test('at the cap, appends wait for space instead of failing or dropping', async (t) => {
   const j = await Journal.open({ dir: t.testdir(), maxBytes: 64 * 1024 });

@@ -10,6 +10,7 @@ import { encodeValue, entryCrc } from '../src/journal/entry.js';
 import { encode, PROTOCOL_VERSION } from '../src/replicator/protocol.js';
 import { open } from 'lmdb';
 import { converges, until } from './helpers/files.js';
+import { flipStoredByte } from './helpers/journal-store.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { freePort, startReplay, startServe } from './helpers/processes.js';
 
@@ -119,13 +120,10 @@ t.test('a corrupt journal entry the replica still needs: serve keeps running and
   t.equal(await s.stop(), 0, 'serve stops cleanly');
   // Flip a data byte of an entry the replica has not acknowledged, behind the journal's back.
   const raw = open({ path: path.join(journal, 'journal.mdb') });
-  const entries = raw.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' });
-  const keys = [...entries.getKeys()] as number[];
-  const victim = keys[keys.length - 5];
-  const v = Buffer.from(entries.getBinary(victim)!);
-  v[v.length - 1] ^= 0x40;
-  await entries.put(victim, v);
+  const keys = [...raw.openDB<Buffer, number>({ name: 'entries', encoding: 'binary' }).getKeys()] as number[];
   await raw.close();
+  const victim = keys[keys.length - 5];
+  await flipStoredByte(journal, victim, -1, 0x40);
 
   s = await startServe(serveArgs, t.teardown);
   await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicas], t.teardown);

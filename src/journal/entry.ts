@@ -49,6 +49,41 @@ export function valueCum(v: Buffer): number {
 }
 
 /**
+ * How a WRITE's data can be stored: in LMDB as the value's tail (inline), or in its segment's data file (see
+ * journal.ts) with LMDB holding the header and the data's place in that file. Byte 1 of the header (reserved,
+ * zero in every value written inline) is then DATA_IN_FILE and a u64 file position follows the header. Values
+ * handed to readers always have the data inline and byte 1 zero: the layout above.
+ */
+export const DATA_IN_FILE = 1;
+export const FILE_REF_VALUE = VALUE_HEADER + 8;
+
+/** The file position of a value stored as a file reference; undefined for an inline value. */
+export function fileRef(v: Buffer): number | undefined {
+  return v.length === FILE_REF_VALUE && v[1] === DATA_IN_FILE ? r64(v, VALUE_HEADER) : undefined;
+}
+
+/** A WRITE's length field: its data's length (a file reference's data, before it is read and checked). */
+export function valueDataLength(v: Buffer): number {
+  return r64(v, 16);
+}
+
+/**
+ * The value's size as the journal counts it (its `cum` field, the cap, the byte lags): header plus data,
+ * whether the data is inline or in the data file.
+ */
+export function storedLength(v: Buffer): number {
+  return fileRef(v) === undefined ? v.length : VALUE_HEADER + valueDataLength(v);
+}
+
+/** Writes into `out` (FILE_REF_VALUE bytes) the LMDB value for `value` whose data is at `pos` in the data file. */
+export function encodeFileRef(value: Buffer, pos: number, out: Buffer): Buffer {
+  value.copy(out, 0, 0, VALUE_HEADER);
+  out[1] = DATA_IN_FILE;
+  writeU64(out, pos, VALUE_HEADER);
+  return out;
+}
+
+/**
  * Record buffers for WRITEs, data behind room for the value header, reused once their entry is committed and
  * applied (releaseBuffer): a steady write load allocates no ArrayBuffers (see util/buffer-pool).
  */

@@ -20,7 +20,8 @@ import { silentLogger, type Logger } from '../util/logger.js';
 import { loadNative } from '../device/native.js';
 import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
-import { VALUE_HEADER, decodeValue, encodeValue, entryCrc, valueCum, verifyEntry } from './entry.js';
+import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
+import { DataFiles } from './data-files.js';
 import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
@@ -57,6 +58,8 @@ const PRUNE_BATCH = 256;
 const PRUNE_BYTES = 16 * 2 ** 20;
 /** Stored bytes trackChanges reads between turns of the event loop (see there). */
 const TRACK_STEP_BYTES = 64 * 2 ** 20;
+/** A file reference claiming more data than this is corrupt (no WRITE serve takes comes near it). */
+const MAX_DATA_BYTES = 2 ** 30;
 /** Default read batch limits. */
 const READ_MAX_ENTRIES = 1024;
 const READ_MAX_BYTES = 16 * 2 ** 20;
@@ -207,6 +210,8 @@ export class Journal extends EventEmitter {
   private space: MapSpace | undefined;
   /** The journal's directory (the filesystem a failed commit may have filled). */
   private dir: string | undefined;
+  /** The segments' data files (see data-files.ts): commit durability appends WRITE data there. */
+  private data: DataFiles | undefined;
   private touchedSinceUnmap = 0;
   /**
    * commit durability: the values of the last committed seqs (see RECENT_BYTES), in `ring` at
@@ -274,7 +279,7 @@ export class Journal extends EventEmitter {
     this.cum = Number.isFinite(lastCum) ? lastCum : (m?.cum ?? 0);
     this.cumCommitted = this.cum;
     const firstCum = first ? cumOf(first.value) : NaN;
-    const stored = last && first && Number.isFinite(lastCum) && Number.isFinite(firstCum) ? this.cum - firstCum + first.value.length : 0;
+    const stored = last && first && Number.isFinite(lastCum) && Number.isFinite(firstCum) ? this.cum - firstCum + storedLength(first.value) : 0;
     if (this.tail > this.physTail) {
       this.garbage = this.tail > this.head ? stored : Math.max(0, this.spanBytes(this.physTail, this.tail - 1));
     }
@@ -315,6 +320,9 @@ export class Journal extends EventEmitter {
     const j = new Journal(root, segments, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.space = space;
     j.dir = opts.dir;
+    j.data = new DataFiles(opts.dir);
+    j.data.removeOrphans(segments.map((g) => g.name));
+    if (durability === 'commit') j.data.openActive(segments[segments.length - 1].name);
     j.checkTail();
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     return j;
@@ -423,24 +431,33 @@ export class Journal extends EventEmitter {
     let rotated: Segment | undefined;
     let bytes = 0;
     for (const p of batch) bytes += p.value.length;
+    // What LMDB stores of each entry: its value, or with data in the data file, a reference (see data-files.ts).
+    let stored: Buffer[] = batch.map((p) => p.value);
+    let lmdbBytes = bytes;
     try {
       if (this.failure) throw this.failure;
+      const active = this.segments[this.segments.length - 1];
+      if (this.lazy && batch.length > 0 && this.activeBytes >= this.segmentBytes && this.segments.length < MAX_SEGMENTS - 2) {
+        // A new segment; it, its first entries and the list naming it commit together.
+        rotated = { name: this.freeSegmentName(), first: batch[0].seq, db: undefined as unknown as Database<Buffer, number> };
+        this.data?.create(rotated.name);
+      }
+      if (this.lazy && this.data) ({ stored, lmdbBytes } = this.writeData((rotated ?? active).name, batch));
       // Through the write map a commit maps the pages it writes (the mapped journal peaked at 41 MiB
       // journal-only and 64 MiB replicated with 1 MiB writes when only the total after was checked). With writev
       // it maps none itself, but the kernel's fault-around maps the freshly written pages next to any it reads:
       // not counting commits let 82 MiB of journal stay mapped after 1 GiB written with the replica away, and
       // serve's peak RSS in bench/replication.mjs --memory reach 550 MiB. So both count them.
-      this.beforeTouching(bytes);
-      this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, bytes));
+      this.beforeTouching(lmdbBytes);
+      this.space?.reserve(this.space.boundFor(batch.length + metaWrites.length, lmdbBytes));
       this.root.transactionSync(() => {
-        let seg = this.segments[this.segments.length - 1];
-        if (this.lazy && batch.length > 0 && this.activeBytes >= this.segmentBytes && this.segments.length < MAX_SEGMENTS - 2) {
-          // The new segment, its first entries and the list naming it commit together.
-          rotated = seg = { name: this.freeSegmentName(), first: batch[0].seq, db: undefined as unknown as Database<Buffer, number> };
+        let seg = active;
+        if (rotated) {
+          seg = rotated;
           seg.db = openSegment(this.root, seg.name);
           this.meta.putSync('segments', [...this.segments, seg].map((g) => [g.name, g.first]));
         }
-        for (const p of batch) seg.db.putSync(p.seq, p.value, APPEND);
+        for (let i = 0; i < batch.length; i++) seg.db.putSync(batch[i].seq, stored[i], APPEND);
         for (const [key, value] of metaWrites) {
           if (value === undefined) this.meta.removeSync(key);
           else this.meta.putSync(key, value);
@@ -461,7 +478,7 @@ export class Journal extends EventEmitter {
       this.cumCommitted = valueCum(batch[batch.length - 1].value);
       this.activeBytes += bytes;
       this.remember(batch);
-      this.touched(bytes);
+      this.touched(lmdbBytes);
       this.wake();
     }
     // Every commit also reads B-tree pages through the map (the last leaf and the branches above it, the free
@@ -472,6 +489,30 @@ export class Journal extends EventEmitter {
     for (const p of batch) p.resolve();
     for (const w of waiters) w.resolve();
   };
+
+  /**
+   * Appends the data of a batch's WRITEs to `segment`'s data file in one pwritev, and returns what LMDB is to
+   * store for each entry (a file reference for those, the value itself for entries without data) and its size.
+   */
+  private writeData(segment: string, batch: Pending[]): { stored: Buffer[]; lmdbBytes: number } {
+    const data: Buffer[] = [];
+    for (const p of batch) if (p.value.length > VALUE_HEADER) data.push(p.value.subarray(VALUE_HEADER));
+    let pos = this.data!.append(segment, data);
+    const refs = data.length > 0 ? Buffer.allocUnsafe(data.length * FILE_REF_VALUE) : undefined;
+    const stored: Buffer[] = [];
+    let lmdbBytes = 0;
+    let k = 0;
+    for (const p of batch) {
+      let v = p.value;
+      if (v.length > VALUE_HEADER) {
+        v = encodeFileRef(v, pos, refs!.subarray(k * FILE_REF_VALUE, ++k * FILE_REF_VALUE));
+        pos += p.value.length - VALUE_HEADER;
+      }
+      stored.push(v);
+      lmdbBytes += v.length;
+    }
+    return { stored, lmdbBytes };
+  }
 
   /** Copies a committed batch's values into the ring for readRecords, evicting the oldest they overwrite. */
   private remember(batch: Pending[]): void {
@@ -551,11 +592,13 @@ export class Journal extends EventEmitter {
   private fail(seq: number | undefined, err: Error, bytes = 0): BlockferryError {
     if (!this.failure) {
       // ENOSPC named by the error (the write map's fallocate), or found by looking (a short writev is EIO).
+      // The data file's append (data-files.ts) meets a full disk as ENOSPC too.
       const named = (err as NodeJS.ErrnoException).code === 'ENOSPC' || /ENOSPC/.test(err.message);
-      const free = named ? undefined : this.fullDisk(bytes);
-      const cause = free === undefined ? err.message : `${err.message}: the journal's filesystem is full, ${free} bytes free (ENOSPC)`;
+      const free = named ? (this.dir ? freeBytes(this.dir) : undefined) : this.fullDisk(bytes);
+      const full = named || free !== undefined;
+      const cause = full ? `${err.message}: the journal's filesystem is full${free === undefined ? '' : `, ${free} bytes free`} (ENOSPC)` : err.message;
       this.failure = new BlockferryError(
-        named || free !== undefined ? 'ENOSPC' : 'EIO',
+        full ? 'ENOSPC' : 'EIO',
         `the journal could not commit${seq === undefined ? '' : ` seq ${seq}`} (${cause}); it refuses further writes until restarted`,
       );
       this.log.error({ err, seq }, this.failure.message);
@@ -622,9 +665,13 @@ export class Journal extends EventEmitter {
       if (!this.syncAgain) return;
     }
     this.syncAgain = false;
-    this.syncing = new Promise<void>((resolve, reject) =>
-      (this.root as unknown as { sync(cb: (err?: Error) => void): void }).sync((err) => (err ? reject(err) : resolve())),
-    );
+    this.syncing = (async () => {
+      // Data before the headers that refer to it (data-files.ts).
+      await this.data?.sync();
+      await new Promise<void>((resolve, reject) =>
+        (this.root as unknown as { sync(cb: (err?: Error) => void): void }).sync((err) => (err ? reject(err) : resolve())),
+      );
+    })();
     try {
       await this.syncing;
     } finally {
@@ -737,7 +784,7 @@ export class Journal extends EventEmitter {
     let count = 0;
     let total = 0;
     let expect = from;
-    for (const { key, db } of this.storedKeys(expect, this.committed)) {
+    for (const { key, db, name } of this.storedKeys(expect, this.committed)) {
       const seq = key;
       const fast = seq === expect ? db.getBinaryFast(seq) : undefined;
       if (!fast) {
@@ -746,11 +793,28 @@ export class Journal extends EventEmitter {
         throw err;
       }
       // lmdb-js's reused buffer is longer than the value: its `length` property says how much is the value.
-      const len = fast.length;
-      const value = sink.place(len);
-      if (!value) break;
-      value.set(fast.subarray(0, len));
+      const stored = fast.length;
+      let len = stored;
+      let value: Buffer | undefined;
       try {
+        const ref = fileRef(fast);
+        if (ref === undefined) {
+          value = sink.place(len);
+          if (!value) break;
+          value.set(fast.subarray(0, len));
+        } else {
+          const dataLen = valueDataLength(fast);
+          if (dataLen > MAX_DATA_BYTES) throw new JournalCorruptError(seq, `stored header claims ${dataLen} bytes of data`);
+          len = VALUE_HEADER + dataLen;
+          value = sink.place(len);
+          if (!value) break;
+          value.set(fast.subarray(0, VALUE_HEADER));
+          value[1] = 0; // handed out with the data inline (entry.ts)
+          const got = this.data!.read(name, ref, value, VALUE_HEADER, dataLen);
+          if (got < dataLen) {
+            throw new JournalCorruptError(seq, `its data file ${this.data!.file(name)} holds ${got} of its ${dataLen} bytes at ${ref}`);
+          }
+        }
         verifyEntry(decodeValue(seq, value));
       } catch (err) {
         this.emit('corrupt', err);
@@ -760,7 +824,7 @@ export class Journal extends EventEmitter {
       total += len;
       expect++;
       // Counted as it goes: a 16 MiB batch is unmapped midway rather than after, on top of what was mapped.
-      this.touched(len);
+      this.touched(stored);
       if (count >= maxEntries || total >= maxBytes) break;
     }
     if (reader) {
@@ -807,7 +871,7 @@ export class Journal extends EventEmitter {
         listener(e.kind, e.offset, e.length);
         this.touched(value.length);
         next = key + 1;
-        bytes += value.length;
+        bytes += storedLength(value);
         if (bytes >= TRACK_STEP_BYTES) {
           stepEnded = true;
           break;
@@ -953,6 +1017,8 @@ export class Journal extends EventEmitter {
       const seg = this.segments[0];
       this.space?.reserve(PRUNE_TXN_BYTES);
       this.root.transactionSync(() => seg.db.clearSync());
+      // After the commit: a kill between the two leaves data no entry refers to, which the next appends follow.
+      this.data?.truncate(seg.name, 0, this.lazy);
       this.physTail = this.tail;
       this.touched(this.garbage);
       this.garbage = 0;
@@ -975,6 +1041,7 @@ export class Journal extends EventEmitter {
       this.meta.putSync('segments', this.segments.slice(1).map((g) => [g.name, g.first]));
     });
     this.segments.shift();
+    this.data?.remove(old.name);
     this.physTail = Math.max(this.physTail, next.first);
     this.garbage = Math.max(0, this.garbage - freed);
     // Dropping reads the leaf pages and each overflow run's first page through the map.
@@ -992,7 +1059,10 @@ export class Journal extends EventEmitter {
     seg.db.transactionSync(() => {
       let sum = 0;
       for (const key of seg.db.getKeys({ start: this.physTail, end: end + 1 })) {
-        if (freed < 0) sum += seg.db.getBinaryFast(key as number)?.length ?? 0;
+        if (freed < 0) {
+          const v = seg.db.getBinaryFast(key as number);
+          sum += v ? storedLength(v) : 0;
+        }
         seg.db.removeSync(key as number);
       }
       if (freed < 0) freed = sum;
@@ -1010,12 +1080,12 @@ export class Journal extends EventEmitter {
   }
 
   /** The part of [from, to] each segment holds, in seq order. */
-  private *spans(from: number, to: number): Generator<{ db: Segment['db']; start: number; end: number }> {
+  private *spans(from: number, to: number): Generator<{ db: Segment['db']; name: string; start: number; end: number }> {
     const segs = this.segments;
     for (let i = 0; i < segs.length; i++) {
       const start = Math.max(from, segs[i].first);
       const end = i + 1 < segs.length ? Math.min(to, segs[i + 1].first - 1) : to;
-      if (end >= start) yield { db: segs[i].db, start, end };
+      if (end >= start) yield { db: segs[i].db, name: segs[i].name, start, end };
     }
   }
 
@@ -1027,9 +1097,9 @@ export class Journal extends EventEmitter {
   }
 
   /** The stored keys in [from, to] in seq order across segments, each with its segment's database. */
-  private *storedKeys(from: number, to: number): Generator<{ key: number; db: Segment['db'] }> {
-    for (const { db, start, end } of this.spans(from, to)) {
-      for (const key of db.getKeys({ start, end: end + 1 })) yield { key: key as number, db };
+  private *storedKeys(from: number, to: number): Generator<{ key: number; db: Segment['db']; name: string }> {
+    for (const { db, name, start, end } of this.spans(from, to)) {
+      for (const key of db.getKeys({ start, end: end + 1 })) yield { key: key as number, db, name };
     }
   }
 
@@ -1083,7 +1153,7 @@ export class Journal extends EventEmitter {
     const n = this.spanBytes(from, to);
     if (n >= 0) return n;
     let sum = 0;
-    for (const { value } of this.range(from, to)) sum += value.length;
+    for (const { value } of this.range(from, to)) sum += storedLength(value);
     return sum;
   }
 
@@ -1091,12 +1161,13 @@ export class Journal extends EventEmitter {
   private spanBytes(from: number, to: number): number {
     const first = this.segmentOf(from).db.getBinaryFast(from);
     if (!first || first.length < VALUE_HEADER) return -1;
-    const firstLen = first.length;
+    const firstLen = storedLength(first);
+    const firstMapped = first.length;
     const firstCum = valueCum(first);
     const last = this.segmentOf(to).db.getBinaryFast(to);
     if (!last || last.length < VALUE_HEADER) return -1;
     // Both whole values were read through the map (an 8 MiB resync entry maps 8 MiB): count them.
-    this.touched(firstLen + last.length);
+    this.touched(firstMapped + last.length);
     return valueCum(last) - firstCum + firstLen;
   }
 
@@ -1125,6 +1196,7 @@ export class Journal extends EventEmitter {
     else await this.syncEnv();
     await this.root.close();
     this.space?.close();
+    this.data?.close();
   }
 }
 

@@ -14,6 +14,8 @@ export interface JournalInspection {
   writeMap: boolean;
   /** Disk space journal.mdb takes (its allocated blocks; the file's size is the map size, sparse). */
   fileBytes: number;
+  /** Disk space the segments' data files take (WRITE data, with the default commit durability). */
+  dataFileBytes: number;
   consumers: ConsumerState[];
   last: Array<Omit<JournalEntry, 'data'> & { kindName: string }>;
 }
@@ -29,6 +31,10 @@ export async function inspectJournal(dir: string, last = 10): Promise<JournalIns
       stats,
       writeMap: j.writeMap,
       fileBytes: fs.statSync(path.join(dir, 'journal.mdb')).blocks * 512,
+      dataFileBytes: fs
+        .readdirSync(dir)
+        .filter((f) => f.endsWith('.data'))
+        .reduce((n, f) => n + fs.statSync(path.join(dir, f)).blocks * 512, 0),
       consumers: j.consumers(),
       last: entries.map(({ data: _d, ...e }) => ({ ...e, kindName: entryKindName(e.kind) })),
     };
@@ -63,7 +69,7 @@ const inspect: CommandModule<object, InspectArgs> = {
       `sequence    tail ${s.tailSeq}  head ${s.headSeq}  committed ${s.committedSeq}  checkpoint ${s.checkpointSeq}  acked ${s.ackedSeq}`,
       `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap)`,
       `stored      ${formatBytes(s.storedBytes)} in ${s.segments} segment${s.segments === 1 ? '' : 's'}${s.storedBytes > s.bytes ? ' (entries before the tail are reclaimed with their segment)' : ''}`,
-      `file        ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}`,
+      `file        journal.mdb ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}; data files ${formatBytes(r.dataFileBytes)}`,
       `consumers   ${r.consumers.length === 0 ? '(none)' : r.consumers.map((c) => `${c.id} @${c.ackedSeq}`).join(', ')}`,
       '',
       `${'SEQ'.padStart(10)}  ${'KIND'.padEnd(5)}  ${'OFFSET'.padStart(14)}  ${'LENGTH'.padStart(12)}  CRC32C    TIME`,
