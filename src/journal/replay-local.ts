@@ -29,10 +29,11 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
   const journal = await Journal.open({ dir: opts.journal });
   try {
     const st = journal.stats;
-    if (st.tailSeq > 1 && st.entries > 0) {
+    // Also when every entry was pruned: replaying nothing would hand back the base (or zeroes) as if complete.
+    if (st.tailSeq > 1) {
       throw new BlockferryError(
         'ERR_JOURNAL_PRUNED',
-        `journal ${opts.journal} starts at seq ${st.tailSeq}: entries before it were pruned, so no base can be completed from it`,
+        `journal ${opts.journal} starts at seq ${st.tailSeq}: entries before it were pruned, so no base can be completed from it (serve --keep-journal keeps them)`,
       );
     }
     fs.rmSync(opts.out, { force: true });
