@@ -474,6 +474,49 @@ t.test('replay-local rebuilds the primary from base + journal, and a prefix with
   t.ok(fs.readFileSync(out).equals(mid!), '--until 150 gives the state after seq 150');
 });
 
+for (const durability of ['commit', 'sync'] as const) {
+  t.test(`repair (${durability} durability): a damaged WRITE is rewritten in place with the data given; consumers are marked`, async (t) => {
+    const dir = t.testdir();
+    let j = await Journal.open({ dir, durability });
+    j.registerConsumer('replica');
+    await j.append(EntryKind.WRITE, 8192, 4096, randomBytes(4096)).done;
+    await j.append(EntryKind.TRIM, 0, 4096).done;
+    await j.append(EntryKind.WRITE, 0, 512, randomBytes(512)).done;
+    await j.close();
+    await flipStoredByte(dir, 1, -1, 0x04);
+    j = await Journal.open({ dir, durability });
+    t.throws(() => j.read(1), { code: 'ERR_JOURNAL_CORRUPT', message: /seq 1 / }, 'the damage is found');
+    t.same(j.storedHeader(1), { kind: EntryKind.WRITE, offset: 8192, length: 4096 }, 'its stored header is still readable');
+    const mended = randomBytes(4096);
+    await j.repair(1, mended);
+    t.ok(j.read(1, { maxEntries: 1 })[0].data!.equals(mended), 'it reads back verified, with the data given');
+    t.equal(j.repairedFrom('replica'), 1, 'the consumer is marked from seq 1');
+    await t.rejects(j.repair(2, Buffer.alloc(4096)), { code: 'ERR_JOURNAL_CORRUPT', message: /cannot be repaired/ }, 'a TRIM is not a WRITE to mend');
+    await t.rejects(j.repair(3, Buffer.alloc(4096)), { message: /cannot be repaired/ }, 'nor a WRITE of another length');
+    await j.close();
+    j = await Journal.open({ dir, durability });
+    t.equal(j.read(1).length, 3, 'after reopening every entry reads back verified');
+    t.equal(j.repairedFrom('replica'), 1, 'and the mark is kept');
+    await j.clearRepaired('replica');
+    t.equal(j.repairedFrom('replica'), undefined, 'until the consumer clears it');
+    await j.close();
+  });
+}
+
+t.test('replay-local refuses a pruned journal, even one with every entry pruned, instead of handing back the base', async (t) => {
+  const dir = t.testdir();
+  for (const pruneAll of [false, true]) {
+    const jdir = path.join(dir, `j-${pruneAll}`);
+    const j = await Journal.open({ dir: jdir });
+    for (let i = 0; i < 4; i++) await j.append(EntryKind.WRITE, i * 4096, 4096, randomBytes(4096)).done;
+    await j.setCheckpoint(pruneAll ? 4 : 2);
+    for (let i = 0; i < 100 && j.stats.tailSeq === 1; i++) await new Promise((r) => setTimeout(r, 10)); // pruned in the background
+    t.equal(j.stats.tailSeq, pruneAll ? 5 : 3, `pruned through seq ${pruneAll ? 4 : 2}`);
+    await j.close();
+    await t.rejects(replayLocal({ journal: jdir, size: 1 << 20, out: path.join(dir, 'out.img') }), { code: 'ERR_JOURNAL_PRUNED', message: /starts at seq/ }, pruneAll ? 'every entry pruned: refused' : 'refused');
+  }
+});
+
 t.test('closing the journal fails appends still waiting for space instead of leaving them hanging', async (t) => {
   const j = await Journal.open({ dir: t.testdir(), maxBytes: 16 * 1024 });
   j.registerConsumer('replica');

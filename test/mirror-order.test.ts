@@ -118,7 +118,7 @@ t.test('recovery re-applies entries after the checkpoint before serving', async 
   t.teardown(() => journal.close());
   const mem = new MemoryDevice(SIZE);
   const mirror = await MirrorDevice.open({ device: mem, journal, checkpointIntervalMs: 0 });
-  t.same(mirror.recovery, { fromSeq: 1, toSeq: 2, entries: 2, bytes: data.length }, 'both entries re-applied');
+  t.same(mirror.recovery, { fromSeq: 1, toSeq: 2, entries: 2, bytes: data.length, repaired: [] }, 'both entries re-applied');
   const expect = Buffer.from(data);
   expect.fill(0, 8192 - 4096, 8192 - 4096 + 4096);
   t.ok((await mem.read(4096, data.length)).equals(expect), 'image holds the write with the later zeroing on top');

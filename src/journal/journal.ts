@@ -22,7 +22,7 @@ import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
 import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
 import { DataFiles } from './data-files.js';
-import type { ConsumerState, EntryKind, JournalEntry, JournalStats } from './types.js';
+import { EntryKind, type ConsumerState, type JournalEntry, type JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
 export const DEFAULT_MAX_BYTES = 8 * 2 ** 30;
@@ -934,6 +934,60 @@ export class Journal extends EventEmitter {
     this.checkpoint = Math.max(this.checkpoint, seq);
     await this.putMeta('checkpoint', this.checkpoint);
     this.prune();
+  }
+
+  /**
+   * The kind and range of a committed entry as stored, unverified (its data may be what is damaged): for
+   * recovery deciding whether repair() can mend it. Undefined if the seq is not held.
+   */
+  storedHeader(seq: number): { kind: EntryKind; offset: number; length: number } | undefined {
+    if (seq < this.tail || seq > this.committed) return undefined;
+    const v = this.segmentOf(seq).db.getBinary(seq);
+    if (!v || v.length < VALUE_HEADER) return undefined;
+    const e = decodeValue(seq, v.subarray(0, VALUE_HEADER));
+    return { kind: e.kind, offset: e.offset, length: e.length };
+  }
+
+  /**
+   * Recovery's mend for a WRITE whose data is lost or damaged. With commit durability a power cut can leave an
+   * entry committed after the last FLUSH without its data on disk (data-files.ts); nothing replied for it was
+   * promised durable, and the image holds some state of that range. The entry is rewritten in place (same seq,
+   * kind, range, size and place in the order) with `data`, what the image holds there, stored inline with a
+   * new CRC, and synced: base + journal rebuilds the image again. Every registered consumer is marked
+   * (repairedFrom): its replica may hold the lost bytes, so it is compared by digests when it next connects.
+   */
+  async repair(seq: number, data: Buffer): Promise<void> {
+    const h = this.storedHeader(seq);
+    if (!h || h.kind !== EntryKind.WRITE || h.length !== data.length) {
+      throw new JournalCorruptError(seq, `its header is not a WRITE of ${data.length} bytes this journal holds, so it cannot be repaired`);
+    }
+    const seg = this.segmentOf(seq);
+    const value = Buffer.allocUnsafe(VALUE_HEADER + data.length);
+    seg.db.getBinary(seq)!.copy(value, 0, 0, VALUE_HEADER);
+    value[1] = 0;
+    value.writeUInt32BE(entryCrc(EntryKind.WRITE, h.offset, h.length, data), 4);
+    data.copy(value, VALUE_HEADER);
+    this.root.transactionSync(() => {
+      seg.db.putSync(seq, value);
+      for (const id of this.acks.keys()) {
+        const marked = this.meta.get(`repaired:${id}`) as number | undefined;
+        this.meta.putSync(`repaired:${id}`, Math.min(marked ?? seq, seq));
+      }
+    });
+    this.forgetRecent();
+    if (this.durability === 'commit') await this.syncEnv();
+    else await this.root.flushed;
+    this.log.warn({ seq, offset: h.offset, length: h.length }, `journal seq ${seq} was repaired from the image`);
+  }
+
+  /** The lowest seq repaired (repair()) since consumer `id` last took note, if any. */
+  repairedFrom(id: string): number | undefined {
+    return this.meta.get(`repaired:${id}`) as number | undefined;
+  }
+
+  /** Consumer `id` has taken note of the repairs (its replica is compared, or will receive them). */
+  async clearRepaired(id: string): Promise<void> {
+    if (this.repairedFrom(id) !== undefined) await this.putMeta(`repaired:${id}`, undefined);
   }
 
   getMeta<T = unknown>(key: string): T | undefined {

@@ -8,7 +8,7 @@ import type { Journal } from '../journal/journal.js';
 import { allocData } from '../journal/entry.js';
 import { releaseBuffer } from '../util/buffer-pool.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
-import { BlockferryError } from '../util/errors.js';
+import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { OrderedApply } from './ordered-apply.js';
 import { SpaceGuard } from './space-guard.js';
@@ -47,6 +47,8 @@ export interface RecoveryReport {
   toSeq: number;
   entries: number;
   bytes: number;
+  /** Entries whose data was lost or damaged, rewritten with what the image holds (see mendFromImage). */
+  repaired: number[];
 }
 
 export class MirrorDevice implements BlockDevice {
@@ -319,6 +321,22 @@ export function applyEntry(dev: BlockDevice, e: JournalEntry): Promise<void> | v
 }
 
 /**
+ * A WRITE after the last checkpoint whose data fails its check. With commit durability that is what a power
+ * cut leaves when an entry's LMDB record reached the disk and its data (in the segment's data file) did not:
+ * the write was never promised durable (no FLUSH after it was replied), and the image, brought up to the
+ * entry before it, holds some state of its range: old bytes, new ones, or a mix, as any write-back disk may
+ * after a power cut. The entry is rewritten with those bytes, so base + journal rebuilds this image, and
+ * replicas are compared by digests when they next connect (Journal.repair). A damaged entry of another kind, or
+ * with a damaged header, cannot be mended this way: recovery stops with the error and serve does not start.
+ */
+async function mendFromImage(dev: BlockDevice, journal: Journal, err: JournalCorruptError, log: Logger): Promise<void> {
+  const h = journal.storedHeader(err.seq);
+  if (!h || h.kind !== EntryKind.WRITE || h.offset + h.length > dev.size) throw err;
+  log.error({ err, seq: err.seq, offset: h.offset, length: h.length }, `recovery: journal seq ${err.seq} is damaged (${err.message}); rewriting it with the image's bytes of its range`);
+  await journal.repair(err.seq, await dev.read(h.offset, h.length));
+}
+
+/**
  * Brings the image to "base + journal up to the committed head": re-applies, in order, every entry after the
  * last checkpoint. Re-applying an entry the image already has is harmless because the tail is replayed in
  * order. Then fsyncs and moves the checkpoint to the head.
@@ -327,7 +345,7 @@ async function recover(dev: BlockDevice, journal: Journal, log: Logger): Promise
   const stats = journal.stats;
   const from = stats.checkpointSeq + 1;
   const to = stats.committedSeq;
-  const report: RecoveryReport = { fromSeq: from, toSeq: to, entries: 0, bytes: 0 };
+  const report: RecoveryReport = { fromSeq: from, toSeq: to, entries: 0, bytes: 0, repaired: [] };
   if (from > to) return report;
   if (from < stats.tailSeq) {
     throw new BlockferryError(
@@ -338,7 +356,20 @@ async function recover(dev: BlockDevice, journal: Journal, log: Logger): Promise
   log.info({ from, to }, 'recovering: re-applying journal entries after the last checkpoint');
   let next = from;
   while (next <= to) {
-    const batch = journal.read(next, { maxBytes: RECOVERY_BATCH_BYTES });
+    let batch: JournalEntry[];
+    try {
+      batch = journal.read(next, { maxBytes: RECOVERY_BATCH_BYTES });
+    } catch (err) {
+      if (!(err instanceof JournalCorruptError) || err.seq < next || err.seq > to) throw err;
+      if (err.seq > next) {
+        // Apply what precedes it first: the image must hold those writes when the damaged one is mended.
+        batch = journal.read(next, { maxBytes: RECOVERY_BATCH_BYTES, maxEntries: err.seq - next });
+      } else {
+        await mendFromImage(dev, journal, err, log);
+        report.repaired.push(err.seq);
+        continue; // read again: the entry now holds what the image holds, and applying it changes nothing
+      }
+    }
     if (batch.length === 0) break;
     for (const e of batch) {
       if (e.seq > to) break;

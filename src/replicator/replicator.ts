@@ -439,8 +439,16 @@ export class Replicator {
     const { tailSeq, committedSeq } = j.stats;
     // Entries the replica needs are gone, it is ahead of this journal (another history), or it is new and
     // the journal does not start from an empty image, or a resync was interrupted: compare digests.
-    const diverged = this.historyDiffers(applied, appliedCrcs);
-    if (diverged) {
+    // Recovery mended entries from the image (Journal.repair): a replica that had applied them may hold the
+    // bytes the primary lost, and its last CRCs need not show it.
+    const repaired = j.repairedFrom(this.consumerId);
+    const mended = repaired !== undefined && applied >= repaired;
+    if (repaired !== undefined) j.clearRepaired(this.consumerId).catch((err) => this.log.warn({ err }, 'could not clear the repair mark'));
+    if (mended) {
+      this.log.error({ appliedSeq: applied, repairedSeq: repaired }, `journal seq ${repaired} was repaired from the image after the replica applied it: comparing every chunk by digests`);
+    }
+    const diverged = mended || this.historyDiffers(applied, appliedCrcs);
+    if (diverged && !mended) {
       this.log.error(
         { appliedSeq: applied },
         `the replica's last entries through seq ${applied} are not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,

@@ -50,3 +50,41 @@ export function dataFileBytes(dir: string): number {
     .filter((f) => f.endsWith('.data'))
     .reduce((n, f) => n + fs.statSync(path.join(dir, f)).size, 0);
 }
+
+/** An entry's header as stored in segment `segment`, and where its data is (a data file position, or inline). */
+export interface StoredEntry {
+  seq: number;
+  kind: number;
+  offset: number;
+  length: number;
+  /** Position of the data in the segment's data file; undefined when the data (if any) is in LMDB. */
+  filePos: number | undefined;
+}
+
+/** The stored entries of a stopped journal's segment, and its image checkpoint. */
+export async function storedEntries(dir: string, segment = 'entries'): Promise<{ entries: StoredEntry[]; checkpoint: number }> {
+  const raw = open({ path: path.join(dir, 'journal.mdb') });
+  try {
+    const db = raw.openDB<Buffer, number>({ name: segment, encoding: 'binary' });
+    const meta = raw.openDB<unknown, string>({ name: 'meta' });
+    const entries: StoredEntry[] = [];
+    for (const { key, value } of db.getRange()) {
+      const v = value as Buffer;
+      entries.push({ seq: key as number, kind: v[0], offset: Number(v.readBigUInt64BE(8)), length: Number(v.readBigUInt64BE(16)), filePos: fileRef(v) });
+    }
+    return { entries, checkpoint: (meta.get('checkpoint') as number | undefined) ?? 0 };
+  } finally {
+    await raw.close();
+  }
+}
+
+/** Overwrites with zeroes the data of a WRITE kept in its segment's data file, as a power cut can leave it. */
+export function zeroStoredData(dir: string, e: StoredEntry, segment = 'entries'): void {
+  if (e.filePos === undefined) throw new Error(`seq ${e.seq} has no data in the data file`);
+  const fd = fs.openSync(path.join(dir, `${segment}.data`), 'r+');
+  try {
+    fs.writeSync(fd, Buffer.alloc(e.length), 0, e.length, e.filePos);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
