@@ -91,14 +91,22 @@ export class DataFiles {
     return start;
   }
 
-  /** Reads up to `length` bytes at `pos` of a segment's file into `into` at `at`; returns how many it holds. */
-  read(segment: string, pos: number, into: Buffer, at: number, length: number): number {
+  /** Reads a segment's file from `pos` into `bufs` in order (one preadv while it can); returns the bytes it holds. */
+  readv(segment: string, pos: number, bufs: Buffer[]): number {
     const fd = this.fd(segment);
     let got = 0;
-    while (got < length) {
-      const n = fs.readSync(fd, into, at + got, length - got, pos + got);
+    let i = 0;
+    let skip = 0; // bytes of bufs[i] already read
+    while (i < bufs.length) {
+      const part = bufs.slice(i, i + IOV_MAX);
+      if (skip > 0) part[0] = part[0].subarray(skip);
+      const n = fs.readvSync(fd, part, pos + got);
       if (n === 0) break;
       got += n;
+      let left = n + skip;
+      skip = 0;
+      while (i < bufs.length && left >= bufs[i].length) left -= bufs[i++].length;
+      skip = left;
     }
     return got;
   }
