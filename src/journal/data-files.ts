@@ -16,9 +16,11 @@
 //
 // Durability: data is written before the LMDB commit that refers to it, so after a SIGKILL every committed
 // entry has its data in the page cache. flush() fdatasyncs the files written since the last sync before
-// syncing LMDB, so an entry a replied FLUSH covers has its data on disk before its header is. Bytes written
-// without their commit (a kill between the two) are left unreferenced at the file's end and skipped: appends
-// continue after them.
+// syncing LMDB (and the directory, when a file was created since), so an entry a replied FLUSH covers has its
+// data on disk before its header is. Bytes written without their commit (a kill between the two) are left
+// unreferenced at the file's end and skipped: appends continue after them. A power cut can still take data
+// written since the last FLUSH while LMDB kept the header: that entry then fails its CRC32C, and recovery
+// mends it from the image (mirror-device.ts, mendFromImage).
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockferryError } from '../util/errors.js';
@@ -34,10 +36,18 @@ export class DataFiles {
   /** Descriptors of removed files, closed once no fdatasync may be using them. */
   private closeLater: number[] = [];
   private syncs = 0;
+  /** A data file was created since the directory was last fsynced. */
+  private newFiles = false;
   /** Where the active segment's next data goes. */
   pos = 0;
 
-  constructor(private readonly dir: string) {}
+  /** The directory, held open to fsync it (see sync). */
+  private readonly dirFd: number;
+  private closed = false;
+
+  constructor(private readonly dir: string) {
+    this.dirFd = fs.openSync(dir, 'r');
+  }
 
   static isDataFile(file: string): boolean {
     return file.endsWith(SUFFIX);
@@ -50,6 +60,7 @@ export class DataFiles {
   /** Opens the active segment's file for appending after whatever it holds (creating it if missing). */
   openActive(segment: string): void {
     this.pos = fs.fstatSync(this.fd(segment)).size;
+    this.newFiles = true; // it may have just been created
   }
 
   /** Starts the file of a new segment (a reused name's old file, if any, is cut to nothing). */
@@ -57,6 +68,7 @@ export class DataFiles {
     this.release(segment);
     this.fds.set(segment, fs.openSync(this.file(segment), fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_TRUNC, 0o600));
     this.pos = 0;
+    this.newFiles = true;
   }
 
   /** Deletes data files no segment names (left by a kill between a segment's drop and its file's removal). */
@@ -127,17 +139,25 @@ export class DataFiles {
   async sync(): Promise<void> {
     const fds = [...this.unsynced].map((s) => this.fds.get(s)).filter((fd): fd is number => fd !== undefined);
     this.unsynced.clear();
-    if (fds.length === 0) return;
+    // A file created since the last sync is on disk only once its directory entry is: without it a power cut
+    // could take a segment's whole file, flushed entries and all, while LMDB still names the segment.
+    const dir = this.newFiles;
+    this.newFiles = false;
+    if (fds.length === 0 && !dir) return;
     this.syncs++;
     try {
       await Promise.all(fds.map((fd) => new Promise<void>((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())))));
+      if (dir) await new Promise<void>((resolve, reject) => fs.fsync(this.dirFd, (err) => (err ? reject(err) : resolve())));
     } finally {
       if (--this.syncs === 0) this.closeDeferred();
     }
   }
 
   close(): void {
+    if (this.closed) return;
+    this.closed = true;
     for (const segment of [...this.fds.keys()]) this.release(segment);
+    this.closeLater.push(this.dirFd);
     if (this.syncs === 0) this.closeDeferred();
   }
 
@@ -164,3 +184,4 @@ export class DataFiles {
     for (const fd of this.closeLater.splice(0)) fs.closeSync(fd);
   }
 }
+
