@@ -453,6 +453,10 @@ t.test('a journal written before segments (one entries database, no segment list
   j.registerConsumer('replica', 1);
   for (let i = 0; i < 600; i += 20) await Promise.all(Array.from({ length: 20 }, (_, k) => j.append(EntryKind.WRITE, 0, 4096, datas[(i + k) % 300]).done));
   t.ok(j.stats.segments >= 2, `new entries went into new segments (${j.stats.segments})`);
+  // The old segment now holds old entries stored whole in LMDB and new ones with their data in its data file.
+  const mixed = j.read(1, { maxEntries: 400, maxBytes: 64 * 2 ** 20 });
+  t.ok(mixed.length === 400 && mixed.every((e) => e.data!.equals(datas[(e.seq - 1) % 300])), 'old entries (data in LMDB) and new ones (data in data files) read back in one read');
+  t.ok(fs.existsSync(path.join(dir, 'entries.data')), "the old segment's new entries have their data in entries.data");
   await j.setCheckpoint(900);
   j.ack('replica', 700);
   await new Promise((r) => setTimeout(r, 50));
@@ -467,6 +471,7 @@ t.test('a journal written before segments (one entries database, no segment list
   const listed = (after.openDB<unknown, string>({ name: 'meta' }).get('segments') ?? []) as Array<[string, number]>;
   await after.close();
   t.ok(listed.length > 0 && !listed.some(([name]) => name === 'entries'), `the old database was dropped once passed (segments: ${JSON.stringify(listed)})`);
+  t.notOk(fs.existsSync(path.join(dir, 'entries.data')), 'and its data file with it');
 });
 
 t.test('replay-local rebuilds the primary from base + journal, and a prefix with --until', async (t) => {
