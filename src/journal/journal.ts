@@ -71,9 +71,9 @@ const READ_MAX_BYTES = 16 * 2 ** 20;
  * unacknowledged bytes: a caught-up replica always reads within it. The values are copied into one ring buffer
  * at commit rather than kept as the appended Buffers: thousands of retained 4 KiB Buffers a second were
  * promoted to V8's old generation and collected by major GCs, which measured ~25% more CPU per 4 KiB write.
-const RECENT_BYTES = 24 * 2 ** 20;
+ * Filled only while a consumer (a replica) is registered: a journal nobody reads from memory keeps nothing.
  */
-const RECENT_BYTES = Number(process.env.BF_RECENT_MIB ?? 24) * 2 ** 20;
+const RECENT_BYTES = 24 * 2 ** 20;
 /** The buffer stored values are read into for readRecords (a batch of READ_MAX_BYTES and more). */
 const READ_ARENA_BYTES = 8 * 2 ** 20;
 /** Larger values are not copied into the ring (they would evict most of it): the window restarts after them. */
