@@ -37,8 +37,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { BlockferryError } from '../util/errors.js';
 
-/** Most buffers one pwritev takes (Linux's IOV_MAX). */
-const IOV_MAX = 1024;
+/** Most buffers one pwritev or preadv takes (Linux's IOV_MAX). */
+export const IOV_MAX = 1024;
 const SUFFIX = '.data';
 /** The recycled file (see Recycling above); no segment is named so. */
 const SPARE = `spare${SUFFIX}`;
@@ -111,53 +111,26 @@ export class DataFiles {
   append(segment: string, bufs: Buffer[]): number {
     const start = this.pos;
     if (bufs.length === 0) return start;
-    const fd = this.fd(segment);
-    let at = start;
-    let i = 0;
-    let skip = 0; // bytes of bufs[i] already written
-    while (i < bufs.length) {
-      const part = bufs.slice(i, i + IOV_MAX);
-      if (skip > 0) part[0] = part[0].subarray(skip);
-      const n = fs.writevSync(fd, part, at);
-      if (n <= 0) throw new BlockferryError('EIO', `writing the journal's data file ${this.file(segment)} made no progress`);
-      at += n;
-      let left = n + skip;
-      skip = 0;
-      while (i < bufs.length && left >= bufs[i].length) left -= bufs[i++].length;
-      skip = left;
+    const total = bufs.reduce((n, b) => n + b.length, 0);
+    if (vectored(this.fd(segment), bufs, start, fs.writevSync) < total) {
+      throw new BlockferryError('EIO', `writing the journal's data file ${this.file(segment)} made no progress`);
     }
-    this.pos = at;
+    this.pos = start + total;
     this.unsynced.add(segment);
     return start;
   }
 
   /** Reads a segment's file from `pos` into `bufs` in order (one preadv while it can); returns the bytes it holds. */
   readv(segment: string, pos: number, bufs: Buffer[]): number {
-    const fd = this.fd(segment);
-    let got = 0;
-    let i = 0;
-    let skip = 0; // bytes of bufs[i] already read
-    while (i < bufs.length) {
-      const part = bufs.slice(i, i + IOV_MAX);
-      if (skip > 0) part[0] = part[0].subarray(skip);
-      const n = fs.readvSync(fd, part, pos + got);
-      if (n === 0) break;
-      got += n;
-      let left = n + skip;
-      skip = 0;
-      while (i < bufs.length && left >= bufs[i].length) left -= bufs[i++].length;
-      skip = left;
-    }
-    return got;
+    return vectored(this.fd(segment), bufs, pos, fs.readvSync);
   }
 
   /**
-   * Cuts a segment's file to `length` bytes. The active one is not cut: its appends continue at `length`, over
-   * the bytes already there (see Recycling above); entries refer only to what they wrote.
+   * Everything in the active segment was pruned: its appends start over at the file's beginning, over the bytes
+   * already there (see Recycling above; entries refer only to what they wrote). The file is not cut.
    */
-  truncate(segment: string, length: number, active: boolean): void {
-    if (active) this.pos = length;
-    else fs.ftruncateSync(this.fd(segment), length);
+  rewind(): void {
+    this.pos = 0;
   }
 
   /** A dropped segment's file becomes the spare the next segment starts in, or is deleted if there is one. */
@@ -221,3 +194,24 @@ export class DataFiles {
   }
 }
 
+/**
+ * writev or readv of `bufs` at `pos`, IOV_MAX buffers a call, going on after a partial transfer from where it
+ * stopped; returns the bytes moved (fewer than asked when a call moves nothing: the end of the file).
+ */
+function vectored(fd: number, bufs: Buffer[], pos: number, io: (fd: number, bufs: Buffer[], pos: number) => number): number {
+  let done = 0;
+  let i = 0;
+  let skip = 0; // bytes of bufs[i] already moved
+  while (i < bufs.length) {
+    const part = bufs.slice(i, i + IOV_MAX);
+    if (skip > 0) part[0] = part[0].subarray(skip);
+    const n = io(fd, part, pos + done);
+    if (n <= 0) break;
+    done += n;
+    let left = n + skip;
+    skip = 0;
+    while (i < bufs.length && left >= bufs[i].length) left -= bufs[i++].length;
+    skip = left;
+  }
+  return done;
+}

@@ -21,7 +21,7 @@ import { loadNative } from '../device/native.js';
 import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
 import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
-import { DataFiles } from './data-files.js';
+import { DataFiles, IOV_MAX } from './data-files.js';
 import { EntryKind, type ConsumerState, type JournalEntry, type JournalStats } from './types.js';
 
 /** Default cap on stored bytes. */
@@ -58,8 +58,6 @@ const PRUNE_BATCH = 256;
 const PRUNE_BYTES = 16 * 2 ** 20;
 /** Stored bytes trackChanges reads between turns of the event loop (see there). */
 const TRACK_STEP_BYTES = 64 * 2 ** 20;
-/** Most buffers one preadv takes (Linux's IOV_MAX). */
-const IOV_MAX = 1024;
 /** A file reference claiming more data than this is corrupt (no WRITE serve takes comes near it). */
 const MAX_DATA_BYTES = 2 ** 30;
 /** Default read batch limits. */
@@ -969,11 +967,17 @@ export class Journal extends EventEmitter {
    * recovery deciding whether repair() can mend it. Undefined if the seq is not held.
    */
   storedHeader(seq: number): { kind: EntryKind; offset: number; length: number } | undefined {
+    const header = this.headerBytes(seq);
+    if (!header) return undefined;
+    const e = decodeValue(seq, header);
+    return { kind: e.kind, offset: e.offset, length: e.length };
+  }
+
+  /** The stored value header of a committed entry (a copy), or undefined if the seq is not held. */
+  private headerBytes(seq: number): Buffer | undefined {
     if (seq < this.tail || seq > this.committed) return undefined;
     const v = this.segmentOf(seq).db.getBinary(seq);
-    if (!v || v.length < VALUE_HEADER) return undefined;
-    const e = decodeValue(seq, v.subarray(0, VALUE_HEADER));
-    return { kind: e.kind, offset: e.offset, length: e.length };
+    return v && v.length >= VALUE_HEADER ? v.subarray(0, VALUE_HEADER) : undefined;
   }
 
   /**
@@ -985,13 +989,14 @@ export class Journal extends EventEmitter {
    * (repairedFrom): its replica may hold the lost bytes, so it is compared by digests when it next connects.
    */
   async repair(seq: number, data: Buffer): Promise<void> {
-    const h = this.storedHeader(seq);
+    const header = this.headerBytes(seq);
+    const h = header && decodeValue(seq, header);
     if (!h || h.kind !== EntryKind.WRITE || h.length !== data.length) {
       throw new JournalCorruptError(seq, `its header is not a WRITE of ${data.length} bytes this journal holds, so it cannot be repaired`);
     }
     const seg = this.segmentOf(seq);
     const value = Buffer.allocUnsafe(VALUE_HEADER + data.length);
-    seg.db.getBinary(seq)!.copy(value, 0, 0, VALUE_HEADER);
+    header!.copy(value);
     value[1] = 0;
     value.writeUInt32BE(entryCrc(EntryKind.WRITE, h.offset, h.length, data), 4);
     data.copy(value, VALUE_HEADER);
@@ -1100,7 +1105,7 @@ export class Journal extends EventEmitter {
       this.space?.reserve(PRUNE_TXN_BYTES);
       this.root.transactionSync(() => seg.db.clearSync());
       // After the commit: a kill between the two leaves data no entry refers to, which the next appends follow.
-      this.data?.truncate(seg.name, 0, this.lazy);
+      this.data?.rewind();
       this.physTail = this.tail;
       this.touched(this.garbage);
       this.garbage = 0;

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
+import { DataFiles } from '../../journal/data-files.js';
 import { Journal } from '../../journal/journal.js';
 import { replayLocal } from '../../journal/replay-local.js';
 import { entryKindName, type JournalEntry, type JournalStats, type ConsumerState } from '../../journal/types.js';
@@ -33,7 +34,7 @@ export async function inspectJournal(dir: string, last = 10): Promise<JournalIns
       fileBytes: fs.statSync(path.join(dir, 'journal.mdb')).blocks * 512,
       dataFileBytes: fs
         .readdirSync(dir)
-        .filter((f) => f.endsWith('.data'))
+        .filter((f) => DataFiles.isDataFile(f))
         .reduce((n, f) => n + fs.statSync(path.join(dir, f)).blocks * 512, 0),
       consumers: j.consumers(),
       last: entries.map(({ data: _d, ...e }) => ({ ...e, kindName: entryKindName(e.kind) })),
