@@ -78,6 +78,10 @@ t.test('nbdinfo, nbdcopy, qemu-img, qemu-io and fio against serve', async (t) =>
   const fileSize = fs.statSync(path.join(dir, 'disk.img.journal', 'journal.mdb')).size;
   if (inspect.writeMap) t.ok(inspect.fileBytes > 0 && inspect.fileBytes < fileSize, `the write-map file is sparse: ${inspect.fileBytes} of ${fileSize} bytes on disk`);
   else t.ok(inspect.fileBytes > 0, `the journal takes ${inspect.fileBytes} bytes on disk`);
+  // The clients' WRITE data went to the segments' data files (kept for reuse after pruning): inspect counts them.
+  const jdir = path.join(dir, 'disk.img.journal');
+  const dataOnDisk = fs.readdirSync(jdir).filter((f) => f.endsWith('.data')).reduce((n, f) => n + fs.statSync(path.join(jdir, f)).blocks * 512, 0);
+  t.ok(inspect.dataFileBytes > 0 && inspect.dataFileBytes === dataOnDisk, `inspect counts the data files' ${dataOnDisk} bytes on disk (${inspect.dataFileBytes})`);
 });
 
 t.test('read-only export refuses writes as qemu-io sees them', async (t) => {
