@@ -87,6 +87,26 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   t.ok(fs.readFileSync(rebuilt).equals(fs.readFileSync(image)), 'the image equals zeroes + journal: no write is in one and not the other');
 });
 
+t.test("the journal's spare data files are given back before a write is refused for space", async (t) => {
+  const dir = t.testdir();
+  const jfs = await tmpfs(t, '96m');
+  const journal = path.join(jfs, 'journal');
+  // A 64 MiB cap: 1 MiB segments, and up to 16 MiB of dropped segments' files kept for reuse.
+  const s = await startServe(['--image', `disk=${path.join(dir, 'disk.img')}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--journal-max', '64M', '--min-free', '8M'], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  t.teardown(() => c.close().catch(() => undefined));
+  const spares = (): string[] => fs.readdirSync(journal).filter((f) => /^spare-\d+\.data$/.test(f));
+  for (let i = 0; i < 40; i++) await c.write(i * MiB, randomBytes(MiB));
+  await c.flush(); // checkpoints the image: the journal drops what it held
+  t.ok(await until(() => spares().length >= 8, 10_000), `pruned segments' files wait as spares (${spares().length})`);
+  fill(jfs, 4 * MiB);
+  await new Promise((r) => setTimeout(r, 600)); // the free-space poll sees the full disk
+  await c.write(0, randomBytes(MiB));
+  t.pass('with 4 MiB free and 8 MiB kept in reserve, a write is still taken: the spares made room');
+  t.same(spares(), [], 'their files are gone');
+  await c.flush();
+});
+
 for (const writeMap of [false, true]) {
   const how = writeMap ? "through LMDB's write map" : 'with writev (the default)';
   const skip = writeMap && !loadNative()?.allocate ? 'the native helper cannot allocate' : false;

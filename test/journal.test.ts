@@ -12,6 +12,7 @@ import { decodeValue, encodeValue, entryCrc } from '../src/journal/entry.js';
 import { loadNative } from '../src/device/native.js';
 import { mappedKiB } from './helpers/memory.js';
 import { dataFileBytes, flipStoredByte } from './helpers/journal-store.js';
+import { until } from './helpers/files.js';
 
 t.test('appends get gap-free seqs in call order, kept across reopen', async (t) => {
   const dir = t.testdir();
@@ -236,17 +237,19 @@ for (const mode of ['writev', 'write map', 'sync'] as const) {
     // right after pruning that is ~4 MiB of reused pages (its free list and the pages it takes from it), as in
     // a steady run of 4 KiB appends.
     t.ok(after < 8 * 1024, `after pruning ${after} KiB stay mapped`);
-    // Pruned segments' files are recycled (data-files.ts): the dropped one waits as the spare, the active one
+    // Pruned segments' files are recycled (data-files.ts): the dropped one waits as a spare, the active one
     // is written over from its start. So what stays on disk is at most those two segments (64 MiB each here),
     // and another 96 MiB written and pruned adds nothing to it.
     const SEGMENTS_KEPT = 2 * 64 * 2 ** 20 + block.length;
     if (durability === 'commit') t.ok(dataFileBytes(dir) <= SEGMENTS_KEPT, `pruned, the data files keep at most two segments (${dataFileBytes(dir)} bytes)`);
-    const spare = path.join(dir, 'spare.data');
-    const spareIno = durability === 'commit' ? fs.statSync(spare).ino : 0;
+    const spares = (): string[] => fs.readdirSync(dir).filter((f) => /^spare-\d+\.data$/.test(f));
+    const spareIno = durability === 'commit' ? fs.statSync(path.join(dir, spares()[0])).ino : 0;
+    if (durability === 'commit') t.equal(spares().length, 1, 'the dropped segment waits as a spare');
     for (let i = 0; i < 96; i++) await j.append(EntryKind.WRITE, i * block.length, block.length, block).done;
     if (durability === 'commit') {
       const inos = fs.readdirSync(dir).filter((f) => f.endsWith('.data')).map((f) => fs.statSync(path.join(dir, f)).ino);
-      t.ok(!fs.existsSync(spare) && inos.includes(spareIno), 'the next new segment was written into the spare (the same file)');
+      t.same(spares(), [], 'the next new segment took the spare');
+      t.ok(inos.includes(spareIno), 'and was written into it (the same file)');
     }
     const last = j.stats.committedSeq;
     t.same(j.read(last)[0].data, block, 'new entries write and read back');
@@ -256,6 +259,45 @@ for (const mode of ['writev', 'write map', 'sync'] as const) {
     if (durability === 'commit') t.ok(dataFileBytes(dir) <= SEGMENTS_KEPT, `and the data files still keep at most two segments (${dataFileBytes(dir)} bytes)`);
   });
 }
+
+t.test('dropped segments wait as spares up to a quarter of the cap, are reused, and are given back on demand', async (t) => {
+  const dir = t.testdir();
+  // A 64 MiB cap: 1 MiB segments, spares up to 16 MiB.
+  const j = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 });
+  t.teardown(() => j.close());
+  const block = randomBytes(2 ** 20 - 4096);
+  const spares = (): string[] => fs.readdirSync(dir).filter((f) => /^spare-\d+\.data$/.test(f)).sort();
+  const spareBytes = (): number => spares().reduce((n, f) => n + fs.statSync(path.join(dir, f)).size, 0);
+  const write = async (n: number): Promise<void> => {
+    for (let i = 0; i < n; i++) await j.append(EntryKind.WRITE, i * 2 ** 20, block.length, block).done;
+  };
+  await write(40);
+  t.ok(j.stats.segments >= 30, `40 writes of ~1 MiB filled ${j.stats.segments} segments`);
+  await j.setCheckpoint(j.stats.committedSeq);
+  await until(() => j.stats.segments === 1);
+  const kept = spares();
+  t.ok(kept.length >= 8 && kept.length <= 16, `the dropped segments left ${kept.length} spares`);
+  t.ok(spareBytes() <= 16 * 2 ** 20, `holding no more than a quarter of the cap (${spareBytes()} bytes)`);
+  const inos = new Set(kept.map((f) => fs.statSync(path.join(dir, f)).ino));
+
+  // The first goes into the active segment's file, written over from its start; each next one starts a segment.
+  await write(kept.length + 1);
+  t.same(spares(), [], 'new segments took every spare');
+  const reused = fs.readdirSync(dir).filter((f) => f.endsWith('.data')).filter((f) => inos.has(fs.statSync(path.join(dir, f)).ino));
+  t.equal(reused.length, kept.length, 'and were written into those files');
+  const first = j.stats.tailSeq;
+  const back = j.read(first, { maxEntries: kept.length + 2 });
+  t.ok(back.every((e) => e.data!.equals(block)), 'entries written into recycled files read back byte for byte');
+
+  await j.setCheckpoint(j.stats.committedSeq);
+  await until(() => j.stats.segments === 1);
+  const before = spareBytes();
+  t.ok(before > 0, 'spares again after pruning');
+  t.equal(j.releaseSpares(), before, 'releaseSpares reports the bytes the spares held');
+  t.same(spares(), [], 'and deletes their files');
+  await write(4);
+  t.same(j.read(j.stats.committedSeq)[0].data, block, 'appends go on into new files');
+});
 
 for (const durability of ['commit', 'sync'] as const) {
 t.test(`trackChanges walks a large journal in steps: every change reported, pages unmapped, the loop kept turning (${durability} durability)`, { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {

@@ -45,6 +45,12 @@ const APPEND = { append: true };
 const SEGMENT_SHARE = 1 / 64;
 const SEGMENT_MIN_BYTES = 2 ** 20;
 const SEGMENT_MAX_BYTES = 64 * 2 ** 20;
+/**
+ * Bytes of dropped segments' data files kept for reuse (data-files.ts, Recycling): enough for what the journal
+ * drops at once after a checkpoint (the mirror's CHECKPOINT_BYTES of changes, 256 MiB, and what was written while
+ * that checkpoint's fsync ran: up to 1 GiB with 1 MiB writes), and at most a quarter of the journal's cap.
+ */
+const SPARE_BYTES = 2 ** 30;
 /** Live segments stay below this (the cap divided by the segment size, plus two); LMDB needs a slot for each. */
 const MAX_SEGMENTS = 256;
 /** The first segment keeps the name of the single database earlier journals used. */
@@ -320,7 +326,7 @@ export class Journal extends EventEmitter {
     const j = new Journal(root, segments, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.space = space;
     j.dir = opts.dir;
-    j.data = new DataFiles(opts.dir);
+    j.data = new DataFiles(opts.dir, Math.min(SPARE_BYTES, Math.floor(maxBytes / 4)));
     j.data.removeOrphans(segments.map((g) => g.name));
     if (durability === 'commit') j.data.openActive(segments[segments.length - 1].name);
     j.checkTail();
@@ -349,6 +355,11 @@ export class Journal extends EventEmitter {
   /** Whether appends are waiting for room (the journal is at its cap). */
   get appendsWaiting(): boolean {
     return this.waitingForSpace.length > 0;
+  }
+
+  /** Deletes the data files kept for reuse (the disk is short of space); returns the bytes they held. */
+  releaseSpares(): number {
+    return this.data?.releaseSpares() ?? 0;
   }
 
   /** The last committed seq (what stats.committedSeq says, without building the rest). */
@@ -437,8 +448,9 @@ export class Journal extends EventEmitter {
     try {
       if (this.failure) throw this.failure;
       const active = this.segments[this.segments.length - 1];
-      if (this.lazy && batch.length > 0 && this.activeBytes >= this.segmentBytes && this.segments.length < MAX_SEGMENTS - 2) {
-        // A new segment; it, its first entries and the list naming it commit together.
+      if (this.lazy && batch.length > 0 && this.activeBytes > 0 && this.activeBytes + bytes > this.segmentBytes && this.segments.length < MAX_SEGMENTS - 2) {
+        // A new segment; it, its first entries and the list naming it commit together. It starts before the
+        // active one would outgrow segmentBytes, so a recycled file (data-files.ts) is reused with no fresh pages.
         rotated = { name: this.freeSegmentName(), first: batch[0].seq, db: undefined as unknown as Database<Buffer, number> };
         this.data?.create(rotated.name);
       }

@@ -80,7 +80,7 @@ export class MirrorDevice implements BlockDevice {
   private constructor(opts: MirrorOptions, log: Logger, recovery: RecoveryReport) {
     this.journal = opts.journal;
     this.inner = opts.device;
-    this.space = opts.space ? new SpaceGuard(opts.space.paths, opts.space.reserveBytes) : undefined;
+    this.space = opts.space ? new SpaceGuard(opts.space.paths, opts.space.reserveBytes, () => this.journal.releaseSpares()) : undefined;
     this.size = opts.device.size;
     this.log = log;
     this.recovery = recovery;
