@@ -78,10 +78,13 @@ t.test('nbdinfo, nbdcopy, qemu-img, qemu-io and fio against serve', async (t) =>
   const fileSize = fs.statSync(path.join(dir, 'disk.img.journal', 'journal.mdb')).size;
   if (inspect.writeMap) t.ok(inspect.fileBytes > 0 && inspect.fileBytes < fileSize, `the write-map file is sparse: ${inspect.fileBytes} of ${fileSize} bytes on disk`);
   else t.ok(inspect.fileBytes > 0, `the journal takes ${inspect.fileBytes} bytes on disk`);
-  // The clients' WRITE data went to the segments' data files (kept for reuse after pruning): inspect counts them.
+  // The clients' WRITE data went to the segments' data files, and pruned segments' files wait as spares:
+  // inspect counts both, apart.
   const jdir = path.join(dir, 'disk.img.journal');
-  const dataOnDisk = fs.readdirSync(jdir).filter((f) => f.endsWith('.data')).reduce((n, f) => n + fs.statSync(path.join(jdir, f)).blocks * 512, 0);
-  t.ok(inspect.dataFileBytes > 0 && inspect.dataFileBytes === dataOnDisk, `inspect counts the data files' ${dataOnDisk} bytes on disk (${inspect.dataFileBytes})`);
+  const onDisk = (spare: boolean): number =>
+    fs.readdirSync(jdir).filter((f) => f.endsWith('.data') && /^spare(-\d+)?\.data$/.test(f) === spare).reduce((n, f) => n + fs.statSync(path.join(jdir, f)).blocks * 512, 0);
+  t.ok(inspect.dataFileBytes > 0 && inspect.dataFileBytes === onDisk(false), `inspect counts the segments' data files' ${onDisk(false)} bytes on disk (${inspect.dataFileBytes})`);
+  t.equal(inspect.spareFileBytes, onDisk(true), `and the spares' ${onDisk(true)} bytes`);
 });
 
 t.test('read-only export refuses writes as qemu-io sees them', async (t) => {

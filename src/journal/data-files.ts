@@ -82,6 +82,11 @@ export class DataFiles {
     return file.endsWith(SUFFIX);
   }
 
+  /** A dropped segment's file kept for reuse (see Recycling above). */
+  static isSpare(file: string): boolean {
+    return SPARE_NAME.test(file);
+  }
+
   file(segment: string): string {
     return path.join(this.dir, segment + SUFFIX);
   }

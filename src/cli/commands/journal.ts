@@ -17,8 +17,18 @@ export interface JournalInspection {
   fileBytes: number;
   /** Disk space the segments' data files take (WRITE data, with the default commit durability). */
   dataFileBytes: number;
+  /** Disk space dropped segments' files kept for reuse take (spare-N.data; deleted when the disk runs short). */
+  spareFileBytes: number;
   consumers: ConsumerState[];
   last: Array<Omit<JournalEntry, 'data'> & { kindName: string }>;
+}
+
+/** Disk space the files of `dir` that `pick` selects take. */
+function diskBytes(dir: string, pick: (file: string) => boolean): number {
+  return fs
+    .readdirSync(dir)
+    .filter(pick)
+    .reduce((n, f) => n + fs.statSync(path.join(dir, f)).blocks * 512, 0);
 }
 
 export async function inspectJournal(dir: string, last = 10): Promise<JournalInspection> {
@@ -32,10 +42,8 @@ export async function inspectJournal(dir: string, last = 10): Promise<JournalIns
       stats,
       writeMap: j.writeMap,
       fileBytes: fs.statSync(path.join(dir, 'journal.mdb')).blocks * 512,
-      dataFileBytes: fs
-        .readdirSync(dir)
-        .filter((f) => DataFiles.isDataFile(f))
-        .reduce((n, f) => n + fs.statSync(path.join(dir, f)).blocks * 512, 0),
+      dataFileBytes: diskBytes(dir, (f) => DataFiles.isDataFile(f) && !DataFiles.isSpare(f)),
+      spareFileBytes: diskBytes(dir, (f) => DataFiles.isSpare(f)),
       consumers: j.consumers(),
       last: entries.map(({ data: _d, ...e }) => ({ ...e, kindName: entryKindName(e.kind) })),
     };
@@ -70,7 +78,7 @@ const inspect: CommandModule<object, InspectArgs> = {
       `sequence    tail ${s.tailSeq}  head ${s.headSeq}  committed ${s.committedSeq}  checkpoint ${s.checkpointSeq}  acked ${s.ackedSeq}`,
       `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap)`,
       `stored      ${formatBytes(s.storedBytes)} in ${s.segments} segment${s.segments === 1 ? '' : 's'}${s.storedBytes > s.bytes ? ' (entries before the tail are reclaimed with their segment)' : ''}`,
-      `file        journal.mdb ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}; data files ${formatBytes(r.dataFileBytes)}`,
+      `file        journal.mdb ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}; data files ${formatBytes(r.dataFileBytes)}, spares ${formatBytes(r.spareFileBytes)}`,
       `consumers   ${r.consumers.length === 0 ? '(none)' : r.consumers.map((c) => `${c.id} @${c.ackedSeq}`).join(', ')}`,
       '',
       `${'SEQ'.padStart(10)}  ${'KIND'.padEnd(5)}  ${'OFFSET'.padStart(14)}  ${'LENGTH'.padStart(12)}  CRC32C    TIME`,
