@@ -299,6 +299,25 @@ t.test('dropped segments wait as spares up to a quarter of the cap, are reused, 
   t.same(j.read(j.stats.committedSeq)[0].data, block, 'appends go on into new files');
 });
 
+t.test("a spare left by an earlier version (spare.data) is taken as a spare; a data file no segment names is deleted", async (t) => {
+  const dir = t.testdir();
+  const first = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 });
+  await first.close();
+  fs.writeFileSync(path.join(dir, 'spare.data'), Buffer.alloc(2 ** 20, 7));
+  fs.writeFileSync(path.join(dir, 'entries.99.data'), Buffer.alloc(4096, 7));
+  const ino = fs.statSync(path.join(dir, 'spare.data')).ino;
+  const j = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 });
+  t.teardown(() => j.close());
+  t.notOk(fs.existsSync(path.join(dir, 'entries.99.data')), 'the orphan is deleted on open');
+  t.ok(fs.existsSync(path.join(dir, 'spare.data')), 'the old spare is kept');
+  const block = randomBytes(2 ** 20 - 4096);
+  for (let i = 0; i < 3; i++) await j.append(EntryKind.WRITE, i * 2 ** 20, block.length, block).done;
+  t.notOk(fs.existsSync(path.join(dir, 'spare.data')), 'a new segment took it');
+  const inos = fs.readdirSync(dir).filter((f) => f.endsWith('.data')).map((f) => fs.statSync(path.join(dir, f)).ino);
+  t.ok(inos.includes(ino), 'and writes into that file');
+  t.ok(j.read(1, { maxEntries: 3 }).every((e) => e.data!.equals(block)), 'what it holds reads back');
+});
+
 for (const durability of ['commit', 'sync'] as const) {
 t.test(`trackChanges walks a large journal in steps: every change reported, pages unmapped, the loop kept turning (${durability} durability)`, { skip: loadNative() ? false : 'the native helper is not built' }, async (t) => {
   const dir = t.testdir();
