@@ -124,7 +124,8 @@ export class DataFiles {
     for (const f of fs.readdirSync(this.dir).sort()) {
       if (!DataFiles.isDataFile(f) || keep.has(f)) continue;
       const file = path.join(this.dir, f);
-      if (!SPARE_NAME.test(f) || !this.keepSpare(f, fs.statSync(file).size)) fs.rmSync(file, { force: true });
+      if (SPARE_NAME.test(f) && this.keepSpare(f, fs.statSync(file).size)) continue;
+      fs.rmSync(file, { force: true });
     }
   }
 

@@ -827,19 +827,15 @@ export class Journal extends EventEmitter {
         if (!fast) throw new JournalCorruptError(expect, `missing from the journal (next stored entry is ${seq})`);
         // lmdb-js's reused buffer is longer than the value: its `length` property says how much is the value.
         const stored = fast.length;
-        let len = stored;
-        let value: Buffer | undefined;
         const ref = fileRef(fast);
+        const dataLen = ref === undefined ? 0 : valueDataLength(fast);
+        if (dataLen > MAX_DATA_BYTES) throw new JournalCorruptError(seq, `stored header claims ${dataLen} bytes of data`);
+        const len = ref === undefined ? stored : VALUE_HEADER + dataLen;
+        const value = sink.place(len);
+        if (!value) break;
         if (ref === undefined) {
-          value = sink.place(len);
-          if (!value) break;
           value.set(fast.subarray(0, len));
         } else {
-          const dataLen = valueDataLength(fast);
-          if (dataLen > MAX_DATA_BYTES) throw new JournalCorruptError(seq, `stored header claims ${dataLen} bytes of data`);
-          len = VALUE_HEADER + dataLen;
-          value = sink.place(len);
-          if (!value) break;
           value.set(fast.subarray(0, VALUE_HEADER));
           value[1] = 0; // handed out with the data inline (entry.ts)
           if (run && (run.name !== name || run.end !== ref || run.bufs.length >= IOV_MAX)) readRun();

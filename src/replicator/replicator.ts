@@ -444,11 +444,10 @@ export class Replicator {
     const repaired = j.repairedFrom(this.consumerId);
     const mended = repaired !== undefined && applied >= repaired;
     if (repaired !== undefined) j.clearRepaired(this.consumerId).catch((err) => this.log.warn({ err }, 'could not clear the repair mark'));
+    const diverged = mended || this.historyDiffers(applied, appliedCrcs);
     if (mended) {
       this.log.error({ appliedSeq: applied, repairedSeq: repaired }, `journal seq ${repaired} was repaired from the image after the replica applied it: comparing every chunk by digests`);
-    }
-    const diverged = mended || this.historyDiffers(applied, appliedCrcs);
-    if (diverged && !mended) {
+    } else if (diverged) {
       this.log.error(
         { appliedSeq: applied },
         `the replica's last entries through seq ${applied} are not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,
