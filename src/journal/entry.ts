@@ -3,7 +3,7 @@
 // entries received over the wire with the same functions.
 import { crc32c } from '../util/crc32c.js';
 import { JournalCorruptError } from '../util/errors.js';
-import { BufferPool, releaseBuffer } from '../util/buffer-pool.js';
+import { BufferPool } from '../util/buffer-pool.js';
 import { writeU64 } from '../util/u64.js';
 import { EntryKind, type JournalEntry } from './types.js';
 

@@ -1,5 +1,5 @@
 // The backup site: a WebSocket server holding any number of volumes. Per batch of entries it verifies every
-// CRC, applies strictly in seq order, fsyncs the replica, persists the applied seq, then acknowledges.
+// CRC, applies strictly in seq order, then acknowledges what is applied and what is durable (below).
 // Duplicates (seq <= applied) are ignored, so re-sent entries after a reconnect are harmless; a gap or a
 // corrupt entry is refused with a close code and nothing of it is applied.
 //
@@ -8,7 +8,8 @@
 // seq recorded before anything after the marker is applied. So after a SIGKILL the replica holds a prefix of the
 // stream, and after a power cut it holds everything up to its last recorded FLUSH plus some of what followed:
 // the same crash-consistency a disk gives the primary. Between FLUSHes a background sync (each second, or
-// every 256 MiB) makes the applied seq durable too; only durable seqs let the primary prune its journal.
+// every 256 MiB, while applying goes on) makes the applied seq durable too; only durable seqs let the primary
+// prune its journal.
 //
 // Resync: a replica that is new or missed entries the journal no longer has is inconsistent (consistentFrom
 // -1) until the primary has compared chunk digests, shipped the differing chunks and said `synced`.
