@@ -171,9 +171,9 @@ const REPLICA_WRITE_PIECE = 32 * 1024;
  * 4K-rand-write --rounds 1` gave 603/702/621 against 620/647/593 MiB/s and 29.2/26.0/27.0k against
  * 26.6/24.2/24.5k IOPS (serve's CPU per 1 MiB request 1.32-1.50 ms against 1.55-1.69, its journal retaining
  * less), and two of `node bench/replication.mjs --quick` a catch-up of 1162/984 against 801/893 MiB/s.
- * Only durable acknowledgements let the primary prune: syncing every 5 s or 2 GiB instead (fewer forced writebacks of the replica) made replicated 1 MiB
- * writes slower, 467-512 against 605-628 MiB/s in three alternating fio pairs, with serve's CPU per MiB up 20%
- * as its journal held more and reused fewer pages.
+ * Only durable acknowledgements let the primary prune: syncing every 5 s or 2 GiB instead (fewer forced
+ * writebacks of the replica) made replicated 1 MiB writes slower, 467-512 against 605-628 MiB/s in three
+ * alternating fio pairs, with serve's CPU per MiB up 20% as its journal held more and reused fewer pages.
  */
 const SYNC_INTERVAL_MS = 1000;
 const SYNC_BYTES = 256 * 2 ** 20;
@@ -443,11 +443,8 @@ export class ReplayServer {
     // (sync copies it), trimmed once per batch rather than per entry.
     const crcs = (v.state.appliedCrcs ??= []);
     try {
-      const failed = v.syncFailure;
-      if (failed) {
-        v.syncFailure = undefined;
-        throw failed;
-      }
+      // Kept until a primary connects again (see syncFailure).
+      if (v.syncFailure) throw v.syncFailure;
       for (const e of todo) {
         if (e.kind === EntryKind.FLUSH) {
           // Everything before the marker is on stable storage before anything after it is applied.
@@ -468,8 +465,8 @@ export class ReplayServer {
       v.lastApplyAt = Date.now();
       v.markApplied();
       if (v.unsyncedBytes >= (this.opts.syncBytes ?? SYNC_BYTES)) {
-        // The previous such sync is waited for (at most twice SYNC_BYTES unsynced), this one is not: batches go on
-        // being applied while it runs.
+        // The previous sync is waited for (at most twice syncBytes unsynced), this one is not: batches go on being
+        // applied while it runs (see SYNC_BYTES).
         await v.syncsSettled();
         v.syncInBackground(this.log);
       }
