@@ -97,14 +97,14 @@ class Volume {
 
   /**
    * What a sync started in the background failed with: the connected primary's link is dropped for it (at once,
-   * and by the next batch if one is in hand), and nothing more is made durable until a primary connects again.
+   * and by the next batch if one is in hand), nothing more is made durable, and the next primary to connect finds
+   * the volume opened again at its last durable seq.
    */
   syncFailure: Error | undefined;
 
   /**
    * Starts a sync without waiting for it. A failure is logged and kept (syncFailure): the link is dropped with
-   * ERR_STORAGE and a batch in hand is refused, as when an awaited sync failed, so nothing is acknowledged durable
-   * on top of it before the primary has reconnected and been told its replica's seq again.
+   * ERR_STORAGE and a batch in hand is refused, as when an awaited sync failed.
    */
   syncInBackground(log: Logger): void {
     this.sync().catch((err: Error) => {
@@ -122,7 +122,7 @@ class Volume {
   /** fsyncs the image, then records the state with everything applied so far; one at a time. */
   async sync(): Promise<void> {
     while (this.syncing) await this.syncing;
-    // Nothing more is made durable on top of a failed sync before the link has been dropped for it.
+    // Nothing more is made durable on top of a failed sync (see syncFailure).
     if (this.syncFailure) throw this.syncFailure;
     this.syncing = (async () => {
       const seq = this.state.appliedSeq;
@@ -321,6 +321,15 @@ export class ReplayServer {
           let v: Volume;
           try {
             v = await this.volume(msg.volume, msg.size);
+            if (!verifier && !v.busy && v.syncFailure) {
+              // After a failed fsync the kernel may have marked pages clean that never reached the disk, and a
+              // later fsync would not write them. The volume is opened again from what the last good sync
+              // recorded, so the primary (which keeps everything not acknowledged durable) sends it all again.
+              log.warn({ volume: msg.volume, appliedSeq: v.state.appliedSeq, durableSeq: v.durableSeq }, 'a sync of this replica failed: going back to its last durable seq');
+              this.volumes.delete(msg.volume);
+              await v.close();
+              v = await this.volume(msg.volume, msg.size);
+            }
           } catch (err) {
             return fail(CloseCode.STORAGE, 'ERR_STORAGE', `cannot open volume ${msg.volume}: ${(err as Error).message}`);
           }
@@ -352,8 +361,6 @@ export class ReplayServer {
               `volume ${msg.volume} here replicates primary volume ${v.state.volumeId}, not ${msg.volumeId}; refusing to overwrite it`,
             );
           }
-          // A sync failure from before this link was reported to the link it happened under, or to none.
-          v.syncFailure = undefined;
           if (!v.state.volumeId) {
             v.state.volumeId = msg.volumeId;
             await v.sync();
@@ -443,7 +450,7 @@ export class ReplayServer {
     // (sync copies it), trimmed once per batch rather than per entry.
     const crcs = (v.state.appliedCrcs ??= []);
     try {
-      // Kept until a primary connects again (see syncFailure).
+      // Kept until the volume is opened again (see syncFailure).
       if (v.syncFailure) throw v.syncFailure;
       for (const e of todo) {
         if (e.kind === EntryKind.FLUSH) {
