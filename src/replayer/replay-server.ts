@@ -235,10 +235,11 @@ export class ReplayServer {
     return { host: a.address, port: a.port };
   }
 
-  private volume(name: string, size: number): Promise<Volume> {
+  /** The open volume `name`, opened (once `after` has settled, when given) if it is not. */
+  private volume(name: string, size: number, after?: Promise<void>): Promise<Volume> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = Volume.open(this.opts.dataDir, name, size).then((vol) => {
+      v = (after ?? Promise.resolve()).then(() => Volume.open(this.opts.dataDir, name, size)).then((vol) => {
         vol.durableSeq = vol.state.appliedSeq;
         const every = this.opts.syncIntervalMs ?? SYNC_INTERVAL_MS;
         if (every > 0) {
@@ -326,9 +327,9 @@ export class ReplayServer {
               // later fsync would not write them. The volume is opened again from what the last good sync
               // recorded, so the primary (which keeps everything not acknowledged durable) sends it all again.
               log.warn({ volume: msg.volume, appliedSeq: v.state.appliedSeq, durableSeq: v.durableSeq }, 'a sync of this replica failed: going back to its last durable seq');
+              // The table names the reopening at once: a hello meanwhile waits for it, never meets the old one.
               this.volumes.delete(msg.volume);
-              await v.close();
-              v = await this.volume(msg.volume, msg.size);
+              v = await this.volume(msg.volume, msg.size, v.close());
             }
           } catch (err) {
             return fail(CloseCode.STORAGE, 'ERR_STORAGE', `cannot open volume ${msg.volume}: ${(err as Error).message}`);
