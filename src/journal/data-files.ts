@@ -124,7 +124,7 @@ export class DataFiles {
     for (const f of fs.readdirSync(this.dir).sort()) {
       if (!DataFiles.isDataFile(f) || keep.has(f)) continue;
       const file = path.join(this.dir, f);
-      if (SPARE_NAME.test(f) && this.keepSpare(f, fs.statSync(file).size)) continue;
+      if (DataFiles.isSpare(f) && this.keepSpare(f, fs.statSync(file).size)) continue;
       fs.rmSync(file, { force: true });
     }
   }
@@ -162,7 +162,7 @@ export class DataFiles {
     let n = 0;
     while (this.spares.some((s) => s.name === `spare-${n}${SUFFIX}`)) n++;
     const spare = `spare-${n}${SUFFIX}`;
-    const size = fs.existsSync(file) ? fs.statSync(file).size : 0;
+    const size = fs.statSync(file, { throwIfNoEntry: false })?.size ?? 0;
     if (size > 0 && this.keepSpare(spare, size)) fs.renameSync(file, path.join(this.dir, spare));
     else fs.rmSync(file, { force: true });
   }
