@@ -17,6 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatSteal, stealMeter } from './steal.mjs';
 import { sameBytes } from './files.mjs';
+import { evaluateTargets, formatTargets } from './targets.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist/cli/index.js');
@@ -396,6 +397,7 @@ async function main() {
     });
     if (parts.length > 0) lines.push(`${label}: ${parts.join(', ')}`);
   }
+  lines.push(...formatTargets(evaluateTargets(results)));
   for (const [name, m] of Object.entries(rss)) {
     lines.push(`${name}: peak RSS ${m.hwm.toFixed(0)} MiB (VmHWM); peaks sampled: own memory (RssAnon) ${m.anon.toFixed(0)} MiB, mapped journal pages (RssFile, reclaimable page cache) ${m.file.toFixed(0)} MiB`);
   }
