@@ -378,6 +378,55 @@ static napi_value pwrite_pieces(napi_env env, napi_callback_info info) {
   return undef(env);
 }
 
+/* pwriteMany(fd, buffers, offsets): writes each buffer at its offset, in array order, synchronously, and returns
+ * the number written (all of them). For runs of small writes already in hand (a replica applying a batch of
+ * 4 KiB entries): one call into C for the run instead of one fs.writeSync each, whose argument checks and libuv
+ * request cost ~1.2 us per call here (a random 4 KiB pwrite: 2.7 us in C, 3.9 us through fs.writeSync). On a
+ * failure it throws the errno error with `written` set to how many buffers were fully written before it. */
+static napi_value pwrite_many(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  size_t argc = 3;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd;
+  bool a1 = false, a2 = false;
+  uint32_t n = 0, n2 = 0;
+  if (argc < 3 || napi_get_value_int64(env, argv[0], &fd) != napi_ok || napi_is_array(env, argv[1], &a1) != napi_ok || !a1 ||
+      napi_is_array(env, argv[2], &a2) != napi_ok || !a2 || napi_get_array_length(env, argv[1], &n) != napi_ok ||
+      napi_get_array_length(env, argv[2], &n2) != napi_ok || n != n2) {
+    napi_throw_type_error(env, NULL, "blockferry_native: pwriteMany(fd, buffers, offsets) with arrays of the same length");
+    return NULL;
+  }
+  for (uint32_t i = 0; i < n; i++) {
+    napi_value bv, ov;
+    void *data;
+    size_t length;
+    int64_t offset;
+    bool isbuf = false;
+    if (napi_get_element(env, argv[1], i, &bv) != napi_ok || napi_is_buffer(env, bv, &isbuf) != napi_ok || !isbuf ||
+        napi_get_buffer_info(env, bv, &data, &length) != napi_ok || napi_get_element(env, argv[2], i, &ov) != napi_ok ||
+        napi_get_value_int64(env, ov, &offset) != napi_ok || offset < 0) {
+      napi_throw_type_error(env, NULL, "blockferry_native: pwriteMany: buffers must be Buffers and offsets numbers >= 0");
+      return NULL;
+    }
+    size_t done = 0;
+    while (done < length) {
+      ssize_t r = pwrite((int)fd, (const char *)data + done, length - done, (off_t)(offset + (int64_t)done));
+      if (r < 0 && errno == EINTR) continue;
+      if (r <= 0) {
+        napi_value err = errno_error(env, "pwrite", r < 0 ? errno : EIO), written;
+        napi_create_uint32(env, i, &written);
+        napi_set_named_property(env, err, "written", written);
+        napi_throw(env, err);
+        return NULL;
+      }
+      done += (size_t)r;
+    }
+  }
+  napi_value out;
+  napi_create_uint32(env, n, &out);
+  return out;
+}
+
 /* keepFreedMemory(mmapThreshold, trimThreshold): glibc malloc serves allocations below mmapThreshold from its
  * heap and gives freed memory back to the kernel only when more than trimThreshold is free at the top. Its
  * default (allocations from 128 KiB up by mmap, adjusted upwards as they are freed; trim above twice that)
@@ -549,6 +598,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"dropFileMappings", NULL, drop_file_mappings, NULL, NULL, NULL, napi_default, NULL},
     {"releasePages", NULL, release_pages, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
+    {"pwriteMany", NULL, pwrite_many, NULL, NULL, NULL, napi_default, NULL},
     {"keepFreedMemory", NULL, keep_freed_memory, NULL, NULL, NULL, napi_default, NULL},
     {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
   };

@@ -181,6 +181,47 @@ t.test('writeNow writes small buffers at once and leaves larger ones to write();
   t.throws(() => ro.writeNow(0, small), { code: 'EROFS' });
 });
 
+t.test('writeManyNow writes a run of small writes in order, with and without the helper, and says how many a failure left written', async (t) => {
+  for (const noNative of [false, true]) {
+    const how = noNative ? 'fallback' : 'native';
+    const { dev, file } = await openTemp(t, { noNative });
+    // Overlapping writes: the later one in the run must win, as it would applied one by one.
+    const a = randomBytes(4096);
+    const b = randomBytes(4096);
+    const c = randomBytes(100);
+    dev.writeManyNow([8192, 8192 + 2048, 5 * MiB + 3], [a, b, c]);
+    const expect = Buffer.alloc(8 * MiB);
+    a.copy(expect, 8192);
+    b.copy(expect, 8192 + 2048);
+    c.copy(expect, 5 * MiB + 3);
+    t.ok(fs.readFileSync(file).equals(expect), `${how}: every write in place, the later of two overlapping ones on top`);
+    t.throws(() => dev.writeManyNow([0], [randomBytes(MiB)]), RangeError, `${how}: a write larger than writeNow takes is refused`);
+    t.equal(dev.takesNow(4096), true);
+    t.equal(dev.takesNow(MiB), false);
+    // The third write is past the largest file ext4 holds (16 TiB with 4 KiB blocks): two are written, then the
+    // error says so.
+    const d = randomBytes(512);
+    const err = (() => {
+      try {
+        dev.writeManyNow([0, 4096, 2 ** 50, 12288], [d, d, d, d]);
+      } catch (e) {
+        return e as NodeJS.ErrnoException & { written?: number };
+      }
+      return undefined;
+    })();
+    t.match(err, { code: 'EFBIG' }, `${how}: the failure is a coded error (${err?.code})`);
+    t.equal(err?.written, 2, `${how}: written counts the writes before the failing one`);
+    const back = fs.readFileSync(file);
+    t.ok(back.subarray(0, 512).equals(d) && back.subarray(4096, 4096 + 512).equals(d), `${how}: those two are in the file`);
+    t.ok(back.subarray(12288, 12288 + 512).equals(expect.subarray(12288, 12288 + 512)), `${how}: the one after the failure was not written`);
+  }
+  const { dev: ro0, file } = await openTemp(t);
+  await ro0.close();
+  const ro = await FileDevice.open({ path: file, readOnly: true });
+  t.teardown(() => ro.close());
+  t.throws(() => ro.writeManyNow([0], [Buffer.alloc(512)]), { code: 'EROFS', written: 0 });
+});
+
 t.test('writePiece: a large write in 32 KiB pieces lands byte-exact', async (t) => {
   const dir = t.testdir();
   const dev = await FileDevice.open({ path: path.join(dir, 'replica.img'), size: 16 * MiB, writePiece: 32 * 1024 });

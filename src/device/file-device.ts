@@ -242,6 +242,33 @@ export class FileDevice implements BlockDevice {
     return true;
   }
 
+  /** Whether writeNow and writeManyNow take a write of `length` bytes. */
+  takesNow(length: number): boolean {
+    return length <= this.syncThreshold;
+  }
+
+  /**
+   * Writes each of `datas` at the same index of `offsets`, in that order, now, on this thread: a run of writes
+   * that each pass takesNow, in one call into the native helper rather than one fs.writeSync each (see
+   * pwriteMany there; one fs.writeSync each without the helper). Throws what pwrite throws, with `written` set
+   * to how many of them were written before the failure.
+   */
+  writeManyNow(offsets: number[], datas: Buffer[]): void {
+    if (this.capabilities.readOnly) throw Object.assign(this.readOnlyError('write', offsets[0] ?? 0, datas[0]?.length ?? 0), { written: 0 });
+    for (const d of datas) if (d.length > this.syncThreshold) throw new RangeError(`writeManyNow takes writes of at most ${this.syncThreshold} bytes, not ${d.length}`);
+    if (this.native) {
+      this.native.pwriteMany(this.fd, datas, offsets);
+      return;
+    }
+    for (let i = 0; i < datas.length; i++) {
+      try {
+        this.writeSyncAll(offsets[i], datas[i]);
+      } catch (err) {
+        throw Object.assign(err as Error, { written: i });
+      }
+    }
+  }
+
   private writeSyncAll(offset: number, data: Buffer): void {
     let done = 0;
     while (done < data.length) done += fs.writeSync(this.fd, data, done, data.length - done, offset + done);

@@ -39,6 +39,11 @@ export interface NativeHelper {
    * callback gets a Node-style error (code, errno, syscall) or null.
    */
   pwritePieces(fd: number, data: Buffer, offset: number, piece: number, cb: (err: NodeJS.ErrnoException | null) => void): void;
+  /**
+   * Writes each of `buffers` at the same index of `offsets`, in order, synchronously; returns how many (all).
+   * On a failure throws the errno error with `written`: how many were fully written before it.
+   */
+  pwriteMany(fd: number, buffers: Buffer[], offsets: number[]): number;
   /** glibc's mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; false where malloc is not glibc's. */
   keepFreedMemory(mmapThreshold: number, trimThreshold: number): boolean;
   /**
@@ -53,7 +58,7 @@ let cached: NativeHelper | null | undefined;
 /** Every function NativeHelper declares: a helper built from older sources lacks some and is not used. */
 const FUNCTIONS: ReadonlyArray<keyof NativeHelper> = [
   'punchHole', 'zeroRange', 'seekData', 'seekHole', 'blockDeviceSize', 'blkDiscard', 'blkZeroOut',
-  'fadviseWillNeed', 'fadviseRandom', 'dropFileMappings', 'pwritePieces', 'keepFreedMemory',
+  'fadviseWillNeed', 'fadviseRandom', 'dropFileMappings', 'pwritePieces', 'pwriteMany', 'keepFreedMemory',
 ];
 
 /** The package root: the nearest ancestor holding package.json (works from dist/device and src/device). */

@@ -453,7 +453,36 @@ export class ReplayServer {
     try {
       // Kept until the volume is opened again (see syncFailure).
       if (v.syncFailure) throw v.syncFailure;
+      // Runs of small writes go to the replica in one call each (FileDevice.writeManyNow), in seq order; anything
+      // else first writes the run before it. Measured (2026-12-07): 0.8-1.2 us less per 4 KiB write than one
+      // fs.writeSync each (200k random writes from Node), and in five alternating pairs of `node bench/run.mjs
+      // --only blockferry-replicated --jobs 4K-rand-write --rounds 1` the replayer's CPU per entry averaged
+      // 14.6 against 16.5 us and the IOPS 23.7k against 22.1k (pairs ranging -7% to +33%: this machine's noise).
+      const run: JournalEntry[] = [];
+      const writeRun = (): void => {
+        if (run.length === 0) return;
+        let written = run.length;
+        try {
+          v.device.writeManyNow(run.map((e) => e.offset), run.map((e) => e.data!));
+        } catch (err) {
+          written = (err as { written?: number }).written ?? 0;
+          throw err;
+        } finally {
+          // Those before a failure are applied: the state says so, as it would after them one by one.
+          for (let i = 0; i < written; i++) {
+            v.state.appliedSeq = run[i].seq;
+            crcs.push(run[i].crc);
+            v.unsyncedBytes += run[i].length;
+          }
+          run.length = 0;
+        }
+      };
       for (const e of todo) {
+        if (e.kind === EntryKind.WRITE && v.device.takesNow(e.length)) {
+          run.push(e);
+          continue;
+        }
+        writeRun();
         if (e.kind === EntryKind.FLUSH) {
           // Everything before the marker is on stable storage before anything after it is applied.
           v.state.appliedSeq = e.seq;
@@ -462,13 +491,13 @@ export class ReplayServer {
           await v.sync();
           continue;
         }
-        // A small write is done by applyEntry at once: no await (a microtask each, thousands per batch).
         const applying = applyEntry(v.device, e);
         if (applying) await applying;
         v.state.appliedSeq = e.seq;
         crcs.push(e.crc);
         v.unsyncedBytes += e.kind === EntryKind.WRITE ? e.length : 0;
       }
+      writeRun();
       if (crcs.length > MAX_APPLIED_CRCS) crcs.splice(0, crcs.length - MAX_APPLIED_CRCS);
       v.lastApplyAt = Date.now();
       v.markApplied();
