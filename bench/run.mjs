@@ -17,7 +17,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { formatSteal, stealMeter } from './steal.mjs';
 import { sameBytes } from './files.mjs';
-import { evaluateTargets, formatTargets } from './targets.mjs';
+import { evaluateTargets, formatTargets, mean } from './targets.mjs';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 const CLI = path.join(ROOT, 'dist/cli/index.js');
@@ -294,7 +294,6 @@ function syncFile(file) {
   }
 }
 
-const mean = (xs) => xs.reduce((a, b) => a + b, 0) / xs.length;
 const fmt = (x, d = 0) => (Number.isFinite(x) ? x.toFixed(d) : '-');
 
 async function main() {

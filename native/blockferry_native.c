@@ -312,25 +312,28 @@ typedef struct {
   int err;
 } pwrite_job;
 
+/* Writes all of `length` bytes at `offset` as pwrite calls of at most `piece` bytes, retrying on EINTR; returns
+ * 0, or the errno of the call that failed (EIO for a pwrite that wrote nothing). */
+static int pwrite_all(int fd, const char *data, size_t length, int64_t offset, size_t piece) {
+  size_t done = 0;
+  while (done < length) {
+    size_t n = length - done;
+    if (n > piece) n = piece;
+    ssize_t r = pwrite(fd, data + done, n, (off_t)(offset + (int64_t)done));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (r == 0) return EIO;
+    done += (size_t)r;
+  }
+  return 0;
+}
+
 static void pwrite_execute(napi_env env, void *arg) {
   (void)env;
   pwrite_job *job = arg;
-  size_t done = 0;
-  while (done < job->length) {
-    size_t n = job->length - done;
-    if (n > job->piece) n = job->piece;
-    ssize_t r = pwrite(job->fd, job->data + done, n, (off_t)(job->offset + (int64_t)done));
-    if (r < 0) {
-      if (errno == EINTR) continue;
-      job->err = errno;
-      return;
-    }
-    if (r == 0) {
-      job->err = EIO;
-      return;
-    }
-    done += (size_t)r;
-  }
+  job->err = pwrite_all(job->fd, job->data, job->length, job->offset, job->piece);
 }
 
 static void pwrite_complete(napi_env env, napi_status status, void *arg) {
@@ -408,18 +411,13 @@ static napi_value pwrite_many(napi_env env, napi_callback_info info) {
       napi_throw_type_error(env, NULL, "blockferry_native: pwriteMany: buffers must be Buffers and offsets numbers >= 0");
       return NULL;
     }
-    size_t done = 0;
-    while (done < length) {
-      ssize_t r = pwrite((int)fd, (const char *)data + done, length - done, (off_t)(offset + (int64_t)done));
-      if (r < 0 && errno == EINTR) continue;
-      if (r <= 0) {
-        napi_value err = errno_error(env, "pwrite", r < 0 ? errno : EIO), written;
-        napi_create_uint32(env, i, &written);
-        napi_set_named_property(env, err, "written", written);
-        napi_throw(env, err);
-        return NULL;
-      }
-      done += (size_t)r;
+    int e = pwrite_all((int)fd, data, length, offset, SIZE_MAX);
+    if (e) {
+      napi_value err = errno_error(env, "pwrite", e), written;
+      napi_create_uint32(env, i, &written);
+      napi_set_named_property(env, err, "written", written);
+      napi_throw(env, err);
+      return NULL;
     }
   }
   napi_value out;

@@ -236,7 +236,7 @@ export class FileDevice implements BlockDevice {
    * replayer), without a promise per write.
    */
   writeNow(offset: number, data: Buffer): boolean {
-    if (data.length > this.syncThreshold) return false;
+    if (!this.takesNow(data.length)) return false;
     if (this.capabilities.readOnly) throw this.readOnlyError('write', offset, data.length);
     this.writeSyncAll(offset, data);
     return true;
@@ -255,7 +255,7 @@ export class FileDevice implements BlockDevice {
    */
   writeManyNow(offsets: number[], datas: Buffer[]): void {
     if (this.capabilities.readOnly) throw Object.assign(this.readOnlyError('write', offsets[0] ?? 0, datas[0]?.length ?? 0), { written: 0 });
-    for (const d of datas) if (d.length > this.syncThreshold) throw new RangeError(`writeManyNow takes writes of at most ${this.syncThreshold} bytes, not ${d.length}`);
+    for (const d of datas) if (!this.takesNow(d.length)) throw new RangeError(`writeManyNow takes writes of at most ${this.syncThreshold} bytes, not ${d.length}`);
     if (this.native) {
       this.native.pwriteMany(this.fd, datas, offsets);
       return;
