@@ -3,11 +3,17 @@
 // The replicating server's replica is compared with its image byte for byte after its last job (exit 1 if they differ).
 //
 // usage: node bench/run.mjs [--quick] [--only NAME[,NAME]] [--jobs JOB[,JOB]] [--rounds N] [--max-steal PCT]
+//                           [--image-folios small|large]
 //   NAME: blockferry-nojournal, blockferry-journal, blockferry-replicated, nbdkit, qemu-nbd
 //   JOB: 1M-seq-write, 1M-seq-read, 4K-rand-write, 4K-rand-read (in this order whatever the order given: a job
 //   runs on what the jobs before it left, so a subset measures a different starting point)
 //   --max-steal: a job during which the hypervisor stole more than PCT% of the CPU time is run again (up to
 //   twice more; the least disturbed run is kept). Default 15; 100 turns it off.
+//   --image-folios: how each server's copy of the image sits in the page cache when the server starts. `small`
+//   (the default): copied with copyFileSync, which ext4 does by splicing pages, leaving 4 KiB folios (a few of
+//   64 KiB). `large`: copied in 16 MiB writes, leaving folios of up to 2 MiB. The kernel sizes a folio when it
+//   creates it, and every server then writes into those folios: large ones make a 1 MiB write and its writeback
+//   cheaper and a 4 KiB write dearer (see the README's Benchmark section). Same for every server of a run.
 import { spawn, execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
@@ -35,6 +41,8 @@ const RUNTIME_S = quick ? 2 : 5;
 const RAMP_S = 1;
 const MAX_STEAL = argv.includes('--max-steal') ? Number(argv[argv.indexOf('--max-steal') + 1]) : 15;
 const STEAL_TRIES = 3;
+const IMAGE_FOLIOS = argv.includes('--image-folios') ? argv[argv.indexOf('--image-folios') + 1] : 'small';
+if (IMAGE_FOLIOS !== 'small' && IMAGE_FOLIOS !== 'large') throw new Error(`--image-folios ${IMAGE_FOLIOS}: small or large`);
 
 const ALL_JOBS = [
   { name: '1M seq write', rw: 'write', bs: '1M', iodepth: 16, dir: 'write', metric: 'mibs' },
@@ -285,6 +293,23 @@ function makeBase(file) {
   fs.closeSync(fd);
 }
 
+/** Copies the base image for one server, leaving its page cache in the folios --image-folios asks for. */
+function copyImage(base, img) {
+  if (IMAGE_FOLIOS === 'small') return fs.copyFileSync(base, img);
+  const from = fs.openSync(base, 'r');
+  const to = fs.openSync(img, 'w');
+  try {
+    const chunk = Buffer.allocUnsafe(16 * 2 ** 20);
+    for (let off = 0; off < IMAGE_BYTES; off += chunk.length) {
+      const n = fs.readSync(from, chunk, 0, chunk.length, off);
+      fs.writeSync(to, chunk, 0, n, off);
+    }
+  } finally {
+    fs.closeSync(from);
+    fs.closeSync(to);
+  }
+}
+
 function syncFile(file) {
   const fd = fs.openSync(file, 'r+');
   try {
@@ -318,7 +343,7 @@ async function main() {
         fs.rmSync(dir, { recursive: true, force: true });
         fs.mkdirSync(dir);
         const img = path.join(dir, 'disk.img');
-        fs.copyFileSync(base, img); // a fresh, fully allocated copy per server and round
+        copyImage(base, img); // a fresh, fully allocated copy per server and round
         // ...written back before the server starts: otherwise a server that fsyncs (blockferry's checkpoint)
         // pays for writing the whole 1 GiB copy to disk inside its first job, and one that never fsyncs does not.
         syncFile(img);
@@ -369,7 +394,7 @@ async function main() {
     return { mibs: mean(runs.map((r) => r.mibs)), iops: mean(runs.map((r) => r.iops)), p99ms: mean(runs.map((r) => r.p99ms)), steal: mean(runs.map((r) => r.steal)), cpuUs, fioCpuUs: mean(runs.map((r) => r.fioCpuUs)) };
   };
   const lines = [];
-  lines.push(`fio nbd engine, 127.0.0.1, ${IMAGE_BYTES / 2 ** 30} GiB allocated random image, ${RUNTIME_S} s/job + ${RAMP_S} s ramp, ${rounds} round(s), mean; ${os.cpus().length} CPUs`);
+  lines.push(`fio nbd engine, 127.0.0.1, ${IMAGE_BYTES / 2 ** 30} GiB allocated random image (${IMAGE_FOLIOS} page-cache folios), ${RUNTIME_S} s/job + ${RAMP_S} s ramp, ${rounds} round(s), mean; ${os.cpus().length} CPUs`);
   lines.push('| job | server | MiB/s | IOPS | p99 ms | vs nbdkit | vs qemu-nbd | server CPU µs/req | fio CPU µs/req | CPU steal |');
   lines.push('|---|---|---|---|---|---|---|---|---|---|');
   for (const job of JOBS) {
@@ -411,7 +436,7 @@ async function main() {
   const outDir = path.join(ROOT, 'bench', 'results');
   fs.mkdirSync(outDir, { recursive: true });
   const file = path.join(outDir, `bench-${new Date().toISOString().replace(/[:.]/g, '-')}.json`);
-  fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, imageBytes: IMAGE_BYTES, runtimeS: RUNTIME_S, rampS: RAMP_S, rounds, results, peakRssMiB: rss, replicaIdentical: replicas }, null, 2));
+  fs.writeFileSync(file, JSON.stringify({ date: new Date().toISOString(), host: os.hostname(), cpus: os.cpus().length, imageBytes: IMAGE_BYTES, imageFolios: IMAGE_FOLIOS, runtimeS: RUNTIME_S, rampS: RAMP_S, rounds, results, peakRssMiB: rss, replicaIdentical: replicas }, null, 2));
   console.log(`results: ${path.relative(ROOT, file)}`);
 }
 
