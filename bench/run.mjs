@@ -12,8 +12,9 @@
 //   --image-folios: how each server's copy of the image sits in the page cache when the server starts. `small`
 //   (the default): copied with copyFileSync, which ext4 does by splicing pages, leaving 4 KiB folios (a few of
 //   64 KiB). `large`: copied in 16 MiB writes, leaving folios of up to 2 MiB. The kernel sizes a folio when it
-//   creates it, and every server then writes into those folios: large ones make a 1 MiB write and its writeback
-//   cheaper and a 4 KiB write dearer (see the README's Benchmark section). Same for every server of a run.
+//   creates it, and every server then writes into those folios: large ones make a 4 KiB write much dearer (2-4x
+//   fewer IOPS for every server here) and a 1 MiB rewrite cheaper (in C ~110 against ~490 us/MiB; within the
+//   noise in this benchmark's jobs). Figures in the README's Known limits. Same for every server of a run.
 import { spawn, execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
