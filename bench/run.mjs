@@ -14,7 +14,7 @@
 //   64 KiB). `large`: copied in 16 MiB writes, leaving folios of up to 2 MiB. The kernel sizes a folio when it
 //   creates it, and every server then writes into those folios: large ones make a 4 KiB write much dearer (2-4x
 //   fewer IOPS for every server here) and a 1 MiB rewrite cheaper (in C ~110 against ~490 us/MiB; within the
-//   noise in this benchmark's jobs). Figures in the README's Known limits. Same for every server of a run.
+//   noise in this benchmark's jobs). Figures in docs/performance.md. Same for every server of a run.
 import { spawn, execFileSync } from 'node:child_process';
 import { randomFillSync } from 'node:crypto';
 import fs from 'node:fs';
