@@ -97,3 +97,28 @@ t.test('read-only export refuses writes as qemu-io sees them', async (t) => {
   await t.rejects(run('qemu-io', ['-f', 'raw', '-c', 'write 0 512', s.uri]), /Operation not permitted|Permission denied|read-only/i);
   await s.stop();
 });
+
+t.test('serve keeps nothing of clients that came and went: 40 runs of nbdinfo and qemu-img', async (t) => {
+  // Each of these clients ends with NBD_CMD_DISC. serve once kept every such socket open (reading was paused
+  // at DISC, so it never saw the client's FIN): 512 of them and it refused every later client.
+  const dir = t.testdir();
+  const img = path.join(dir, 'probe.img');
+  fs.writeFileSync(img, Buffer.alloc(2 ** 20, 3));
+  const s = await startServe(['--image', `probe=${img}`, '--listen', '127.0.0.1:0'], t.teardown);
+  const sockets = () => fs.readdirSync(`/proc/${s.child.pid}/fd`).filter((fd) => {
+    try {
+      return fs.readlinkSync(`/proc/${s.child.pid}/fd/${fd}`).startsWith('socket:');
+    } catch {
+      return false; // closed while listing
+    }
+  }).length;
+  const before = sockets();
+  for (let i = 0; i < 20; i++) {
+    t.match((await run('nbdinfo', ['--size', s.uri])).stdout.trim(), /^1048576$/, `nbdinfo #${i + 1}`, { diagnostic: false });
+    t.match((await run('qemu-img', ['info', '-f', 'raw', s.uri])).stdout, /virtual size: 1 MiB/, `qemu-img info #${i + 1}`, { diagnostic: false });
+  }
+  let after = sockets();
+  for (const deadline = Date.now() + 3000; after > before && Date.now() < deadline; after = sockets()) await new Promise((r) => setTimeout(r, 50));
+  t.equal(after, before, `serve holds as many sockets as before the 40 clients (${before})`);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});

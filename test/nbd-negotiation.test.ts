@@ -6,6 +6,7 @@ import { Duplex, PassThrough } from 'node:stream';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
+import { until } from './helpers/files.js';
 import { IHAVEOPT, nameData, option, wire } from './helpers/nbd-wire.js';
 
 const SIZE = 2 ** 20;
@@ -84,12 +85,14 @@ t.test('EXPORT_NAME with and without NO_ZEROES', async (t) => {
 });
 
 t.test('violations close the connection; ABORT is acknowledged', async (t) => {
-  const { port } = await tcp(t);
+  const { server, port } = await tcp(t);
   {
     const { s, r } = await connect(port);
     s.write(option(2));
     t.equal((await r.reply()).type, 1, 'ABORT: ACK');
     t.equal(await r.endsWithin(1000), true, 'then closed');
+    // The client keeps its side open: the server must not keep its own waiting for the client's FIN.
+    t.ok(await until(() => server.connectionCount === 0, 2000, 20), 'and the server holds no connection for it');
     s.destroy();
   }
   {

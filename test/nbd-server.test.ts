@@ -7,6 +7,7 @@ import path from 'node:path';
 import { FileDevice } from '../src/device/file-device.js';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { NbdServer } from '../src/nbd/server.js';
+import { until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
 
 const SIZE = 16 * 2 ** 20;
@@ -55,6 +56,44 @@ t.test('large pipelined writes are read in place and read back from a file, past
   const again = await Promise.all(writes.map((w, i) => (i % 2 ? c.write(w.offset, randomBytes(w.data.length)).then(() => null) : c.read(w.offset, w.data.length))));
   t.equal(again.filter((b, i) => b !== null && !b.equals(writes[i].data)).length, 0, 'reads interleaved with writes to other ranges');
   await c.close();
+});
+
+t.test('NBD_CMD_DISC right behind pipelined requests: every one of them is answered before the server closes', async (t) => {
+  // The spec: on NBD_CMD_DISC the server MUST handle all outstanding requests, then close. A reply dropped here
+  // is a write the client cannot know was done.
+  const file = await FileDevice.open({ path: path.join(t.testdir(), 'disc.img'), size: SIZE });
+  t.teardown(() => file.close());
+  for (const [name, device] of [['memory', new MemoryDevice(SIZE)], ['file', file]] as const) {
+    const { port } = await serve(t, [{ name: 'a', device }]);
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'a', structured: true });
+    const data = randomBytes(256 * 1024);
+    const requests: Array<Promise<unknown>> = [];
+    for (let i = 0; i < 16; i++) requests.push(c.write(i * data.length, data), c.read(i * 4096, 4096));
+    requests.push(c.flush());
+    const closing = c.close(); // DISC, sent while all of the above are outstanding
+    const settled = await Promise.allSettled(requests);
+    const failed = settled.flatMap((r) => (r.status === 'rejected' ? [String(r.reason)] : []));
+    t.same(failed, [], `${name}: all ${requests.length} requests outstanding at DISC got their replies`);
+    await closing;
+    t.ok((await device.read(15 * data.length, data.length)).equals(data), `${name}: the last write is in the image`);
+  }
+});
+
+t.test('clients that disconnect cleanly leave no connection behind: many more of them than the connection limit', async (t) => {
+  // Each client sends NBD_CMD_DISC (as nbdinfo, qemu-img and nbd-client -d do) and closes. The server once
+  // kept the socket of every such client, and refused all clients after maxConnections of them.
+  const server = new NbdServer({ exports: [{ name: 'a', device: new MemoryDevice(SIZE) }], maxConnections: 3 });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close({ graceMs: 100 }));
+  let served = 0;
+  for (let i = 0; i < 12; i++) {
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: port!, exportName: 'a' });
+    await c.write(i * 4096, Buffer.alloc(4096, i));
+    if ((await c.read(i * 4096, 4096)).equals(Buffer.alloc(4096, i))) served++;
+    await c.close();
+  }
+  t.equal(served, 12, '12 clients in turn, each served, with a limit of 3 connections');
+  t.ok(await until(() => server.connectionCount === 0, 2000, 20), 'no connection is left open');
 });
 
 t.test('errors per the spec, and the connection goes on', async (t) => {

@@ -38,8 +38,11 @@ const DIRECT_READ_MIN = 64 * 1024;
 const MAX_OPTIONS = 1024;
 /** Time allowed from accept to the end of the handshake (NbdServer's handshakeTimeoutMs overrides it). */
 export const HANDSHAKE_TIMEOUT_MS = 30_000;
+/** Time allowed for the last replies to leave once the connection is ending, before it is closed regardless. */
+const END_TIMEOUT_MS = 30_000;
 
-type Phase = 'flags' | 'option-header' | 'option-data' | 'tls-handshake' | 'request' | 'payload' | 'discard' | 'closed';
+/** 'disconnecting': NBD_CMD_DISC received; the requests before it are answered, then the connection closes. */
+type Phase = 'flags' | 'option-header' | 'option-data' | 'tls-handshake' | 'request' | 'payload' | 'discard' | 'disconnecting' | 'closed';
 
 export class Connection {
   private readonly queue = new ByteQueue();
@@ -99,20 +102,37 @@ export class Connection {
     this.send([encodeServerGreeting(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES)]);
   }
 
-  /** Stop taking requests, let in-flight ones finish (up to graceMs), then close. */
+  /** Stop taking requests, let in-flight ones finish and their replies leave (up to graceMs), then close. */
   async shutdown(graceMs: number): Promise<void> {
     this.draining = true;
-    if (this.phase !== 'request' && this.phase !== 'payload' && this.phase !== 'discard') return this.destroy();
+    if (this.phase !== 'request' && this.phase !== 'payload' && this.phase !== 'discard' && this.phase !== 'disconnecting') return this.destroy();
     const timer = setTimeout(() => this.destroy(), graceMs);
-    await this.whenIdle();
-    clearTimeout(timer);
-    this.socket.end();
+    await Promise.race([this.whenIdle(), this.closed]);
+    this.endThenClose();
     await this.closed;
+    clearTimeout(timer);
   }
 
   destroy(): void {
     this.phase = 'closed';
     this.socket.destroy();
+  }
+
+  /**
+   * Ends the connection from this side: once every reply is written, FIN (after TLS's close_notify), and then the
+   * socket is closed without waiting for the client's FIN. Waiting for it kept the socket of every client that
+   * sent NBD_CMD_DISC (reading is paused from then on, so its FIN was never read): 512 clean disconnects, say
+   * 512 runs of nbdinfo, and every later client was refused as one too many. A client that stops reading its
+   * last replies is cut off after END_TIMEOUT_MS.
+   */
+  private endThenClose(): void {
+    if (this.phase === 'closed' || this.socket.destroyed) return;
+    const timer = setTimeout(() => this.destroy(), END_TIMEOUT_MS);
+    timer.unref();
+    this.socket.end(() => {
+      clearTimeout(timer);
+      this.destroy();
+    });
   }
 
   private whenIdle(): Promise<void> {
@@ -207,6 +227,7 @@ export class Connection {
 
   /** Reads only while the client is within its in-flight budget and its replies are being consumed. */
   private updateFlow(): void {
+    if (this.phase === 'disconnecting') return; // stopped reading for good
     const stop = this.writeBlocked || this.inflight >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES;
     if (stop && !this.paused) {
       this.paused = true;
@@ -244,7 +265,8 @@ export class Connection {
       if (this.paused && (this.phase === 'request' || this.phase === 'payload')) return;
       switch (this.phase) {
         case 'closed':
-          return;
+        case 'disconnecting':
+          return; // a client sends nothing after NBD_CMD_DISC: anything it does is ignored
         case 'flags': {
           if (this.queue.length < 4) return;
           const flags = this.queue.take(4).readUInt32BE(0);
@@ -281,7 +303,7 @@ export class Connection {
           if (out.next === 'starttls') return this.startTls(out.replies);
           this.send(out.replies);
           if (out.next === 'close') {
-            this.socket.end();
+            this.endThenClose();
             this.phase = 'closed';
             return;
           }
@@ -381,10 +403,11 @@ export class Connection {
   private onRequest(r: Request): void {
     const s = this.session!;
     if (r.type === Cmd.NBD_CMD_DISC) {
+      // The spec: the server MUST handle all outstanding requests, then close. Their replies still go out.
       this.draining = true;
-      this.phase = 'closed';
+      this.phase = 'disconnecting';
       this.socket.pause();
-      void this.whenIdle().then(() => this.socket.end());
+      void this.whenIdle().then(() => this.endThenClose());
       return;
     }
     const bad = validate(s, r);
