@@ -1,5 +1,5 @@
 /* blockferry's native helper: the few Linux syscalls Node does not expose (fallocate, SEEK_DATA/SEEK_HOLE,
- * block-device ioctls, fadvise, madvise of a file's shared mappings) and glibc's mallopt, as synchronous
+ * block-device ioctls, fadvise, madvise of a file's shared mappings, flock) and glibc's mallopt, as synchronous
  * Node-API functions. They are rare or fast (metadata and settings only). One asynchronous function,
  * pwritePieces, writes a large buffer as a series of bounded pwrite calls in one thread-pool trip. And CRC32C
  * with the SSE4.2 instruction on three interleaved streams (where the CPU has it). */
@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <unistd.h>
 #if defined(__x86_64__)
@@ -425,6 +426,34 @@ static napi_value pwrite_many(napi_env env, napi_callback_info info) {
   return out;
 }
 
+/* tryLock(fd, exclusive): flock(LOCK_EX or LOCK_SH | LOCK_NB) on the open file. Returns true when taken, false
+ * when another open file holds a conflicting lock (EWOULDBLOCK); throws other errors. The lock goes with the
+ * open file: closing the descriptor, or the process ending in any way, releases it, so it is never stale. */
+static napi_value try_lock(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  size_t argc = 2;
+  napi_get_cb_info(env, info, &argc, argv, NULL, NULL);
+  int64_t fd;
+  bool exclusive = true;
+  if (argc < 2 || napi_get_value_int64(env, argv[0], &fd) != napi_ok || napi_get_value_bool(env, argv[1], &exclusive) != napi_ok) {
+    napi_throw_type_error(env, NULL, "blockferry_native: tryLock(fd, exclusive)");
+    return NULL;
+  }
+  int r;
+  do r = flock((int)fd, (exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB);
+  while (r < 0 && errno == EINTR);
+  napi_value out;
+  if (r == 0) {
+    napi_get_boolean(env, true, &out);
+    return out;
+  }
+  if (errno == EWOULDBLOCK) {
+    napi_get_boolean(env, false, &out);
+    return out;
+  }
+  return throw_errno(env, "flock", errno);
+}
+
 /* keepFreedMemory(mmapThreshold, trimThreshold): glibc malloc serves allocations below mmapThreshold from its
  * heap and gives freed memory back to the kernel only when more than trimThreshold is free at the top. Its
  * default (allocations from 128 KiB up by mmap, adjusted upwards as they are freed; trim above twice that)
@@ -597,6 +626,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"releasePages", NULL, release_pages, NULL, NULL, NULL, napi_default, NULL},
     {"pwritePieces", NULL, pwrite_pieces, NULL, NULL, NULL, napi_default, NULL},
     {"pwriteMany", NULL, pwrite_many, NULL, NULL, NULL, napi_default, NULL},
+    {"tryLock", NULL, try_lock, NULL, NULL, NULL, napi_default, NULL},
     {"keepFreedMemory", NULL, keep_freed_memory, NULL, NULL, NULL, napi_default, NULL},
     {"crc32c", NULL, crc32c, NULL, NULL, NULL, napi_default, NULL},
   };

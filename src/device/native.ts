@@ -44,6 +44,12 @@ export interface NativeHelper {
    * On a failure throws the errno error with `written`: how many were fully written before it.
    */
   pwriteMany(fd: number, buffers: Buffer[], offsets: number[]): number;
+  /**
+   * flock(LOCK_EX or LOCK_SH, non-blocking) on an open file: true when taken, false when another open file holds
+   * a conflicting lock. Released with the descriptor (or the process). Optional: a helper built before it was
+   * added lacks it.
+   */
+  tryLock?(fd: number, exclusive: boolean): boolean;
   /** glibc's mallopt M_MMAP_THRESHOLD and M_TRIM_THRESHOLD; false where malloc is not glibc's. */
   keepFreedMemory(mmapThreshold: number, trimThreshold: number): boolean;
   /**
@@ -88,6 +94,15 @@ export function loadNative(): NativeHelper | null {
     }
   }
   return cached;
+}
+
+/**
+ * Locks an open file for this process (NativeHelper.tryLock): true when taken, false when another holds it,
+ * undefined when it cannot be checked (no helper, or one built without tryLock).
+ */
+export function tryLockFile(fd: number, exclusive: boolean): boolean | undefined {
+  const native = loadNative();
+  return native?.tryLock ? native.tryLock(fd, exclusive) : undefined;
 }
 
 /** Allocations below this come from malloc's heap (glibc's largest allowed value), so freed ones are reused. */

@@ -17,7 +17,7 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { loadNative } from '../device/native.js';
+import { loadNative, tryLockFile } from '../device/native.js';
 import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
 import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
@@ -136,8 +136,16 @@ export interface JournalOptions {
    * faster on Linux 6.18 (see WRITE_MAP_DEFAULT).
    */
   writeMap?: boolean;
+  /**
+   * Hold DIR/serve.lock (flock, through the helper) while open: a second `serve` of the same journal is refused
+   * with ERR_JOURNAL_BUSY before it touches anything. `journal inspect` opens without it.
+   */
+  lock?: boolean;
   logger?: Logger;
 }
+
+/** The file Journal.open({ lock }) locks. */
+const LOCK_FILE = 'serve.lock';
 
 /** Written when pruning, so seqs and `cum` continue even when every entry has been pruned. */
 interface LogMeta {
@@ -219,6 +227,8 @@ export class Journal extends EventEmitter {
   /** The segments' data files (see data-files.ts): commit durability appends WRITE data there. */
   private data: DataFiles | undefined;
   private touchedSinceUnmap = 0;
+  /** DIR/serve.lock, held open (and locked) while this journal is (JournalOptions.lock). */
+  private lockFd: number | undefined;
   /**
    * commit durability: the values of the last committed seqs (see RECENT_BYTES), in `ring` at
    * recentOff/recentLen, oldest at recentAt; the window always ends at `committed`.
@@ -301,6 +311,18 @@ export class Journal extends EventEmitter {
 
   static async open(opts: JournalOptions): Promise<Journal> {
     fs.mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
+    const lockFd = opts.lock ? lockDir(opts.dir) : undefined;
+    try {
+      const j = await Journal.openLocked(opts);
+      j.lockFd = lockFd;
+      return j;
+    } catch (err) {
+      if (lockFd !== undefined) fs.closeSync(lockFd);
+      throw err;
+    }
+  }
+
+  private static async openLocked(opts: JournalOptions): Promise<Journal> {
     const maxBytes = opts.maxBytes ?? DEFAULT_MAX_BYTES;
     const durability = opts.durability ?? 'commit';
     // A write map only when asked for, where blocks can be allocated ahead of it, and for commit durability
@@ -1292,6 +1314,22 @@ export class Journal extends EventEmitter {
     await this.root.close();
     this.space?.close();
     this.data?.close();
+    if (this.lockFd !== undefined) fs.closeSync(this.lockFd);
+    this.lockFd = undefined;
+  }
+}
+
+/** Locks DIR/serve.lock for this process (see JournalOptions.lock); returns its descriptor. */
+function lockDir(dir: string): number {
+  const fd = fs.openSync(path.join(dir, LOCK_FILE), 'a', 0o600);
+  try {
+    if (tryLockFile(fd, true) === false) {
+      throw new BlockferryError('ERR_JOURNAL_BUSY', `journal ${dir} is in use by another blockferry serve (it holds ${LOCK_FILE}); stop that one first`);
+    }
+    return fd;
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
   }
 }
 

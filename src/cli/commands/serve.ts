@@ -105,12 +105,12 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
   const imageIsNew = !fs.existsSync(img.path);
-  const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly });
+  const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly, lock: opts.readOnly ? 'shared' : 'exclusive' });
   const dir = journalDirFor(opts, img);
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
   try {
-    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, logger: log });
+    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     if (!volumeId) {
       volumeId = randomUUID();

@@ -1,0 +1,80 @@
+// One writer per image and per journal: a second `serve` of an image (or of a journal) that one is serving is
+// refused before it touches anything, as qemu refuses an image another qemu writes. Real processes; the locks
+// are flock()s, so a SIGKILLed serve leaves none behind.
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawn } from 'node:child_process';
+import { CLI, run, startServe } from './helpers/processes.js';
+
+const SIZE = 16 * 2 ** 20;
+
+/**
+ * `blockferry serve ARGS`, expected to refuse to start: resolves with its exit code and output. One still
+ * running after 15 s (it started serving) is stopped and reported with code null.
+ */
+function serveOnce(args: string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, 'serve', ...args, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    p.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
+    p.on('error', reject);
+    p.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+t.test('a second serve of a served image, or of its journal, is refused and changes nothing', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'disk.img');
+  const other = path.join(dir, 'other.img');
+  fs.writeFileSync(other, Buffer.alloc(SIZE));
+  const first = await startServe(['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0'], t.teardown);
+  const data = randomBytes(SIZE);
+  await run('nbdcopy', ['-', first.uri], { input: data });
+
+  const twin = await serveOnce(['--image', `disk=${img}`]);
+  t.equal(twin.code, 1, 'serve of the same image exits 1');
+  t.match(twin.stderr, /image .*disk\.img is in use: another blockferry process serves it/, 'and says the image is in use');
+  const readOnly = await serveOnce(['--image', `disk=${img}`, '--read-only']);
+  t.equal(readOnly.code, 1, 'a read-only serve of it is refused too (the first one writes it)');
+  t.match(readOnly.stderr, /is in use: another blockferry process writes it/);
+  const sharing = await serveOnce(['--image', `other=${other}`, '--journal', `${img}.journal`]);
+  t.equal(sharing.code, 1, 'serve of another image with the same journal exits 1');
+  t.match(sharing.stderr, /journal .*disk\.img\.journal is in use by another blockferry serve/, 'and says the journal is in use');
+
+  const copy = path.join(dir, 'copy.img');
+  await run('nbdcopy', [first.uri, copy]);
+  t.ok(fs.readFileSync(copy).equals(data), 'the first serve still serves what was written');
+  t.ok(fs.readFileSync(other).equals(Buffer.alloc(SIZE)), 'the other image was not touched');
+
+  // A SIGKILLed serve holds no lock: the next one starts, recovers and serves the same bytes.
+  first.child.kill('SIGKILL');
+  await first.exited;
+  const next = await startServe(['--image', `disk=${img}`, '--listen', '127.0.0.1:0'], t.teardown);
+  fs.rmSync(copy);
+  await run('nbdcopy', [next.uri, copy]);
+  t.ok(fs.readFileSync(copy).equals(data), 'after SIGKILL the next serve starts and serves the same bytes');
+  t.equal(await next.stop(), 0, 'and stops cleanly');
+});
+
+t.test('read-only serves of one image share it; a writer waits for them to go', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'ro.img');
+  fs.writeFileSync(img, Buffer.alloc(SIZE, 5));
+  const a = await startServe(['--image', `ro=${img}`, '--read-only', '--listen', '127.0.0.1:0'], t.teardown);
+  const b = await startServe(['--image', `ro=${img}`, '--read-only', '--listen', '127.0.0.1:0'], t.teardown);
+  for (const s of [a, b]) t.match((await run('nbdinfo', ['--size', s.uri])).stdout.trim(), String(SIZE), `${s.uri} serves the image`);
+  const writer = await serveOnce(['--image', `ro=${img}`]);
+  t.equal(writer.code, 1, 'a writing serve is refused while they run');
+  t.match(writer.stderr, /is in use: another blockferry process serves it/);
+  t.equal(await a.stop(), 0);
+  t.equal(await b.stop(), 0);
+  const after = await startServe(['--image', `ro=${img}`, '--listen', '127.0.0.1:0'], t.teardown);
+  t.match((await run('nbdinfo', ['--size', after.uri])).stdout.trim(), String(SIZE), 'once they are gone, a writing serve starts');
+  t.equal(await after.stop(), 0);
+});
