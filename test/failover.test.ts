@@ -67,7 +67,7 @@ t.test('failover, split brain, failback', async (t) => {
     () => 'promoted',
     (err: Error) => err.message,
   );
-  t.match(busy, /replayer \(pid \d+\) is running/, 'promote refuses while the replayer runs on the directory');
+  t.match(busy, /in use by another process \(pid \d+\): stop it before running promote/, 'promote refuses while the replayer runs on the directory');
   replayB.child.kill('SIGTERM');
   t.equal(await replayB.exited, 0, 'replayer B stops cleanly');
   const promoted = await run(process.execPath, [CLI, 'promote', '--data-dir', dataB, '--volume', 'disk']);

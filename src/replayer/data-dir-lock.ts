@@ -1,16 +1,24 @@
-// One replayer per data directory: `replay` holds DIR/replay.pid while it runs, so `promote` and `demote`
-// (which change volume state offline) and a second replayer can tell that the directory is in use.
+// One process per data directory: `replay` holds a lock on DIR/replay.pid while it runs, and `promote` and
+// `demote` (which change volume state offline) hold it while they work, so none of them runs beside another.
+// The lock is a flock through the native helper: it belongs to the open file, so a SIGKILLed replayer leaves
+// none behind, and a PID reused by another process after a crash blocks nothing (the PID-file check this
+// replaces refused to start then, and let two replayers started at once both pass). The file also holds the
+// holder's PID, for the message. Without the helper the PID in the file is all there is to check.
 import fs from 'node:fs';
 import path from 'node:path';
+import { tryLockFile } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 
 const LOCK = 'replay.pid';
 
-/** The PID of a live process holding the directory, or undefined (no lock, or a stale one). */
-export function dataDirHolder(dir: string): number | undefined {
+/** Descriptors of the lock files this process holds, by resolved directory. */
+const held = new Map<string, number>();
+
+/** The PID a lock file names, if it is a live process's (the check without the helper). */
+function livePid(file: string): number | undefined {
   let pid: number;
   try {
-    pid = Number(fs.readFileSync(path.join(dir, LOCK), 'utf8').trim());
+    pid = Number(fs.readFileSync(file, 'utf8').trim());
   } catch {
     return undefined;
   }
@@ -23,15 +31,40 @@ export function dataDirHolder(dir: string): number | undefined {
   }
 }
 
-export function lockDataDir(dir: string): void {
+/** Takes the directory for this process (`what` it is for, in the refusal); throws ERR_DATA_DIR_BUSY if another has it. */
+export function lockDataDir(dir: string, what = 'a replayer'): void {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const holder = dataDirHolder(dir);
-  if (holder !== undefined && holder !== process.pid) {
-    throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by another replayer (pid ${holder}); stop it first`);
+  const key = path.resolve(dir);
+  if (held.has(key)) throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by this process already: stop that before running ${what} on it`);
+  const file = path.join(dir, LOCK);
+  const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+  try {
+    const locked = tryLockFile(fd, true);
+    const holder = locked === false ? (livePid(file) ?? 'unknown') : locked === undefined ? livePid(file) : undefined;
+    if (holder !== undefined && holder !== process.pid) {
+      throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by another process (pid ${holder}): stop it before running ${what} on it`);
+    }
+    fs.ftruncateSync(fd, 0);
+    fs.writeSync(fd, `${process.pid}\n`, 0);
+  } catch (err) {
+    fs.closeSync(fd);
+    throw err;
   }
-  fs.writeFileSync(path.join(dir, LOCK), `${process.pid}\n`);
+  held.set(key, fd);
 }
 
+/**
+ * Gives the directory up. The file stays, emptied (no PID for the check without the helper): deleting a lock
+ * file lets a process that opened it just before lock the deleted file while another locks a new one.
+ */
 export function unlockDataDir(dir: string): void {
-  if (dataDirHolder(dir) === process.pid) fs.rmSync(path.join(dir, LOCK), { force: true });
+  const key = path.resolve(dir);
+  const fd = held.get(key);
+  if (fd === undefined) return;
+  held.delete(key);
+  try {
+    fs.ftruncateSync(fd, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
 }

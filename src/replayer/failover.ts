@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { open } from 'lmdb';
 import { BlockferryError } from '../util/errors.js';
-import { dataDirHolder } from './data-dir-lock.js';
+import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import type { VolumeState } from './replay-server.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -14,9 +14,14 @@ function checkName(volume: string): void {
   if (!VOLUME_NAME.test(volume)) throw new BlockferryError('ERR_USAGE', `invalid volume name ${JSON.stringify(volume)}`);
 }
 
-function checkIdle(dataDir: string): void {
-  const pid = dataDirHolder(dataDir);
-  if (pid !== undefined) throw new BlockferryError('ERR_DATA_DIR_BUSY', `a replayer (pid ${pid}) is running on ${dataDir}: stop it first`);
+/** Runs `work` holding the data directory (no replayer, promote or demote runs on it meanwhile). */
+async function withDataDir<T>(dataDir: string, what: string, work: () => Promise<T>): Promise<T> {
+  lockDataDir(dataDir, what);
+  try {
+    return await work();
+  } finally {
+    unlockDataDir(dataDir);
+  }
 }
 
 export interface PromoteResult {
@@ -28,7 +33,11 @@ export interface PromoteResult {
 
 export async function promoteVolume(dataDir: string, volume: string, opts: { force?: boolean } = {}): Promise<PromoteResult> {
   checkName(volume);
-  checkIdle(dataDir);
+  if (!fs.existsSync(dataDir)) throw new BlockferryError('ERR_NO_VOLUME', `there is no replica of volume ${volume} in ${dataDir}`);
+  return withDataDir(dataDir, 'promote', () => promoteLocked(dataDir, volume, opts));
+}
+
+async function promoteLocked(dataDir: string, volume: string, opts: { force?: boolean }): Promise<PromoteResult> {
   const image = path.join(dataDir, `${volume}.img`);
   const statePath = path.join(dataDir, `${volume}.state.mdb`);
   if (!fs.existsSync(image) || !fs.existsSync(statePath)) throw new BlockferryError('ERR_NO_VOLUME', `there is no replica of volume ${volume} in ${dataDir}`);
@@ -65,8 +74,10 @@ export interface DemoteResult {
  */
 export async function demoteImage(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
   checkName(volume);
-  checkIdle(dataDir);
-  fs.mkdirSync(dataDir, { recursive: true });
+  return withDataDir(dataDir, 'demote', () => demoteLocked(imagePath, dataDir, volume));
+}
+
+async function demoteLocked(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
   const image = path.join(dataDir, `${volume}.img`);
   const statePath = path.join(dataDir, `${volume}.state.mdb`);
   if (!fs.existsSync(imagePath)) throw new BlockferryError('ERR_NO_IMAGE', `${imagePath} does not exist`);

@@ -1,0 +1,58 @@
+// One process per replayer data directory (src/replayer/data-dir-lock.ts), with real processes: a second
+// replayer and an offline promote are refused while one runs; a SIGKILLed replayer leaves nothing that blocks
+// the next one, even when its PID now belongs to another live process.
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { converges } from './helpers/files.js';
+
+/** `blockferry ARGS` expected to refuse: exit code and stderr; one still running after 15 s is killed (code null). */
+function refusing(args: string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    p.stderr.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
+    p.on('error', reject);
+    p.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
+
+t.test('a replayer data directory has one user at a time; a SIGKILLed replayer leaves nothing behind', async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'replica');
+  const first = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', data], t.teardown);
+  // A volume in it, so that promote has something to refuse to touch.
+  const img = path.join(dir, 'vol.img');
+  fs.writeFileSync(img, Buffer.alloc(4 * 2 ** 20, 9));
+  const s = await startServe(['--image', `vol=${img}`, '--listen', '127.0.0.1:0', '--replicate-to', first.url], t.teardown);
+  t.ok(await converges(img, path.join(data, 'vol.img')), 'the replica of vol is in the directory');
+
+  const second = await refusing(['replay', '--listen', '127.0.0.1:0', '--data-dir', data]);
+  t.equal(second.code, 1, 'a second replayer on the directory exits 1');
+  t.match(second.stderr, new RegExp(`in use by another process \\(pid ${first.child.pid}\\)`), 'naming the running one');
+  const promote = await refusing(['promote', '--data-dir', data, '--volume', 'vol']);
+  t.equal(promote.code, 1, 'promote while the replayer runs exits 1');
+  t.match(promote.stderr, /in use by another process .*: stop it before running promote/);
+
+  // Killed: the lock goes with it. Its PID file now names a live process that is not a replayer (this test's
+  // own process, as after a reboot that handed the PID to something else): that must not block the next one.
+  first.child.kill('SIGKILL');
+  await first.exited;
+  fs.writeFileSync(path.join(data, 'replay.pid'), `${process.pid}\n`);
+  const next = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', data], t.teardown);
+  t.ok(next.port > 0, 'the next replayer starts on the directory');
+  t.equal(fs.readFileSync(path.join(data, 'replay.pid'), 'utf8').trim(), String(next.child.pid), 'and names itself in replay.pid');
+  next.child.kill('SIGTERM');
+  t.equal(await next.exited, 0, 'it stops cleanly');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+
+  const promoted = await runStatus(process.execPath, [CLI, 'promote', '--data-dir', data, '--volume', 'vol', '--json']);
+  t.equal(promoted.code, 0, `promote runs once no replayer does${promoted.code ? `: ${promoted.stderr}` : ''}`);
+  t.equal(JSON.parse(promoted.stdout).volume, 'vol');
+});
