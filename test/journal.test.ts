@@ -7,6 +7,7 @@ import path from 'node:path';
 import { open } from 'lmdb';
 import { Journal } from '../src/journal/journal.js';
 import { replayLocal } from '../src/journal/replay-local.js';
+import { inspectJournal } from '../src/cli/commands/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { decodeValue, encodeValue, entryCrc } from '../src/journal/entry.js';
 import { loadNative } from '../src/device/native.js';
@@ -578,6 +579,49 @@ t.test('replay-local rebuilds the primary from base + journal, and a prefix with
   t.ok(fs.readFileSync(out).equals(primary), 'byte-identical to the primary');
   await replayLocal({ journal: path.join(dir, 'j'), base, out, until: 150 });
   t.ok(fs.readFileSync(out).equals(mid!), '--until 150 gives the state after seq 150');
+});
+
+t.test('journal inspect and replay-local only read: beside a live serve they change no file, delete none', async (t) => {
+  const top = t.testdir();
+  const dir = path.join(top, 'j');
+  const size = 1024 * 1024;
+  const live = await Journal.open({ dir, keep: true, lock: true }); // as serve opens it, and left open
+  const image = Buffer.alloc(size);
+  for (let i = 0; i < 200; i++) {
+    const d = randomBytes(4096);
+    const off = (i * 4096) % size;
+    d.copy(image, off);
+    await live.append(EntryKind.WRITE, off, d.length, d).done;
+  }
+  await live.flush();
+  // A segment's data file is created just before the commit naming it: to a reader in between it looks like
+  // an orphan. So does this one.
+  fs.writeFileSync(path.join(dir, 'entries.77.data'), randomBytes(8192));
+  // journal.mdb-lock is LMDB's table of readers, which every reader writes its slot into by design.
+  const files = () =>
+    fs
+      .readdirSync(dir)
+      .sort()
+      .map((f) => (f === 'journal.mdb-lock' ? f : `${f}:${fs.readFileSync(path.join(dir, f)).toString('base64')}`));
+  const before = files();
+
+  const seen = await inspectJournal(dir, 5);
+  t.equal(seen.stats.committedSeq, 200, 'inspect sees the live journal');
+  t.same(seen.last.map((e) => e.seq), [196, 197, 198, 199, 200], 'and its last entries');
+  const out = path.join(top, 'out.img');
+  const res = await replayLocal({ journal: dir, size, out });
+  t.equal(res.entries, 200);
+  t.ok(fs.readFileSync(out).equals(image), 'replay-local rebuilds the image from the live journal');
+  t.same(files(), before, 'every file of the journal is as it was, byte for byte, and none was deleted');
+
+  const more = randomBytes(4096);
+  await live.append(EntryKind.WRITE, 0, more.length, more).done;
+  await live.flush();
+  await live.close();
+  const reopened = await Journal.open({ dir });
+  t.equal(reopened.stats.committedSeq, 201, 'the live journal went on, and reopens with all its entries');
+  t.ok(reopened.read(201)[0].data!.equals(more));
+  await reopened.close();
 });
 
 for (const durability of ['commit', 'sync'] as const) {

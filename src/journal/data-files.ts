@@ -71,9 +71,11 @@ export class DataFiles {
   private spareBytes = 0;
 
   /** `maxSpareBytes`: how many bytes of dropped segments' files are kept for reuse (0: each is deleted). */
+  /** `readOnly`: only reads (journal inspect beside a live serve): files are opened read-only, never created. */
   constructor(
     private readonly dir: string,
     private readonly maxSpareBytes = 0,
+    private readonly readOnly = false,
   ) {
     this.dirFd = fs.openSync(dir, 'r');
   }
@@ -212,7 +214,7 @@ export class DataFiles {
   private fd(segment: string): number {
     let fd = this.fds.get(segment);
     if (fd === undefined) {
-      fd = fs.openSync(this.file(segment), fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
+      fd = fs.openSync(this.file(segment), this.readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
       this.fds.set(segment, fd);
     }
     return fd;

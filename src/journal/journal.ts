@@ -141,6 +141,13 @@ export interface JournalOptions {
    * with ERR_JOURNAL_BUSY before it touches anything. `journal inspect` opens without it.
    */
   lock?: boolean;
+  /**
+   * Only read (journal inspect, replay-local), which may run beside a live serve: LMDB is opened read-only and
+   * no file is changed, not even on close (a read-write open deleted data files it took for orphans, among
+   * them a new segment's file between its creation and the commit naming it, and wrote its own, soon stale,
+   * head and tail into the journal on close). Appends and other changes throw.
+   */
+  readOnly?: boolean;
   logger?: Logger;
 }
 
@@ -229,6 +236,8 @@ export class Journal extends EventEmitter {
   private touchedSinceUnmap = 0;
   /** DIR/serve.lock, held open (and locked) while this journal is (JournalOptions.lock). */
   private lockFd: number | undefined;
+  /** Opened to read only (JournalOptions.readOnly). */
+  private readOnly = false;
   /**
    * commit durability: the values of the last committed seqs (see RECENT_BYTES), in `ring` at
    * recentOff/recentLen, oldest at recentAt; the window always ends at `committed`.
@@ -327,8 +336,8 @@ export class Journal extends EventEmitter {
     const durability = opts.durability ?? 'commit';
     // A write map only when asked for, where blocks can be allocated ahead of it, and for commit durability
     // (sync durability commits on lmdb-js's writer thread, where no allocation can come first).
-    const allocate = durability === 'commit' && (opts.writeMap ?? WRITE_MAP_DEFAULT) ? MapSpace.allocator() : undefined;
-    let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined);
+    const allocate = durability === 'commit' && !opts.readOnly && (opts.writeMap ?? WRITE_MAP_DEFAULT) ? MapSpace.allocator() : undefined;
+    let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined, opts.readOnly ?? false);
     let space: MapSpace | undefined;
     if (allocate) {
       const env = (root as unknown as { env: { stat(): { pageSize: number }; info(): { lastPageNumber: number } } }).env;
@@ -339,7 +348,7 @@ export class Journal extends EventEmitter {
         // disk appends then fail as writes).
         (opts.logger ?? silentLogger).warn({ err }, 'journal: cannot allocate space ahead; opening without a write map');
         await root.close();
-        root = openEnv(opts.dir, maxBytes, durability, false);
+        root = openEnv(opts.dir, maxBytes, durability, false, false);
       }
     }
     const meta = root.openDB<unknown, string>({ name: 'meta' });
@@ -348,9 +357,13 @@ export class Journal extends EventEmitter {
     const j = new Journal(root, segments, meta, maxBytes, durability, opts.keep ?? false, (opts.logger ?? silentLogger).child({ component: 'journal' }));
     j.space = space;
     j.dir = opts.dir;
-    j.data = new DataFiles(opts.dir, Math.min(SPARE_BYTES, Math.floor(maxBytes / 4)));
-    j.data.removeOrphans(segments.map((g) => g.name));
-    if (durability === 'commit') j.data.openActive(segments[segments.length - 1].name);
+    j.readOnly = opts.readOnly ?? false;
+    if (j.readOnly) j.failure = new BlockferryError('ERR_JOURNAL_READ_ONLY', `journal ${opts.dir} is open read-only`);
+    j.data = new DataFiles(opts.dir, Math.min(SPARE_BYTES, Math.floor(maxBytes / 4)), j.readOnly);
+    if (!j.readOnly) {
+      j.data.removeOrphans(segments.map((g) => g.name));
+      if (durability === 'commit') j.data.openActive(segments[segments.length - 1].name);
+    }
     j.checkTail();
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     return j;
@@ -1302,6 +1315,11 @@ export class Journal extends EventEmitter {
   async close(): Promise<void> {
     if (this.isClosed) return;
     this.isClosed = true;
+    if (this.readOnly) {
+      await this.root.close();
+      this.data?.close();
+      return;
+    }
     for (const w of this.waiters.splice(0)) w.resolve();
     // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.
     for (const p of this.waitingForSpace.splice(0)) p.reject(new BlockferryError('ESHUTDOWN', `journal closed before seq ${p.seq} had room to be written`));
@@ -1334,8 +1352,10 @@ function lockDir(dir: string): number {
 }
 
 /** Opens the LMDB environment of a journal (see Journal.open for the settings' reasons). */
-function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', writeMap: boolean): RootDatabase {
+function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', writeMap: boolean, readOnly: boolean): RootDatabase {
+  if (readOnly && !fs.existsSync(path.join(dir, 'journal.mdb'))) throw new BlockferryError('ERR_NO_JOURNAL', `${dir} holds no journal`);
   return open({
+    readOnly,
     // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.
     path: path.join(dir, 'journal.mdb'),
     mapSize: Math.ceil(maxBytes * 1.25) + MAP_HEADROOM,

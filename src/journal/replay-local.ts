@@ -26,7 +26,7 @@ export interface ReplayLocalResult {
 
 export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocalResult> {
   if (!fs.existsSync(opts.journal)) throw new BlockferryError('ERR_USAGE', `journal ${opts.journal} does not exist`);
-  const journal = await Journal.open({ dir: opts.journal });
+  const journal = await Journal.open({ dir: opts.journal, readOnly: true });
   try {
     const st = journal.stats;
     // Also when every entry was pruned: replaying nothing would hand back the base (or zeroes) as if complete.

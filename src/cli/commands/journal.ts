@@ -33,7 +33,7 @@ function diskBytes(dir: string, pick: (file: string) => boolean): number {
 
 export async function inspectJournal(dir: string, last = 10): Promise<JournalInspection> {
   if (!fs.existsSync(dir)) throw new UsageError(`journal ${dir} does not exist`);
-  const j = await Journal.open({ dir });
+  const j = await Journal.open({ dir, readOnly: true });
   try {
     const stats = j.stats;
     const from = Math.max(stats.tailSeq, stats.committedSeq - last + 1);
