@@ -1,6 +1,6 @@
 // One process per replayer data directory (src/replayer/data-dir-lock.ts), with real processes: a second
-// replayer and an offline promote are refused while one runs; a SIGKILLed replayer leaves nothing that blocks
-// the next one, even when its PID now belongs to another live process.
+// replayer, an offline promote and a serve of a replica image are refused while one runs; a SIGKILLed replayer
+// leaves nothing that blocks the next one, even when its PID now belongs to another live process.
 import t from 'tap';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
@@ -39,6 +39,9 @@ t.test('a replayer data directory has one user at a time; a SIGKILLed replayer l
   const promote = await refusing(['promote', '--data-dir', data, '--volume', 'vol']);
   t.equal(promote.code, 1, 'promote while the replayer runs exits 1');
   t.match(promote.stderr, /in use by another process .*: stop it before running promote/);
+  const served = await refusing(['serve', '--image', `vol=${path.join(data, 'vol.img')}`, '--no-journal', '--listen', '127.0.0.1:0']);
+  t.equal(served.code, 1, 'a serve of the replica image while the replayer writes it exits 1');
+  t.match(served.stderr, /vol\.img is in use by another blockferry process/, 'saying the image is in use');
 
   // Killed: the lock goes with it. Its PID file now names a live process that is not a replayer (this test's
   // own process, as after a reboot that handed the PID to something else): that must not block the next one.

@@ -39,10 +39,10 @@ t.test('a second serve of a served image, or of its journal, is refused and chan
 
   const twin = await serveOnce(['--image', `disk=${img}`]);
   t.equal(twin.code, 1, 'serve of the same image exits 1');
-  t.match(twin.stderr, /image .*disk\.img is in use: another blockferry process serves it/, 'and says the image is in use');
+  t.match(twin.stderr, /image .*disk\.img is in use by another blockferry process/, 'and says the image is in use');
   const readOnly = await serveOnce(['--image', `disk=${img}`, '--read-only']);
   t.equal(readOnly.code, 1, 'a read-only serve of it is refused too (the first one writes it)');
-  t.match(readOnly.stderr, /is in use: another blockferry process writes it/);
+  t.match(readOnly.stderr, /is in use by another blockferry process/);
   const sharing = await serveOnce(['--image', `other=${other}`, '--journal', `${img}.journal`]);
   t.equal(sharing.code, 1, 'serve of another image with the same journal exits 1');
   t.match(sharing.stderr, /journal .*disk\.img\.journal is in use by another blockferry serve/, 'and says the journal is in use');
@@ -71,7 +71,7 @@ t.test('read-only serves of one image share it; a writer waits for them to go', 
   for (const s of [a, b]) t.match((await run('nbdinfo', ['--size', s.uri])).stdout.trim(), String(SIZE), `${s.uri} serves the image`);
   const writer = await serveOnce(['--image', `ro=${img}`]);
   t.equal(writer.code, 1, 'a writing serve is refused while they run');
-  t.match(writer.stderr, /is in use: another blockferry process serves it/);
+  t.match(writer.stderr, /is in use by another blockferry process/);
   t.equal(await a.stop(), 0);
   t.equal(await b.stop(), 0);
   const after = await startServe(['--image', `ro=${img}`, '--listen', '127.0.0.1:0'], t.teardown);

@@ -132,7 +132,7 @@ export class FileDevice implements BlockDevice {
       if (opts.lock && native?.tryLock && !native.tryLock(fd, opts.lock === 'exclusive')) {
         throw new BlockferryError(
           'ERR_IMAGE_BUSY',
-          `image ${opts.path} is in use: another blockferry process ${opts.lock === 'exclusive' ? 'serves' : 'writes'} it (it holds a lock on the file); stop that one first`,
+          `image ${opts.path} is in use by another blockferry process (a serve of it, or a replayer applying to it; it holds a lock on the file): stop that one first`,
         );
       }
       return new FileDevice(opts.path, fd, size, isBlock, readOnly, opts.syncThreshold ?? DEFAULT_SYNC_THRESHOLD, native, opts.writePiece ?? WRITE_PIECE);

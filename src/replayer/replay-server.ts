@@ -68,10 +68,19 @@ class Volume {
 
   static async open(dir: string, name: string, size: number): Promise<Volume> {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
-    const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
-    const image = path.join(dir, `${name}.img`);
-    const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size, writePiece: REPLICA_WRITE_PIECE });
-    return new Volume(name, device, db, state);
+    try {
+      const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
+      const image = path.join(dir, `${name}.img`);
+      // Locked while open, as serve locks its images: a `serve` of the replica image started by mistake while
+      // the replayer writes it is refused instead of writing beside it. Not a promoted volume's: the replayer
+      // never writes it again, and its new primary serves it while old primaries are told it was promoted.
+      const lock = state.promoted ? undefined : 'exclusive';
+      const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size, writePiece: REPLICA_WRITE_PIECE, lock });
+      return new Volume(name, device, db, state);
+    } catch (err) {
+      await db.close();
+      throw err;
+    }
   }
 
   /** Highest seq whose entries, and all before it, are on stable storage with the state recording it. */
