@@ -2,26 +2,10 @@
 // replayer, an offline promote and a serve of a replica image are refused while one runs; a SIGKILLed replayer
 // leaves nothing that blocks the next one, even when its PID now belongs to another live process.
 import t from 'tap';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { converges } from './helpers/files.js';
-
-/** `blockferry ARGS` expected to refuse: exit code and stderr; one still running after 15 s is killed (code null). */
-function refusing(args: string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    p.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
-    p.on('error', reject);
-    p.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
-}
 
 t.test('a replayer data directory has one user at a time; a SIGKILLed replayer leaves nothing behind', async (t) => {
   const dir = t.testdir();
@@ -33,13 +17,13 @@ t.test('a replayer data directory has one user at a time; a SIGKILLed replayer l
   const s = await startServe(['--image', `vol=${img}`, '--listen', '127.0.0.1:0', '--replicate-to', first.url], t.teardown);
   t.ok(await converges(img, path.join(data, 'vol.img')), 'the replica of vol is in the directory');
 
-  const second = await refusing(['replay', '--listen', '127.0.0.1:0', '--data-dir', data]);
+  const second = await runRefused(['replay', '--listen', '127.0.0.1:0', '--data-dir', data]);
   t.equal(second.code, 1, 'a second replayer on the directory exits 1');
   t.match(second.stderr, new RegExp(`in use by another process \\(pid ${first.child.pid}\\)`), 'naming the running one');
-  const promote = await refusing(['promote', '--data-dir', data, '--volume', 'vol']);
+  const promote = await runRefused(['promote', '--data-dir', data, '--volume', 'vol']);
   t.equal(promote.code, 1, 'promote while the replayer runs exits 1');
   t.match(promote.stderr, /in use by another process .*: stop it before running promote/);
-  const served = await refusing(['serve', '--image', `vol=${path.join(data, 'vol.img')}`, '--no-journal', '--listen', '127.0.0.1:0']);
+  const served = await runRefused(['serve', '--image', `vol=${path.join(data, 'vol.img')}`, '--no-journal', '--listen', '127.0.0.1:0']);
   t.equal(served.code, 1, 'a serve of the replica image while the replayer writes it exits 1');
   t.match(served.stderr, /vol\.img is in use by another blockferry process/, 'saying the image is in use');
 

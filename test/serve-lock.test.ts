@@ -5,27 +5,13 @@ import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
-import { CLI, run, startServe } from './helpers/processes.js';
+import { run, runRefused, startServe } from './helpers/processes.js';
 
 const SIZE = 16 * 2 ** 20;
 
-/**
- * `blockferry serve ARGS`, expected to refuse to start: resolves with its exit code and output. One still
- * running after 15 s (it started serving) is stopped and reported with code null.
- */
-function serveOnce(args: string[]): Promise<{ code: number | null; stderr: string }> {
-  return new Promise((resolve, reject) => {
-    const p = spawn(process.execPath, [CLI, 'serve', ...args, '--listen', '127.0.0.1:0'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    let stderr = '';
-    p.stderr.on('data', (d) => (stderr += d));
-    const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
-    p.on('error', reject);
-    p.on('exit', (code) => {
-      clearTimeout(timer);
-      resolve({ code, stderr });
-    });
-  });
+/** `blockferry serve ARGS` on any port, expected to refuse to start. */
+function serveOnce(args: string[]) {
+  return runRefused(['serve', ...args, '--listen', '127.0.0.1:0']);
 }
 
 t.test('a second serve of a served image, or of its journal, is refused and changes nothing', async (t) => {

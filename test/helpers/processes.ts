@@ -91,6 +91,24 @@ export function runStatus(cmd: string, args: string[], opts: { cwd?: string } = 
   });
 }
 
+/**
+ * `blockferry ARGS` expected to refuse to start: resolves with its exit code and stderr. One still running
+ * after 15 s (it started after all) is SIGKILLed and reported with code null, so a regression fails, not hangs.
+ */
+export function runRefused(args: string[]): Promise<{ code: number | null; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [CLI, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
+    let stderr = '';
+    p.stderr!.on('data', (d) => (stderr += d));
+    const timer = setTimeout(() => p.kill('SIGKILL'), 15_000);
+    p.on('error', reject);
+    p.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stderr });
+    });
+  });
+}
+
 export interface Replaying {
   child: ChildProcess;
   url: string;
