@@ -64,3 +64,14 @@ t.test('read-only serves of one image share it; a writer waits for them to go', 
   t.match((await run('nbdinfo', ['--size', after.uri])).stdout.trim(), String(SIZE), 'once they are gone, a writing serve starts');
   t.equal(await after.stop(), 0);
 });
+
+t.test('one image under two export names (here through a symlink) is refused at once as a usage error', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'x.img');
+  fs.writeFileSync(img, Buffer.alloc(SIZE));
+  fs.symlinkSync(img, path.join(dir, 'y.img'));
+  const twice = await serveOnce(['--image', `a=${img}`, '--image', `b=${path.join(dir, 'y.img')}`]);
+  t.equal(twice.code, 2, 'serve exits 2 (usage)');
+  t.match(twice.stderr, /--image b=.*y\.img is the image exported as "a" already/, 'naming both exports');
+  t.notOk(fs.existsSync(`${img}.journal`), 'and opened nothing (no journal was created)');
+});

@@ -167,9 +167,15 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
 export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
   const log = opts.logger ?? createLogger();
   const names = new Set<string>();
+  const files = new Map<string, string>(); // device:inode -> export name
   for (const img of opts.images) {
     if (names.has(img.name)) throw new UsageError(`two images are named "${img.name}"; name them with --image NAME=PATH`);
     names.add(img.name);
+    // One file under two names would be two writers of it, each with its own journal (and its lock refuses it).
+    const st = fs.statSync(img.path, { throwIfNoEntry: false });
+    const id = st && `${st.dev}:${st.ino}`;
+    if (id && files.has(id)) throw new UsageError(`--image ${img.name}=${img.path} is the image exported as "${files.get(id)}" already; export each image once`);
+    if (id) files.set(id, img.name);
   }
   const volumes: ServedVolume[] = [];
   try {
