@@ -43,3 +43,24 @@ t.test('a replayer data directory has one user at a time; a SIGKILLed replayer l
   t.equal(promoted.code, 0, `promote runs once no replayer does${promoted.code ? `: ${promoted.stderr}` : ''}`);
   t.equal(JSON.parse(promoted.stdout).volume, 'vol');
 });
+
+t.test('the flock decides, not the PID in the file; a directory reached by a symlink is the same directory', async (t) => {
+  const { lockDataDir, unlockDataDir } = await import('../src/replayer/data-dir-lock.js');
+  const dir = t.testdir();
+  const data = path.join(dir, 'replica');
+  const other = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', data], t.teardown);
+  // The file names this process while another holds the flock (a stale PID that is now ours): still refused.
+  fs.writeFileSync(path.join(data, 'replay.pid'), `${process.pid}\n`);
+  t.throws(() => lockDataDir(data, 'a test'), { code: 'ERR_DATA_DIR_BUSY' }, 'refused while another process holds the lock');
+  other.child.kill('SIGTERM');
+  t.equal(await other.exited, 0, 'the replayer stops cleanly');
+
+  const link = path.join(dir, 'link');
+  fs.symlinkSync(data, link);
+  lockDataDir(data, 'a test');
+  t.teardown(() => unlockDataDir(data));
+  t.throws(() => lockDataDir(link, 'a test'), { code: 'ERR_DATA_DIR_BUSY', message: /in use by this process already/ }, 'the same directory by a symlink is refused');
+  unlockDataDir(link);
+  lockDataDir(data, 'a test');
+  t.pass('unlocking by the symlink gave the directory up');
+});

@@ -11,7 +11,7 @@ import { BlockferryError } from '../util/errors.js';
 
 const LOCK = 'replay.pid';
 
-/** Descriptors of the lock files this process holds, by resolved directory. */
+/** Descriptors of the lock files this process holds, by real path of the directory (symlinks resolved). */
 const held = new Map<string, number>();
 
 /** The PID a lock file names, if it is a live process's (the check without the helper). */
@@ -34,15 +34,20 @@ function livePid(file: string): number | undefined {
 /** Takes the directory for this process (`what` it is for, in the refusal); throws ERR_DATA_DIR_BUSY if another has it. */
 export function lockDataDir(dir: string, what = 'a replayer'): void {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
-  const key = path.resolve(dir);
+  const key = fs.realpathSync(dir);
   if (held.has(key)) throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by this process already: stop that before running ${what} on it`);
   const file = path.join(dir, LOCK);
   const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
   try {
+    const busy = (holder: number | string) =>
+      new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by another process (pid ${holder}): stop it before running ${what} on it`);
     const locked = tryLockFile(fd, true);
-    const holder = locked === false ? (livePid(file) ?? 'unknown') : locked === undefined ? livePid(file) : undefined;
-    if (holder !== undefined && holder !== process.pid) {
-      throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by another process (pid ${holder}): stop it before running ${what} on it`);
+    // A refused flock is always a refusal, even when the file names this process (the same directory by
+    // another path, or a stale PID reused by us): the flock is the truth, the PID only words the message.
+    if (locked === false) throw busy(livePid(file) ?? 'unknown');
+    if (locked === undefined) {
+      const holder = livePid(file);
+      if (holder !== undefined && holder !== process.pid) throw busy(holder);
     }
     fs.ftruncateSync(fd, 0);
     fs.writeSync(fd, `${process.pid}\n`, 0);
@@ -58,7 +63,12 @@ export function lockDataDir(dir: string, what = 'a replayer'): void {
  * file lets a process that opened it just before lock the deleted file while another locks a new one.
  */
 export function unlockDataDir(dir: string): void {
-  const key = path.resolve(dir);
+  let key: string;
+  try {
+    key = fs.realpathSync(dir);
+  } catch {
+    return;
+  }
   const fd = held.get(key);
   if (fd === undefined) return;
   held.delete(key);
