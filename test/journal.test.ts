@@ -624,6 +624,14 @@ t.test('journal inspect and replay-local only read: beside a live serve they cha
   await reopened.close();
 });
 
+t.test('a read-only open of a directory that is not there says so and creates nothing', async (t) => {
+  const top = t.testdir();
+  const dir = path.join(top, 'missing', 'j');
+  await t.rejects(inspectJournal(dir, 5), { message: /does not exist/ }, 'inspect refuses it');
+  await t.rejects(Journal.open({ dir, readOnly: true }), { code: 'ERR_NO_JOURNAL' }, 'so does a read-only Journal.open');
+  t.notOk(fs.existsSync(path.join(top, 'missing')), 'and no directory was made for it');
+});
+
 for (const durability of ['commit', 'sync'] as const) {
   t.test(`repair (${durability} durability): a damaged WRITE is rewritten in place with the data given; consumers are marked`, async (t) => {
     const dir = t.testdir();

@@ -70,8 +70,10 @@ export class DataFiles {
   private readonly spares: Array<{ name: string; size: number }> = [];
   private spareBytes = 0;
 
-  /** `maxSpareBytes`: how many bytes of dropped segments' files are kept for reuse (0: each is deleted). */
-  /** `readOnly`: only reads (journal inspect beside a live serve): files are opened read-only, never created. */
+  /**
+   * `maxSpareBytes`: how many bytes of dropped segments' files are kept for reuse (0: each is deleted).
+   * `readOnly`: only reads (journal inspect beside a live serve): files are opened read-only, never created.
+   */
   constructor(
     private readonly dir: string,
     private readonly maxSpareBytes = 0,

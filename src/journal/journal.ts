@@ -319,7 +319,7 @@ export class Journal extends EventEmitter {
   }
 
   static async open(opts: JournalOptions): Promise<Journal> {
-    fs.mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
+    if (!opts.readOnly) fs.mkdirSync(opts.dir, { recursive: true, mode: 0o700 });
     const lockFd = opts.lock ? lockDir(opts.dir) : undefined;
     try {
       const j = await Journal.openLocked(opts);
@@ -1315,20 +1315,17 @@ export class Journal extends EventEmitter {
   async close(): Promise<void> {
     if (this.isClosed) return;
     this.isClosed = true;
-    if (this.readOnly) {
-      await this.root.close();
-      this.data?.close();
-      return;
-    }
     for (const w of this.waiters.splice(0)) w.resolve();
-    // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.
-    for (const p of this.waitingForSpace.splice(0)) p.reject(new BlockferryError('ESHUTDOWN', `journal closed before seq ${p.seq} had room to be written`));
-    // Commits whatever this loop turn appended, together with the final position.
-    // The last seq that will be stored: the refused appends above never are, so they must not count.
-    const last = this.batch.length > 0 ? this.batch[this.batch.length - 1].seq : this.committed;
-    await this.putMeta('log', { head: last, cum: this.cum, tail: this.tail } satisfies LogMeta).catch(() => undefined);
-    if (this.durability === 'sync') await this.root.flushed;
-    else await this.syncEnv();
+    if (!this.readOnly) {
+      // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.
+      for (const p of this.waitingForSpace.splice(0)) p.reject(new BlockferryError('ESHUTDOWN', `journal closed before seq ${p.seq} had room to be written`));
+      // Commits whatever this loop turn appended, together with the final position.
+      // The last seq that will be stored: the refused appends above never are, so they must not count.
+      const last = this.batch.length > 0 ? this.batch[this.batch.length - 1].seq : this.committed;
+      await this.putMeta('log', { head: last, cum: this.cum, tail: this.tail } satisfies LogMeta).catch(() => undefined);
+      if (this.durability === 'sync') await this.root.flushed;
+      else await this.syncEnv();
+    }
     await this.root.close();
     this.space?.close();
     this.data?.close();
