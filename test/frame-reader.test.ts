@@ -168,3 +168,23 @@ t.test('compressed messages go through as they came (ws inflates them)', async (
   t.same(s.links[0].got.map((g) => g.hash), payloads.map(sha), 'every message byte for byte, in order');
   t.equal(framesOutstanding(), 0);
 });
+
+t.test('fragmented messages arrive whole, and leave no frame buffer behind', async (t) => {
+  const s = await server(t);
+  const payloads = Array.from({ length: 12 }, (_, i) => randomBytes(2 ** 20 + i * 70_001));
+  const ws = new WebSocket(`ws://127.0.0.1:${s.port}`, { perMessageDeflate: false, maxPayload: 64 * 2 ** 20 });
+  await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
+  t.teardown(() => ws.terminate());
+  const done = new Promise<void>((resolve) => ws.on('message', (m) => Number(m.toString()) === payloads.length && resolve()));
+  // Each message in three fragments of at least 64 KiB: a first frame, a continuation, a final continuation.
+  for (const p of payloads) {
+    const a = Math.floor(p.length / 3);
+    ws.send(p.subarray(0, a), { fin: false });
+    ws.send(p.subarray(a, 2 * a), { fin: false });
+    ws.send(p.subarray(2 * a), { fin: true });
+  }
+  await done;
+  t.same(s.links[0].got.map((g) => g.hash), payloads.map(sha), 'every message byte for byte, in order');
+  t.equal(framesOutstanding(), 0, 'no fragment holds a frame buffer while the link stays open');
+  ws.close();
+});

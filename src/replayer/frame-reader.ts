@@ -32,7 +32,7 @@ export function framesOutstanding(): number {
 
 /**
  * Gives the buffer under a message back once the message and every view of it are done with. A message not
- * read into a frame buffer (small, compressed, or over a TLS link) is ignored.
+ * read into a frame buffer (small, compressed, fragmented, or over a TLS link) is ignored.
  */
 export function releaseFrame(message: Buffer): void {
   const ab = message.buffer as ArrayBuffer;
@@ -182,7 +182,10 @@ class FrameReader {
         payload = hi >= 0x200000 ? Number.MAX_SAFE_INTEGER : hi * 2 ** 32 + s.readUInt32BE(at + 6);
       } else payload = len7;
       const compressed = (s[at] & 0x40) !== 0;
-      if (payload < LARGE_PAYLOAD || payload > this.maxPayload || compressed) {
+      // A fragment (FIN clear, or a continuation) is one piece of a message ws joins into a new buffer: the
+      // frame buffer would never be the message's and never come back, so fragments are copied through.
+      const fragment = (s[at] & 0x80) === 0 || (s[at] & 0x0f) === 0;
+      if (payload < LARGE_PAYLOAD || payload > this.maxPayload || compressed || fragment) {
         // ws inflates a compressed frame into new buffers anyway: nothing would come back to release.
         this.passRemaining = headerBytes + payload;
         continue;
