@@ -1,9 +1,10 @@
 // The replayer's background durability sync (every syncBytes applied; the 1 s timer is off here, so which sync
 // covers what is exact): it must not stop the replica applying while the fsync runs, must not let more than two
 // SYNC_BYTES go unsynced, must not acknowledge as durable what the fsync did not cover, and a failed sync must
-// drop the link with ERR_STORAGE and take the replica back to its last durable seq. In process, with the
-// replica's real FileDevice whose flush the test holds back (then lets the real fsync run) or, for the failure,
-// makes fail once.
+// drop the link with ERR_STORAGE and take the replica back to its last durable seq. Also here: a failed fsync
+// at a FLUSH marker, a write failing part-way through a batch, and two primaries racing for a new volume. In
+// process, with the replica's real FileDevice whose flush (or write) the test holds back (then lets the real
+// one run) or makes fail once.
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -12,7 +13,7 @@ import WebSocket from 'ws';
 import { entryCrc } from '../src/journal/entry.js';
 import { EntryKind, type JournalEntry } from '../src/journal/types.js';
 import { ReplayServer } from '../src/replayer/replay-server.js';
-import { CloseCode, PROTOCOL_VERSION, decode, encode } from '../src/replicator/protocol.js';
+import { CloseCode, MAX_APPLIED_CRCS, PROTOCOL_VERSION, decode, encode } from '../src/replicator/protocol.js';
 
 const SIZE = 64 * 2 ** 20;
 const ENTRY = 2 ** 20;
@@ -198,4 +199,115 @@ t.test('a background sync that fails drops the link with ERR_STORAGE at once; th
   send(again.ws, entries(1, end, data, image));
   t.ok(await again.until(() => again.durable() >= end, 30_000), `the next SYNC_BYTES is synced and acknowledged durable (durable seq ${again.durable()})`);
   t.ok(fs.readFileSync(path.join(dir, 'disk.img')).equals(image), 'the replica holds every entry in order');
+});
+
+t.test('a FLUSH marker whose fsync fails drops the link; the next link starts from the last durable seq, not the marker', async (t) => {
+  const dir = t.testdir();
+  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close());
+  const link = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  t.teardown(() => link.ws.terminate());
+  const data = randomBytes(ENTRY);
+  const image = Buffer.alloc(SIZE);
+  // The marker's fsync (it begins once the marker is counted applied, at seq 5) fails, once.
+  let failed = false;
+  await hookFlush(server, 'disk', 5, async (real) => {
+    if (!failed) {
+      failed = true;
+      throw Object.assign(new Error('fdatasync: input/output error (injected)'), { code: 'EIO' });
+    }
+    return real();
+  });
+  const flush: JournalEntry = { seq: 5, kind: EntryKind.FLUSH, offset: 0, length: 0, crc: entryCrc(EntryKind.FLUSH, 0, 0), ts: Date.now() };
+  link.ws.send(encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [...entries(1, 4, data, image), flush] }));
+  t.ok(await link.until(() => link.closed() !== undefined, 10_000), 'the link is dropped');
+  t.equal(link.closed()?.code, CloseCode.STORAGE, 'with the storage close code');
+  t.equal(link.durable(), 0, 'nothing was acknowledged durable');
+  // A sync that works now (the timer's, say) must not record the marker's seq as durable: its pages may be lost.
+  const again = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  t.teardown(() => again.ws.terminate());
+  t.equal(again.welcome, 0, 'the next link is welcomed at the last durable seq (0), not at the failed marker (5)');
+  again.ws.send(encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [...entries(1, 4, data, image), flush] }));
+  t.ok(await again.until(() => again.durable() >= 5, 30_000), 'sent again, the marker is synced and acknowledged durable');
+  t.ok(fs.readFileSync(path.join(dir, 'disk.img')).equals(image), 'the replica holds every entry');
+});
+
+t.test('a write that fails part-way through a large batch: the next welcome carries a history the primary accepts', async (t) => {
+  const dir = t.testdir();
+  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close());
+  const url = `ws://127.0.0.1:${port}`;
+  const link = await connect(url, 'disk');
+  t.teardown(() => link.ws.terminate());
+  // The replica's disk fills after 150 of a batch's 300 small writes, once.
+  const volumes = (server as unknown as { volumes: Map<string, Promise<{ device: { writeManyNow(o: number[], d: Buffer[]): void } }>> }).volumes;
+  const device = (await volumes.get('disk'))!.device;
+  const real = device.writeManyNow.bind(device);
+  let full = true;
+  device.writeManyNow = (offsets, datas) => {
+    if (!full || offsets.length < 150) return real(offsets, datas);
+    full = false;
+    real(offsets.slice(0, 150), datas.slice(0, 150));
+    throw Object.assign(new Error('ENOSPC: no space left on device (injected)'), { code: 'ENOSPC', written: 150 });
+  };
+  const small: JournalEntry[] = [];
+  for (let seq = 1; seq <= 300; seq++) {
+    const d = randomBytes(4096);
+    const offset = seq * 4096;
+    small.push({ seq, kind: EntryKind.WRITE, offset, length: 4096, crc: entryCrc(EntryKind.WRITE, offset, 4096, d), ts: Date.now(), data: d });
+  }
+  link.ws.send(encode({ v: PROTOCOL_VERSION, t: 'entries', entries: small }));
+  t.ok(await link.until(() => link.closed() !== undefined, 10_000), 'the link is dropped');
+  t.equal(link.closed()?.code, CloseCode.STORAGE, 'with the storage close code');
+
+  // The primary's next link: its welcome must decode (at most MAX_APPLIED_CRCS CRCs), or it never reconnects.
+  const ws = new WebSocket(url);
+  t.teardown(() => ws.terminate());
+  const raw = await new Promise<Buffer>((resolve, reject) => {
+    ws.on('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: 'disk', volumeId: 'vol-disk', size: SIZE })));
+    ws.once('message', (m: Buffer) => resolve(m));
+    ws.on('error', reject);
+  });
+  let welcome: ReturnType<typeof decode> | undefined;
+  t.doesNotThrow(() => (welcome = decode(raw)), 'the welcome is one the primary accepts');
+  t.equal(welcome?.t, 'welcome');
+  if (welcome?.t !== 'welcome') return;
+  t.equal(welcome.appliedSeq, 150, 'at the last write that reached the replica');
+  t.ok((welcome.appliedCrcs?.length ?? 0) <= MAX_APPLIED_CRCS, `carrying ${welcome.appliedCrcs?.length} CRCs`);
+  t.equal(welcome.appliedCrcs?.at(-1), small[149].crc, "the last one is seq 150's");
+});
+
+t.test('two primaries saying hello to a new volume at once: one is welcomed, the other refused as busy', async (t) => {
+  const dir = t.testdir();
+  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close());
+  const url = `ws://127.0.0.1:${port}`;
+  const hello = () =>
+    new Promise<{ ws: WebSocket; t: string; code?: string }>((resolve) => {
+      const ws = new WebSocket(url);
+      t.teardown(() => ws.terminate());
+      ws.on('error', () => undefined);
+      ws.on('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: 'disk', volumeId: 'vol-disk', size: SIZE })));
+      ws.once('message', (m: Buffer) => {
+        const msg = decode(m);
+        resolve({ ws, t: msg.t, code: msg.t === 'error' ? msg.code : undefined });
+      });
+    });
+  const [a, b] = await Promise.all([hello(), hello()]);
+  t.same([a, b].map((x) => x.code ?? x.t).sort(), ['ERR_VOLUME_BUSY', 'welcome'], 'one welcome, one refusal');
+  const winner = a.t === 'welcome' ? a : b;
+  const loser = winner === a ? b : a;
+  // The refused link's close must not free the volume its rival holds.
+  loser.ws.terminate();
+  await new Promise((r) => setTimeout(r, 200));
+  const third = await hello();
+  t.equal(third.code, 'ERR_VOLUME_BUSY', 'a third primary is refused while the first is connected');
+  winner.ws.close();
+  await new Promise((r) => winner.ws.once('close', r));
+  await new Promise((r) => setTimeout(r, 200));
+  const fourth = await hello();
+  t.equal(fourth.t, 'welcome', 'once the first has gone, the next is welcomed');
 });

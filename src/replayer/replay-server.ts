@@ -54,7 +54,11 @@ export interface VolumeState {
 }
 
 class Volume {
-  busy = false;
+  /** The connected primary's link: one at a time, and only its own close frees the volume. */
+  owner: WebSocket | undefined;
+  get busy(): boolean {
+    return this.owner !== undefined;
+  }
   /** Address of the connected primary (admin status). */
   peer: string | null = null;
   /** When a batch was last applied, ms since the epoch (admin status). */
@@ -105,20 +109,18 @@ class Volume {
   }
 
   /**
-   * What a sync started in the background failed with: the connected primary's link is dropped for it (at once,
-   * and by the next batch if one is in hand), nothing more is made durable, and the next primary to connect finds
-   * the volume opened again at its last durable seq.
+   * What a sync failed with, awaited (a FLUSH marker, a resync, a new volume's first state) or started in the
+   * background: the connected primary's link is dropped for it (at once, and by the next batch if one is in
+   * hand), nothing more is made durable, and the next primary to connect finds the volume opened again at its
+   * last durable seq. Kept for an awaited one too: its caller drops the link, but the timer's next sync would
+   * otherwise succeed and record as durable an applied seq whose pages the failed fsync may have lost.
    */
   syncFailure: Error | undefined;
 
-  /**
-   * Starts a sync without waiting for it. A failure is logged and kept (syncFailure): the link is dropped with
-   * ERR_STORAGE and a batch in hand is refused, as when an awaited sync failed.
-   */
+  /** Starts a sync without waiting for it. A failure is logged and kept (syncFailure), and the link dropped. */
   syncInBackground(log: Logger): void {
     this.sync().catch((err: Error) => {
       log.error({ err, volume: this.name }, 'syncing the replica failed');
-      this.syncFailure ??= err;
       this.onSyncFailure?.(err);
     });
   }
@@ -138,9 +140,14 @@ class Volume {
       // The CRC list goes on growing while the image is flushed: the snapshot keeps its own, as of seq.
       const snapshot = { ...this.state, appliedCrcs: this.state.appliedCrcs?.slice(-MAX_APPLIED_CRCS) ?? null };
       this.unsyncedBytes = 0;
-      await this.device.flush();
-      await this.db.put('state', snapshot);
-      await this.db.flushed;
+      try {
+        await this.device.flush();
+        await this.db.put('state', snapshot);
+        await this.db.flushed;
+      } catch (err) {
+        this.syncFailure ??= err as Error;
+        throw err;
+      }
       this.durableSeq = seq;
       this.onDurable?.(seq);
     })();
@@ -296,8 +303,8 @@ export class ReplayServer {
       // message may be the hello itself, still opening the volume: it takes the volume after the socket is
       // gone, so whether there is a volume to release is only known once the chain has run.
       const release = () => {
-        if (!vol || verifier) return;
-        vol.busy = false;
+        if (!vol || verifier || vol.owner !== ws) return;
+        vol.owner = undefined;
         vol.peer = null;
         vol.onDurable = undefined;
         vol.onSyncFailure = undefined;
@@ -330,15 +337,20 @@ export class ReplayServer {
           }
           let v: Volume;
           try {
-            v = await this.volume(msg.volume, msg.size);
+            const opening = this.volume(msg.volume, msg.size);
+            v = await opening;
             if (!verifier && !v.busy && v.syncFailure) {
               // After a failed fsync the kernel may have marked pages clean that never reached the disk, and a
               // later fsync would not write them. The volume is opened again from what the last good sync
               // recorded, so the primary (which keeps everything not acknowledged durable) sends it all again.
-              log.warn({ volume: msg.volume, appliedSeq: v.state.appliedSeq, durableSeq: v.durableSeq }, 'a sync of this replica failed: going back to its last durable seq');
-              // The table names the reopening at once: a hello meanwhile waits for it, never meets the old one.
-              this.volumes.delete(msg.volume);
-              v = await this.volume(msg.volume, msg.size, v.close());
+              // The table names the reopening at once: a hello meanwhile waits for it, never meets the old one,
+              // and only the first hello to find the failed volume closes it.
+              if (this.volumes.get(msg.volume) === opening) {
+                log.warn({ volume: msg.volume, appliedSeq: v.state.appliedSeq, durableSeq: v.durableSeq }, 'a sync of this replica failed: going back to its last durable seq');
+                this.volumes.delete(msg.volume);
+                const failed = v;
+                v = await this.volume(msg.volume, msg.size, failed.close());
+              } else v = await this.volume(msg.volume, msg.size);
             }
           } catch (err) {
             return fail(CloseCode.STORAGE, 'ERR_STORAGE', `cannot open volume ${msg.volume}: ${(err as Error).message}`);
@@ -371,13 +383,14 @@ export class ReplayServer {
               `volume ${msg.volume} here replicates primary volume ${v.state.volumeId}, not ${msg.volumeId}; refusing to overwrite it`,
             );
           }
+          // Taken before anything is awaited: a second primary's hello meanwhile is refused as busy.
+          v.owner = ws;
+          v.peer = peer;
+          vol = v;
           if (!v.state.volumeId) {
             v.state.volumeId = msg.volumeId;
             await v.sync();
           }
-          v.busy = true;
-          v.peer = peer;
-          vol = v;
           const self = v;
           v.onSyncFailure = (err) => fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${self.name}: syncing the replica failed: ${err.message}`);
           v.onDurable = (seq) => {
@@ -385,7 +398,7 @@ export class ReplayServer {
           };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
           ws.send(
-            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrcs: v.state.appliedCrcs ?? null }),
+            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrcs: v.state.appliedCrcs?.slice(-MAX_APPLIED_CRCS) ?? null }),
           );
           return;
         }
@@ -504,7 +517,6 @@ export class ReplayServer {
         applied(e);
       }
       writeRun();
-      if (crcs.length > MAX_APPLIED_CRCS) crcs.splice(0, crcs.length - MAX_APPLIED_CRCS);
       v.lastApplyAt = Date.now();
       v.markApplied();
       if (v.unsyncedBytes >= (this.opts.syncBytes ?? SYNC_BYTES)) {
@@ -515,6 +527,9 @@ export class ReplayServer {
       }
     } catch (err) {
       return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${v.name}: applying failed: ${(err as Error).message}`);
+    } finally {
+      // Also after a failure part-way: the list would otherwise outgrow what a welcome may carry.
+      if (crcs.length > MAX_APPLIED_CRCS) crcs.splice(0, crcs.length - MAX_APPLIED_CRCS);
     }
   }
 
