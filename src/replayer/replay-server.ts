@@ -200,6 +200,13 @@ const SYNC_BYTES = 256 * 2 ** 20;
  * 6 s ping timeout, so a dead link is normally noticed there first.
  */
 const PEER_TIMEOUT_MS = 10_000;
+/**
+ * Bytes of a link's messages received and not yet handled before its socket is paused. The primary's window keeps
+ * far less in flight; this bounds a peer that ignores it (messages are up to MAX_MESSAGE_BYTES each).
+ */
+const MAX_QUEUED_BYTES = MAX_MESSAGE_BYTES;
+/** Bytes of replies a link may leave unread before its next message waits for them to drain (a peer's liveness). */
+const MAX_UNREAD_REPLY_BYTES = 4 * 2 ** 20;
 
 export interface ReplayServerOptions {
   dataDir: string;
@@ -279,8 +286,11 @@ export class ReplayServer {
     const onBytes = () => (heard = Date.now());
     socket.on('data', onBytes);
     socket.on(RECEIVED, onBytes);
+    // Bytes of messages received and not yet handled: while there are any, a quiet socket is this side's doing
+    // (paused, or busy applying), not a dead link.
+    let queued = 0;
     const heartbeat = setInterval(() => {
-      if (Date.now() - heard > PEER_TIMEOUT_MS) {
+      if (queued === 0 && Date.now() - heard > PEER_TIMEOUT_MS) {
         log.warn({ volume: vol?.name, silentMs: Date.now() - heard }, 'nothing heard from the primary: the link is dead, dropping it');
         ws.terminate();
       } else if (ws.readyState === ws.OPEN) ws.ping();
@@ -311,9 +321,34 @@ export class ReplayServer {
       };
       void chain.then(release, release);
     });
+    /** Waits while the peer leaves more than MAX_UNREAD_REPLY_BYTES of replies unread; cuts it off after PEER_TIMEOUT_MS. */
+    const repliesRead = async (): Promise<void> => {
+      if (ws.bufferedAmount <= MAX_UNREAD_REPLY_BYTES || ws.readyState !== ws.OPEN) return;
+      const drained = await new Promise<boolean>((resolve) => {
+        const done = (ok: boolean) => {
+          clearTimeout(timer);
+          socket.off('drain', onDrain);
+          socket.off('close', onClose);
+          resolve(ok);
+        };
+        const onDrain = () => done(true);
+        const onClose = () => done(false);
+        const timer = setTimeout(() => done(false), PEER_TIMEOUT_MS);
+        socket.on('drain', onDrain);
+        socket.on('close', onClose);
+      });
+      if (!drained && ws.readyState === ws.OPEN) {
+        log.warn({ volume: vol?.name, unread: ws.bufferedAmount }, 'the primary reads none of its replies: dropping the link');
+        ws.terminate();
+      }
+    };
     ws.on('message', (raw: Buffer, isBinary: boolean) => {
+      // Bounded: past MAX_QUEUED_BYTES the socket is paused until handling catches up.
+      queued += raw.length;
+      if (queued > MAX_QUEUED_BYTES && !ws.isPaused) ws.pause();
       // Messages are handled one after another: a batch is applied and acknowledged before the next.
       chain = chain.then(async () => {
+        await repliesRead();
         if (ws.readyState !== ws.OPEN) return;
         let msg: Message;
         try {
@@ -446,7 +481,12 @@ export class ReplayServer {
         // Anything a handler did not expect (a failed sync or state write): drop this link, keep serving others.
         log.error({ err }, 'handling a message failed');
         fail(CloseCode.STORAGE, 'ERR_STORAGE', `the replayer failed: ${err.message}`);
-      }).finally(() => releaseFrame(raw));
+      }).finally(() => {
+        releaseFrame(raw);
+        queued -= raw.length;
+        heard = Date.now();
+        if (ws.isPaused && queued <= MAX_QUEUED_BYTES) ws.resume();
+      });
     });
   }
 
