@@ -1,6 +1,7 @@
 // Peers the replayer must survive, with real processes and sockets. One that floods it with messages faster than
 // they are handled (a hostile or broken primary: ours keeps at most its window in flight) must not grow its
 // memory: past a bound the link's socket is paused until handling catches up (peak RSS, VmHWM, from /proc).
+// A hello with a size no image can have is refused, and leaves nothing that blocks the volume's name.
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -69,4 +70,36 @@ t.test('a flood of large, slow messages is paused at the socket: the replayer st
     other.on('error', reject);
   });
   t.equal(answer, 'welcome', 'another primary is welcomed');
+});
+
+t.test('a hello with a size no image can have is refused and leaves no file behind; the name still works', async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'data');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', data], t.teardown);
+  const hello = (volume: string, size: number) =>
+    new Promise<{ t: string; code?: string; message?: string }>((resolve, reject) => {
+      const ws = new WebSocket(replay.url);
+      t.teardown(() => ws.terminate());
+      ws.on('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: `vol-${volume}`, size })));
+      ws.once('message', (m: Buffer) => {
+        const msg = decode(m);
+        resolve({ t: msg.t, code: msg.t === 'error' ? msg.code : undefined, message: msg.t === 'error' ? msg.message : undefined });
+        ws.close();
+      });
+      ws.on('error', reject);
+    });
+  const zero = await hello('zero', 0);
+  t.equal(zero.code, 'ERR_REPLICATION_PROTOCOL', `size 0 is refused: ${zero.message}`);
+  t.notOk(fs.existsSync(path.join(data, 'zero.img')), 'and no image was made for it');
+  t.equal((await hello('zero', MiB)).t, 'welcome', 'the name then takes a real size');
+
+  // 2^53 - 1 bytes: beyond what ext4 (this machine's file system) lets a file be, so creating it fails.
+  const huge = await hello('huge', Number.MAX_SAFE_INTEGER);
+  if (huge.t === 'welcome') {
+    t.pass('this file system takes a file that large: nothing to check');
+  } else {
+    t.equal(huge.code, 'ERR_STORAGE', `refused: ${huge.message}`);
+    t.notOk(fs.existsSync(path.join(data, 'huge.img')), 'no half-made image is left behind');
+    t.equal((await hello('huge', MiB)).t, 'welcome', 'the name then takes a real size');
+  }
 });

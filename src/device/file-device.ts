@@ -115,8 +115,15 @@ export class FileDevice implements BlockDevice {
       if (opts.size === undefined) throw new UsageError(`image ${opts.path} does not exist; pass --size to create it`);
       if (readOnly) throw new UsageError(`image ${opts.path} does not exist and --read-only cannot create it`);
       const fd = fs.openSync(opts.path, 'wx', 0o600);
-      fs.ftruncateSync(fd, opts.size);
-      fs.closeSync(fd);
+      try {
+        fs.ftruncateSync(fd, opts.size);
+      } catch (err) {
+        // Not left behind half made (an empty file would be refused as an image from then on).
+        fs.unlinkSync(opts.path);
+        throw err;
+      } finally {
+        fs.closeSync(fd);
+      }
     }
     const native = opts.noNative ? null : loadNative();
     const fd = fs.openSync(opts.path, readOnly ? 'r' : 'r+');

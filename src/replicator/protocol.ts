@@ -204,6 +204,7 @@ export function decode(buf: Buffer): Message {
   switch (m.t) {
     case 'hello':
       if (typeof m.volume !== 'string' || typeof m.volumeId !== 'string' || !isInt(m.size)) throw new ProtocolError('bad hello');
+      if ((m.size as number) < 1) throw new ProtocolError('bad hello: a volume has at least one byte');
       if (m.role !== undefined && m.role !== 'primary' && m.role !== 'verify') throw new ProtocolError('bad hello role');
       if (m.token !== undefined && (typeof m.token !== 'string' || m.token.length > 1024)) throw new ProtocolError('bad hello token');
       return m as Message;
