@@ -152,6 +152,52 @@ t.test('negotiation over an in-memory duplex pair', async (t) => {
   serverSide.destroy();
 });
 
+/** NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT data: export name, then the queries. */
+function metaData(name: string, queries: string[]): Buffer {
+  const parts = [Buffer.alloc(4), Buffer.from(name), Buffer.alloc(4)];
+  parts[0].writeUInt32BE(parts[1].length, 0);
+  parts[2].writeUInt32BE(queries.length, 0);
+  for (const q of queries) {
+    const l = Buffer.alloc(4);
+    l.writeUInt32BE(Buffer.byteLength(q), 0);
+    parts.push(l, Buffer.from(q));
+  }
+  return Buffer.concat(parts);
+}
+
+t.test('a failed SET_META_CONTEXT still replaces the earlier selection: BLOCK_STATUS is then refused', async (t) => {
+  // The spec: issuing NBD_OPT_SET_META_CONTEXT replaces all previously-set metadata contexts (including when
+  // this command fails).
+  const { port } = await tcp(t);
+  const failures: Array<[string, Buffer, number]> = [
+    ['unknown export', metaData('nope', ['base:allocation']), 2 ** 31 + 6],
+    ['malformed data', Buffer.from([0, 0, 0, 99]), 2 ** 31 + 3],
+  ];
+  for (const [what, data, expected] of failures) {
+    const { s, r } = await connect(port);
+    t.equal((await r.ask(8)).type, 1, 'STRUCTURED_REPLY: ACK');
+    s.write(option(10, metaData('disk', ['base:allocation'])));
+    t.equal((await r.reply()).type, 4, 'base:allocation selected');
+    t.equal((await r.reply()).type, 1, 'then ACK');
+    t.equal((await r.ask(10, data)).type, expected, `SET_META_CONTEXT with ${what}: refused`);
+    s.write(option(7, nameData('disk')));
+    for (;;) if ((await r.reply()).type === 1) break;
+    const req = Buffer.alloc(28);
+    req.writeUInt32BE(0x25609513, 0);
+    req.writeUInt16BE(7, 6); // BLOCK_STATUS
+    req.writeBigUInt64BE(42n, 8);
+    req.writeUInt32BE(4096, 24);
+    s.write(req);
+    const h = await r.read(20);
+    const payload = await r.read(h.readUInt32BE(16));
+    t.equal(h.readUInt32BE(0), 0x668e33ef, 'a structured reply');
+    t.equal(h.readBigUInt64BE(8), 42n);
+    t.equal(h.readUInt16BE(6), 2 ** 15 + 1, `BLOCK_STATUS after the failed SET (${what}): an error chunk`);
+    if (h.readUInt16BE(6) === 2 ** 15 + 1) t.equal(payload.readUInt32BE(0), 22, 'EINVAL');
+    s.destroy();
+  }
+});
+
 t.test('FLUSH on one connection covers writes made on another (CAN_MULTI_CONN)', async (t) => {
   let flushes = 0;
   const mem = new MemoryDevice(SIZE);

@@ -118,6 +118,94 @@ t.test('errors per the spec, and the connection goes on', async (t) => {
   await ro.close();
 });
 
+t.test('past the end: TRIM is EINVAL, WRITE and WRITE_ZEROES are ENOSPC; TRIM on a read-only export is EPERM', async (t) => {
+  // The spec: the server SHOULD return NBD_EINVAL for a read or trim request including sectors beyond the size
+  // of the device, NBD_ENOSPC for a write (and write zeroes) request beyond it.
+  const { port } = await serve(t, [
+    { name: 'rw', device: new MemoryDevice(SIZE) },
+    { name: 'ro', device: new MemoryDevice(SIZE), readOnly: true },
+  ]);
+  for (const structured of [false, true]) {
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'rw', structured });
+    await t.rejects(c.request(4, SIZE - 4096, 8192), { errno: 22 }, `TRIM past the end: EINVAL (structured=${structured})`);
+    await t.rejects(c.request(4, SIZE, 1), { errno: 22 }, `TRIM starting at the end: EINVAL (structured=${structured})`);
+    await t.rejects(c.request(6, SIZE - 4096, 8192), { errno: 28 }, `WRITE_ZEROES past the end: ENOSPC (structured=${structured})`);
+    await t.rejects(c.write(SIZE - 100, Buffer.alloc(200)), { errno: 28 }, `WRITE past the end: ENOSPC (structured=${structured})`);
+    await c.request(4, SIZE - 4096, 4096); // TRIM of the last block: fine
+    await c.close();
+  }
+  const ro = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'ro' });
+  await t.rejects(ro.request(4, 0, 4096), { errno: 1 }, 'TRIM on a read-only export: EPERM');
+  await t.rejects(ro.request(4, SIZE - 4096, 8192), { errno: 1 }, 'TRIM past the end of a read-only export: EPERM');
+  await ro.close();
+});
+
+t.test('server shutdown: requests in flight finish, every request received after it is answered NBD_ESHUTDOWN', async (t) => {
+  // The spec: on a server shutdown the server SHOULD wait for inflight requests; the error for requests
+  // received from then on SHOULD be NBD_ESHUTDOWN. None of them may reach the device, and none goes unanswered.
+  for (const structured of [false, true]) {
+    const mem = new MemoryDevice(SIZE);
+    const calls: string[] = [];
+    let open!: () => void;
+    const gate = new Promise<void>((resolve) => (open = resolve));
+    const device = Object.assign(Object.create(mem), {
+      write: async (offset: number, data: Buffer) => {
+        calls.push(`write ${offset}`);
+        await gate; // held until after the requests sent during shutdown are answered
+        return mem.write(offset, data);
+      },
+      writeZeroes: async (offset: number, length: number) => {
+        calls.push(`writeZeroes ${offset}`);
+        return mem.writeZeroes(offset, length);
+      },
+      trim: async (offset: number, length: number) => {
+        calls.push(`trim ${offset}`);
+        return mem.trim(offset, length);
+      },
+      flush: async () => void calls.push('flush'),
+    });
+    const server = new NbdServer({ exports: [{ name: 'a', device }] });
+    const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+    t.teardown(() => server.close({ graceMs: 100 }));
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: port!, exportName: 'a', structured });
+    c.on('error', () => undefined);
+    const first = randomBytes(4096);
+    const inFlight = c.write(0, first);
+    t.ok(await until(() => calls.length === 1, 2000, 5), `the first write reached the device (structured=${structured})`);
+
+    const closing = server.close({ graceMs: 5000 });
+    // Sent once shutdown has begun, while the first write is still running: a small and a large write (whose
+    // payloads must be skipped, keeping the framing), then every other kind of request.
+    const later = [
+      c.write(4096, randomBytes(4096)),
+      c.write(65536, randomBytes(300_000)),
+      c.read(0, 4096),
+      c.flush(),
+      c.request(4, 0, 4096), // TRIM
+      c.request(6, 8192, 4096), // WRITE_ZEROES
+      c.request(5, 0, 4096), // CACHE
+      c.write(1_000_000, randomBytes(70_000), { fua: true }),
+      c.read(SIZE - 4096, 4096),
+    ];
+    const answered = Promise.allSettled(later);
+    const early = await Promise.race([answered.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 3000))]);
+    t.ok(early, `requests after shutdown began are answered without waiting for the one in flight (structured=${structured})`);
+    open();
+    const settled = await answered;
+    t.same(
+      settled.map((r) => (r.status === 'rejected' ? ((r.reason as NbdError).errno ?? String(r.reason)) : 'ok')),
+      later.map(() => 108),
+      `all ${later.length} requests after shutdown began: NBD_ESHUTDOWN (structured=${structured})`,
+    );
+    await t.resolves(inFlight, `the write in flight when shutdown began got its real reply (structured=${structured})`);
+    await closing;
+    t.same(calls, ['write 0'], `only the write in flight reached the device (structured=${structured})`);
+    t.ok((await mem.read(0, first.length)).equals(first), `and it is in the image (structured=${structured})`);
+    t.ok((await mem.read(4096, 4096)).equals(Buffer.alloc(4096)), `a write sent after shutdown began is not (structured=${structured})`);
+    t.equal(server.connectionCount, 0, 'the connection is closed once the in-flight write is done');
+  }
+});
+
 t.test('write-zeroes is emulated on a device that cannot zero, trim is a harmless hint', async (t) => {
   // Without the native helper the file device cannot zero, so the NBD core must emulate it.
   const file = await FileDevice.open({ path: path.join(t.testdir(), 'z.img'), size: SIZE, noNative: true });

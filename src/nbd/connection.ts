@@ -8,6 +8,7 @@ import type { Logger } from '../util/logger.js';
 import {
   ClientFlag,
   Cmd,
+  Errno,
   HandshakeFlag,
   MAX_OPTION_LENGTH,
   Opt,
@@ -24,7 +25,7 @@ import {
 } from './codec.js';
 import { Negotiation, type NbdExport, type Session } from './negotiation.js';
 import type { NbdTls } from './tls.js';
-import { errorReply, execute, validate } from './transmission.js';
+import { RequestError, errorReply, execute, validate } from './transmission.js';
 
 /** Requests in flight per connection before we stop reading (the kernel client keeps up to 128). */
 const MAX_INFLIGHT_REQUESTS = 256;
@@ -55,11 +56,17 @@ export class Connection {
   private payload: Buffer | undefined;
   private payloadFilled = 0;
   private discardLeft = 0;
+  /** The error replied to the WRITE whose payload is being discarded. */
+  private discardError: RequestError | undefined;
   private inflight = 0;
   private inflightBytes = 0;
   private writeBlocked = false;
   private paused = false;
   private draining = false; // DISC received or server closing: no new requests
+  /** shutdown() began: every request received from now on (but DISC) is answered NBD_ESHUTDOWN, never run. */
+  private shuttingDown = false;
+  /** Frame what is already received even while paused (the last pass before the connection ends). */
+  private flushing = false;
   private readonly idle: Array<() => void> = [];
   private handshakeTimer: NodeJS.Timeout | undefined;
   private corked = false;
@@ -102,12 +109,28 @@ export class Connection {
     this.send([encodeServerGreeting(HandshakeFlag.NBD_FLAG_FIXED_NEWSTYLE | HandshakeFlag.NBD_FLAG_NO_ZEROES)]);
   }
 
-  /** Stop taking requests, let in-flight ones finish and their replies leave (up to graceMs), then close. */
+  /**
+   * Stop taking requests, let in-flight ones finish and their replies leave (up to graceMs), then close. The
+   * spec: requests received meanwhile are answered NBD_ESHUTDOWN (a WRITE's payload is read and dropped), and
+   * so is every complete request already received when the last in-flight one is done.
+   */
   async shutdown(graceMs: number): Promise<void> {
     this.draining = true;
     if (this.phase !== 'request' && this.phase !== 'payload' && this.phase !== 'discard' && this.phase !== 'disconnecting') return this.destroy();
+    this.shuttingDown = true;
+    this.updateFlow(); // no in-flight budget applies to ESHUTDOWN replies: resume if that was what held reading
     const timer = setTimeout(() => this.destroy(), graceMs);
     await Promise.race([this.whenIdle(), this.closed]);
+    if (this.phase === 'request' || this.phase === 'payload' || this.phase === 'discard') {
+      this.flushing = true;
+      this.pump();
+      this.flushing = false;
+      const now = this.phase as Phase; // pump() may have closed it, or met an NBD_CMD_DISC
+      if (now !== 'closed' && now !== 'disconnecting') {
+        this.phase = 'disconnecting'; // nothing read from now on is answered: the socket is ending
+        this.socket.pause();
+      }
+    }
     this.endThenClose();
     await this.closed;
     clearTimeout(timer);
@@ -228,7 +251,9 @@ export class Connection {
   /** Reads only while the client is within its in-flight budget and its replies are being consumed. */
   private updateFlow(): void {
     if (this.phase === 'disconnecting') return; // stopped reading for good
-    const stop = this.writeBlocked || this.inflight >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES;
+    const overBudget = this.inflight >= MAX_INFLIGHT_REQUESTS || this.inflightBytes >= MAX_INFLIGHT_BYTES;
+    // Once shutting down no request adds to the budget (each is answered ESHUTDOWN at once).
+    const stop = this.writeBlocked || (overBudget && !this.shuttingDown);
     if (stop && !this.paused) {
       this.paused = true;
       this.socket.pause();
@@ -262,7 +287,7 @@ export class Connection {
 
   private pumpFrames(): void {
     for (;;) {
-      if (this.paused && (this.phase === 'request' || this.phase === 'payload')) return;
+      if (this.paused && !this.flushing && (this.phase === 'request' || this.phase === 'payload')) return;
       switch (this.phase) {
         case 'closed':
         case 'disconnecting':
@@ -337,6 +362,12 @@ export class Connection {
           const data = this.payload!;
           this.current = this.payload = undefined;
           this.phase = 'request';
+          if (this.shuttingDown) {
+            // Its payload was still arriving when shutdown began: not run, like every request after it.
+            releaseBuffer(data);
+            this.send(errorReply(this.session!, r.handle, shutdownError()));
+            break;
+          }
           this.start(r, data);
           break;
         }
@@ -344,9 +375,10 @@ export class Connection {
           this.discardLeft -= this.queue.skip(this.discardLeft);
           if (this.discardLeft > 0) return;
           const r = this.current!;
-          this.current = undefined;
+          const err = this.discardError!;
+          this.current = this.discardError = undefined;
           this.phase = 'request';
-          this.send(errorReply(this.session!, r.handle, validate(this.session!, r)));
+          this.send(errorReply(this.session!, r.handle, err));
           break;
         }
       }
@@ -410,11 +442,12 @@ export class Connection {
       void this.whenIdle().then(() => this.endThenClose());
       return;
     }
-    const bad = validate(s, r);
+    const bad = this.shuttingDown ? shutdownError() : validate(s, r);
     if (r.type === Cmd.NBD_CMD_WRITE) {
       if (bad) {
         // The payload still follows on the wire: skip it (no memory), then reply the error.
         this.current = r;
+        this.discardError = bad;
         this.discardLeft = r.length;
         this.phase = 'discard';
         return;
@@ -448,6 +481,10 @@ export class Connection {
     if (this.inflight === 0) for (const f of this.idle.splice(0)) f();
     this.updateFlow();
   }
+}
+
+function shutdownError(): RequestError {
+  return new RequestError(Errno.ESHUTDOWN, 'the server is shutting down');
 }
 
 /**

@@ -161,6 +161,11 @@ export class Negotiation {
         return { next: 'continue', replies: [reply(Rep.NBD_REP_ACK)] };
       case Opt.NBD_OPT_LIST_META_CONTEXT:
       case Opt.NBD_OPT_SET_META_CONTEXT: {
+        if (option === Opt.NBD_OPT_SET_META_CONTEXT) {
+          // The spec: SET replaces every earlier selection, also when it fails; a successful one sets it below.
+          this.metaExport = undefined;
+          this.metaSelected = false;
+        }
         if (!this.structured) return invalid('negotiate NBD_OPT_STRUCTURED_REPLY before meta contexts');
         const req = decodeMetaContextRequest(data);
         if (!req) return invalid('malformed meta context request');

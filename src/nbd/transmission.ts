@@ -58,7 +58,9 @@ export function validate(s: Session, r: Request): RequestError | undefined {
   }
   if (r.length === 0) return new RequestError(Errno.EINVAL, 'zero-length request');
   if (r.offset + r.length > size) {
-    return new RequestError(writes ? Errno.ENOSPC : Errno.EINVAL, `offset ${r.offset} length ${r.length} is beyond the ${size}-byte export`);
+    // The spec: ENOSPC for a WRITE or WRITE_ZEROES past the end, EINVAL for a READ or TRIM (or anything else).
+    const nospc = r.type === Cmd.NBD_CMD_WRITE || r.type === Cmd.NBD_CMD_WRITE_ZEROES;
+    return new RequestError(nospc ? Errno.ENOSPC : Errno.EINVAL, `offset ${r.offset} length ${r.length} is beyond the ${size}-byte export`);
   }
   if (r.type === Cmd.NBD_CMD_BLOCK_STATUS && !s.blockStatus) {
     return new RequestError(Errno.EINVAL, 'BLOCK_STATUS needs base:allocation selected with NBD_OPT_SET_META_CONTEXT');
