@@ -107,12 +107,14 @@ t.test("the journal's spare data files are given back before a write is refused 
   await c.flush();
 });
 
-for (const writeMap of [false, true]) {
-  const how = writeMap ? "through LMDB's write map" : 'with writev (the default)';
+for (const mode of ['writev', 'write map', 'sync'] as const) {
+  const writeMap = mode === 'write map';
+  const durability = mode === 'sync' ? 'sync' : 'commit';
+  const how = { writev: 'with writev (the default)', 'write map': "through LMDB's write map", sync: 'with sync durability (each commit synced)' }[mode];
   const skip = writeMap && !loadNative()?.allocate ? 'the native helper cannot allocate' : false;
   t.test(`a journal written ${how} that fills its filesystem fails the commit with ENOSPC; the process lives and keeps what it committed`, { skip }, async (t) => {
     const jfs = await tmpfs(t, '24m');
-    const j = await Journal.open({ dir: path.join(jfs, 'journal'), writeMap });
+    const j = await Journal.open({ dir: path.join(jfs, 'journal'), writeMap, durability });
     let closed = false;
     t.teardown(() => (closed ? undefined : j.close().catch(() => undefined)));
     t.equal(j.writeMap, writeMap, `the journal is written ${how}`);
@@ -137,8 +139,9 @@ for (const writeMap of [false, true]) {
     t.ok(back.every((e) => e.data!.equals(block)), 'with its data intact');
     await j.close();
     closed = true;
-    const again = await Journal.open({ dir: path.join(jfs, 'journal') });
+    const again = await Journal.open({ dir: path.join(jfs, 'journal'), durability });
     t.equal(again.stats.committedSeq, committed, 'reopened, the journal holds exactly what was committed');
+    t.equal(again.read(committed)[0]?.seq, committed, 'and reads its last entry back');
     await again.close();
   });
 }

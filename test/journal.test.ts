@@ -168,6 +168,50 @@ t.test('retention: pruned only up to every consumer ack and the checkpoint', asy
   t.equal(j.stats.bytes, 5 * (40 + 10), 'stored bytes count exactly the 5 kept entries (40-byte header + 10 data)');
 });
 
+t.test('killed right after pruning emptied the journal: seqs go on from where they were, never reused', async (t) => {
+  for (const durability of ['commit', 'sync'] as const) {
+    const dir = path.join(t.testdir(), durability);
+    const j = await Journal.open({ dir, durability });
+    j.registerConsumer('replica');
+    for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * 512, 512, randomBytes(512)).done;
+    await j.flush();
+    j.ack('replica', 10);
+    // What a SIGKILL keeps is every committed LMDB transaction: journal.mdb as it is right after the first
+    // transaction that left no entry stored (the prune's), before anything else commits.
+    type Txn = { transactionSync<T>(fn: () => T): T };
+    const seg = (j as unknown as { segments: Array<{ db: Txn & { getKeys(o: { limit: number }): Iterable<unknown> } }> }).segments[0].db;
+    const root = (j as unknown as { root: Txn }).root;
+    let killedState: Buffer | undefined;
+    let depth = 0; // a transaction inside another (clearSync opens one) commits with the outer one
+    for (const db of [root, seg]) {
+      const real = db.transactionSync.bind(db);
+      db.transactionSync = <T>(fn: () => T): T => {
+        depth++;
+        let out: T;
+        try {
+          out = real(fn);
+        } finally {
+          depth--;
+        }
+        if (depth === 0 && !killedState && [...seg.getKeys({ limit: 1 })].length === 0) killedState = fs.readFileSync(path.join(dir, 'journal.mdb'));
+        return out;
+      };
+    }
+    await j.setCheckpoint(10);
+    await new Promise((r) => setTimeout(r, 100));
+    t.equal(j.stats.tailSeq, 11, `${durability}: every entry pruned`);
+    await j.close();
+    t.ok(killedState, `${durability}: the prune committed`);
+    fs.writeFileSync(path.join(dir, 'journal.mdb'), killedState!);
+    const again = await Journal.open({ dir, durability });
+    const { seq, done } = again.append(EntryKind.WRITE, 0, 512, randomBytes(512));
+    await done;
+    t.equal(seq, 11, `${durability}: the next append after the restart is seq 11, not a reused one`);
+    t.same(again.consumers(), [{ id: 'replica', ackedSeq: 10 }], `${durability}: the consumer is still at 10`);
+    await again.close();
+  }
+});
+
 t.test('retention without consumers: pruned up to the checkpoint; with keep, held until the cap needs room', async (t) => {
   const dir = t.testdir();
   const pruning = await Journal.open({ dir: path.join(dir, 'prune') });
@@ -383,6 +427,24 @@ t.test('at the cap, appends wait for space instead of failing or dropping', asyn
   await after.done;
   t.equal(j.stats.committedSeq, 10, 'both waiting appends committed, in order, once acked entries were pruned');
   t.ok(j.stats.bytes <= 64 * 1024, 'within the cap');
+});
+
+t.test('an entry larger than the cap, with appends queued behind it, is taken once the journal is empty', async (t) => {
+  for (const durability of ['commit', 'sync'] as const) {
+    const j = await Journal.open({ dir: path.join(t.testdir(), durability), maxBytes: 2 ** 20, durability });
+    t.teardown(() => j.close());
+    await j.append(EntryKind.WRITE, 0, 4096, randomBytes(4096)).done;
+    // 2 MiB against a 1 MiB cap, and a small write right behind it (a client with a queue depth above one).
+    const big = j.append(EntryKind.WRITE, 0, 2 ** 21, randomBytes(2 ** 21));
+    const small = j.append(EntryKind.WRITE, 4096, 4096, randomBytes(4096));
+    await j.setCheckpoint(1);
+    const timeout = new Promise<string>((r) => setTimeout(() => r('stuck'), 3000));
+    t.equal(await Promise.race([big.done.then(() => 'done'), timeout]), 'done', `${durability}: the large entry is committed`);
+    // The image has it (the mirror checkpoints when the journal is full): the next one gets room.
+    await j.setCheckpoint(2);
+    t.equal(await Promise.race([small.done.then(() => 'done'), timeout]), 'done', `${durability}: and the one queued behind it`);
+    t.equal(j.stats.committedSeq, 3, `${durability}: in order`);
+  }
 });
 
 t.test('pruning large entries goes at most 16 MiB per transaction, also while appends wait for space', async (t) => {

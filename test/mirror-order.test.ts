@@ -2,6 +2,8 @@
 // the image completes them out of order), write-ahead recovery, and captureRange never regressing data.
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
 import type { BlockDevice } from '../src/device/block-device.js';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { Journal } from '../src/journal/journal.js';
@@ -178,4 +180,45 @@ t.test('a failed image write stops the volume instead of letting later writes ov
   const again = await MirrorDevice.open({ device: mem2, journal, checkpointIntervalMs: 0 });
   t.ok((await mem2.read(0, 512)).equals(Buffer.alloc(512, 2)), 'recovery applied the write that failed');
   await again.close();
+});
+
+t.test('power cut after a replied FLUSH: what was flushed survives, however pruning reused the data file since', async (t) => {
+  const dir = t.testdir();
+  const journal = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 });
+  // The "disk" keeps of LMDB only what its last sync wrote: journal.mdb as it was after each completed sync.
+  // Data files and the image keep everything (the kernel may write any page back at any time).
+  const root = (journal as unknown as { root: { sync(cb: (err?: Error) => void): void } }).root;
+  const realSync = root.sync.bind(root);
+  let onDisk: Buffer | undefined;
+  let cut = false;
+  root.sync = (cb) =>
+    realSync((err) => {
+      if (!err && !cut) onDisk = fs.readFileSync(path.join(dir, 'journal.mdb'));
+      cb(err);
+    });
+  const mem = new MemoryDevice(SIZE);
+  const mirror = await MirrorDevice.open({ device: mem, journal, checkpointIntervalMs: 0 });
+  const settle = () => new Promise((r) => setTimeout(r, 50));
+  const B = 64 * 1024;
+  await mirror.write(0, Buffer.alloc(B, 0xaa));
+  await mirror.flush();
+  await settle();
+  // A ZERO then a WRITE over the same range, flushed and replied: from here 0xbb at 0 must survive anything.
+  await mirror.writeZeroes(0, B);
+  await mirror.write(0, Buffer.alloc(B, 0xbb));
+  await mirror.flush();
+  await settle();
+  // One more write, never flushed, whose data lands wherever pruning let the data file be written again.
+  await mirror.write(2 ** 20, Buffer.alloc(B, 0xcc));
+  await settle();
+  // The cut: LMDB back to its last synced state; then a restart recovers.
+  cut = true;
+  await mirror.close();
+  await journal.close();
+  fs.writeFileSync(path.join(dir, 'journal.mdb'), onDisk!);
+  const again = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 });
+  t.teardown(() => again.close());
+  const restarted = await MirrorDevice.open({ device: mem, journal: again, checkpointIntervalMs: 0 });
+  t.teardown(() => restarted.close());
+  t.ok((await mem.read(0, B)).equals(Buffer.alloc(B, 0xbb)), `the flushed write is in the image after recovery (${JSON.stringify(restarted.recovery)})`);
 });
