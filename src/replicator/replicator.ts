@@ -133,7 +133,8 @@ export class Replicator {
    */
   private walk: ChangeListener | undefined;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
-  private readonly digestWaiters = new Map<number, (digests: Buffer) => void>();
+  /** Digest requests in flight, by id: told the replica's digests, or undefined once the link is gone. */
+  private readonly digestWaiters = new Map<number, (digests: Buffer | undefined) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
   private dirty: Uint8Array | undefined;
   /** Installed while the replica is away and does not hold the journal. */
@@ -320,6 +321,8 @@ export class Replicator {
       this.ws = undefined;
       this.wake?.();
       this.interrupt?.();
+      // A resync waiting for digests ends (it holds the dirty bitmap); the next link starts one over.
+      for (const tell of this.digestWaiters.values()) tell(undefined);
       this.digestWaiters.clear();
       if (this.state !== 'needs-resync' && this.state !== 'split-brain') this.state = 'disconnected';
       if (this.stopped) return;
@@ -512,10 +515,10 @@ export class Replicator {
         continue;
       }
       const id = this.nextRequestId++;
-      const theirs = new Promise<Buffer>((resolve) => this.digestWaiters.set(id, resolve));
+      const theirs = new Promise<Buffer | undefined>((resolve) => this.digestWaiters.set(id, resolve));
       ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests?', id, first, count }));
       const [replica, primary] = await Promise.all([theirs, source.hashChunks(first, count)]);
-      if (this.ws !== ws) return;
+      if (this.ws !== ws || !replica) return;
       // Adjacent differing chunks go as one capture (one entry), up to 32 chunks (8 MiB).
       const diff = differingChunks(primary, replica);
       for (let i = 0; i < diff.length; ) {
