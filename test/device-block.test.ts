@@ -44,6 +44,27 @@ t.test('block device: size, read/write, discard and zero-out', async (t) => {
   await dev.flush();
 });
 
+t.test('block device: TRIM and WRITE_ZEROES of any range, not only whole logical blocks', async (t) => {
+  const loop = attachLoop(t);
+  const dev = await FileDevice.open({ path: loop });
+  t.teardown(() => dev.close());
+  t.equal(dev.capabilities.fastZero, false, 'fast zeroing is not promised (BLKZEROOUT may write zeroes itself)');
+  const data = randomBytes(64 * 1024);
+  await dev.write(0, data);
+  const expect = Buffer.from(data);
+  // Unaligned at both ends and spanning whole blocks; inside one block; ending on a boundary.
+  for (const [offset, length] of [[100, 10_000], [20_000, 300], [30_001, 2_767]]) {
+    await dev.writeZeroes(offset, length);
+    expect.fill(0, offset, offset + length);
+    t.same(await dev.read(0, data.length), expect, `write-zeroes of ${length} at ${offset}: exactly that range reads as zeroes`);
+  }
+  // TRIM is a hint: whatever it discards, it must not fail, and it must not touch bytes outside the range.
+  await dev.trim(40_100, 9_000);
+  const after = await dev.read(0, data.length);
+  t.same(after.subarray(0, 40_100), expect.subarray(0, 40_100), 'trim left everything before its range alone');
+  t.same(after.subarray(49_100), expect.subarray(49_100), 'and everything after it');
+});
+
 t.test('block device size from sysfs without the native helper', async (t) => {
   const loop = attachLoop(t);
   const dev = await FileDevice.open({ path: loop, noNative: true });

@@ -68,6 +68,17 @@ function blockDeviceSize(path: string, fd: number, st: fs.Stats, native: NativeH
   return size;
 }
 
+/**
+ * What BLKDISCARD and BLKZEROOUT ranges are aligned to: a multiple of every logical block size in use (512 and
+ * 4096 bytes).
+ */
+const BLOCK_ALIGN = 4096;
+
+/** The whole BLOCK_ALIGN blocks inside [offset, offset + length): [from, to), empty when to <= from. */
+function blockAlignedInside(offset: number, length: number): { from: number; to: number } {
+  return { from: Math.ceil(offset / BLOCK_ALIGN) * BLOCK_ALIGN, to: Math.floor((offset + length) / BLOCK_ALIGN) * BLOCK_ALIGN };
+}
+
 /** How far ahead of a scan's reads readScan asks for data (POSIX_FADV_WILLNEED). */
 const SCAN_AHEAD = 8 * 2 ** 20;
 
@@ -102,7 +113,9 @@ export class FileDevice implements BlockDevice {
       // without it the NBD core emulates zeroing by writing, and TRIM (only a hint) is ignored.
       trim: n,
       zeroes: n,
-      fastZero: n,
+      // BLKZEROOUT falls back to writing zero pages in the kernel where the device cannot zero itself, and
+      // nothing here asks it not to: fast zeroing is only promised for files (fallocate).
+      fastZero: n && !isBlockDevice,
       // SEEK_DATA/SEEK_HOLE describe files only; a block device has no holes to report.
       blockStatus: n && !isBlockDevice,
       multiConn: true,
@@ -329,8 +342,12 @@ export class FileDevice implements BlockDevice {
     const native = this.native;
     if (!native) return; // TRIM is a hint; ignoring it is correct
     try {
-      if (this.isBlockDevice) native.blkDiscard(this.fd, offset, length);
-      else native.punchHole(this.fd, offset, length);
+      if (this.isBlockDevice) {
+        // BLKDISCARD takes whole logical blocks only (EINVAL otherwise), and clients may trim any range: the
+        // blocks inside it are discarded, the partial ones at its edges left as they are (TRIM is a hint).
+        const { from, to } = blockAlignedInside(offset, length);
+        if (to > from) native.blkDiscard(this.fd, from, to - from);
+      } else native.punchHole(this.fd, offset, length);
     } catch (err) {
       // A filesystem or device that cannot discard: the hint is dropped, as the spec allows.
       if ((err as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw err;
@@ -345,10 +362,12 @@ export class FileDevice implements BlockDevice {
     let done = false;
     if (native) {
       try {
-        if (this.isBlockDevice) native.blkZeroOut(this.fd, offset, length);
-        else if (opts?.noHole) native.zeroRange(this.fd, offset, length);
-        else native.punchHole(this.fd, offset, length); // punched ranges read as zeroes
-        done = true;
+        if (this.isBlockDevice) done = await this.zeroBlocks(native, offset, length);
+        else {
+          if (opts?.noHole) native.zeroRange(this.fd, offset, length);
+          else native.punchHole(this.fd, offset, length); // punched ranges read as zeroes
+          done = true;
+        }
       } catch (err) {
         if ((err as NodeJS.ErrnoException).code !== 'EOPNOTSUPP') throw err;
       }
@@ -360,6 +379,21 @@ export class FileDevice implements BlockDevice {
       await writeZeroBuffers({ write: (o, d) => this.writeRaw(o, d) }, offset, length);
     }
     if (opts?.fua) await this.flush();
+  }
+
+  /**
+   * Zeroes a block device's range: BLKZEROOUT takes whole logical blocks only (EINVAL otherwise), so the blocks
+   * inside the range go through it and the partial ones at its edges are written with zeroes. False when the
+   * range holds no whole block (the caller writes it all).
+   */
+  private async zeroBlocks(native: NativeHelper, offset: number, length: number): Promise<boolean> {
+    const { from, to } = blockAlignedInside(offset, length);
+    if (to <= from) return false;
+    native.blkZeroOut(this.fd, from, to - from);
+    const zeroes = { write: (o: number, d: Buffer) => this.writeRaw(o, d) };
+    if (from > offset) await writeZeroBuffers(zeroes, offset, from - offset);
+    if (offset + length > to) await writeZeroBuffers(zeroes, to, offset + length - to);
+    return true;
   }
 
   async cache(offset: number, length: number): Promise<void> {
