@@ -75,3 +75,37 @@ t.test('one image under two export names (here through a symlink) is refused at 
   t.match(twice.stderr, /--image b=.*y\.img is the image exported as "a" already/, 'naming both exports');
   t.notOk(fs.existsSync(`${img}.journal`), 'and opened nothing (no journal was created)');
 });
+
+t.test('a journal refuses an image other than its own: made anew, or another file put in its place', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'disk.img');
+  const args = ['--image', `disk=${img}`, '--size', String(SIZE)];
+  const first = await startServe([...args, '--listen', '127.0.0.1:0'], t.teardown);
+  const data = randomBytes(SIZE);
+  await run('nbdcopy', ['-', first.uri], { input: data });
+  t.equal(await first.stop(), 0, 'the first serve stops cleanly');
+
+  // Deleted: serve --size would make a new, all-zero image beside the old journal.
+  fs.rmSync(img);
+  const anew = await serveOnce(args);
+  t.equal(anew.code, 1, 'serve exits 1 rather than serve a new image with the old journal');
+  t.match(anew.stderr, /did not exist and was made new, but journal .*disk\.img\.journal was written for an earlier image/, `saying why: ${anew.stderr.trim()}`);
+  t.notOk(fs.existsSync(img), 'and the image it made is not left behind');
+
+  // Another file of the same size put in its place.
+  fs.writeFileSync(img, Buffer.alloc(SIZE, 7));
+  const other = await serveOnce(args);
+  t.equal(other.code, 1, 'another file in its place is refused too');
+  t.match(other.stderr, /is not the file its journal was written for .* pass --image-moved/, 'naming the way to take a moved image');
+
+  // The real image, moved here with its journal (a copy: a new file): taken with --image-moved, then as its own.
+  fs.writeFileSync(img + '.tmp', data);
+  fs.renameSync(img + '.tmp', img);
+  const moved = await startServe([...args, '--image-moved', '--listen', '127.0.0.1:0'], t.teardown);
+  t.equal(await moved.stop(), 0, '--image-moved serves it');
+  const again = await startServe([...args, '--listen', '127.0.0.1:0'], t.teardown);
+  const copy = path.join(dir, 'copy.img');
+  await run('nbdcopy', [again.uri, copy]);
+  t.ok(fs.readFileSync(copy).equals(data), 'and from then on it is the journal\'s image, served without the flag');
+  t.equal(await again.stop(), 0);
+});

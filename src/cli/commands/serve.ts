@@ -16,7 +16,7 @@ import { NbdServer } from '../../nbd/server.js';
 import { loadNbdTls, type NbdTls } from '../../nbd/tls.js';
 import { clientTls, tokenFor } from '../../replicator/link-auth.js';
 import { Replicator } from '../../replicator/replicator.js';
-import { UsageError } from '../../util/errors.js';
+import { BlockferryError, UsageError } from '../../util/errors.js';
 import { createLogger, type Logger } from '../../util/logger.js';
 import { formatBytes, parseRate, parseSize } from '../../util/size.js';
 import { isLoopback, parseHostPort, type HostPort } from '../listen.js';
@@ -47,6 +47,8 @@ export interface ServeOptions {
   keepJournal?: boolean;
   /** Store the journal through LMDB's write map (see Journal's writeMap option). */
   journalWriteMap?: boolean;
+  /** The image file was moved or copied together with its journal: take it and record its new identity. */
+  imageMoved?: boolean;
   durability?: 'sync' | 'commit';
   /** Replayer URLs (ws://HOST:PORT); every journaled volume is shipped to each. */
   replicateTo?: string[];
@@ -112,6 +114,8 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   try {
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
+    if (volumeId) checkImageIdentity(img, dir, journal, imageIsNew, opts.imageMoved ?? false);
+    await recordImageIdentity(img, journal);
     if (!volumeId) {
       volumeId = randomUUID();
       await journal.setMeta('volumeId', volumeId);
@@ -160,8 +164,53 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   } catch (err) {
     await journal?.close().catch(() => undefined);
     await file.close().catch(() => undefined);
+    // An image made just now for a journal that refused it is not left behind to be taken next time.
+    if (imageIsNew && (err as BlockferryError).code === 'ERR_IMAGE_CHANGED') fs.rmSync(img.path, { force: true });
     throw err;
   }
+}
+
+/**
+ * Which file an image is, as far as its journal can tell: its inode and birth time (a file deleted and made
+ * again, or another file put in its place, differs in one of them, while a reboot changes neither). Not the
+ * device number, which may change across reboots (device-mapper); none for a block device, whose node may be
+ * renumbered and which cannot be made anew by serve.
+ */
+function imageIdentity(img: ServeImage): { ino: string; birth: number } | undefined {
+  const st = fs.statSync(img.path, { bigint: true });
+  if (st.isBlockDevice()) return undefined;
+  return { ino: st.ino.toString(), birth: Number(st.birthtimeNs / 1000n) }; // microseconds
+}
+
+/**
+ * A journal's entries, checkpoint and replicas' positions describe the image it was written for. Served with a
+ * new image (made just now) or another file, recovery would re-apply its tail onto unrelated bytes and every
+ * replica would go on as if it matched: refused, with what to do.
+ */
+function checkImageIdentity(img: ServeImage, dir: string, journal: Journal, imageIsNew: boolean, moved: boolean): void {
+  const what = `journal ${dir} was written for an earlier image ${img.path}: its entries and its replicas' positions describe that image`;
+  const remedy = `restore that image, or move the journal away to start a new one (its replicas then need a new volume name, or their replica removed)`;
+  if (imageIsNew) throw new BlockferryError('ERR_IMAGE_CHANGED', `image ${img.path} did not exist and was made new, but ${what}; ${remedy}`);
+  const known = journal.getMeta<{ ino: string; birth: number }>('image');
+  const now = imageIdentity(img);
+  if (moved || !known || !now || (known.ino === now.ino && known.birth === now.birth)) return;
+  throw new BlockferryError(
+    'ERR_IMAGE_CHANGED',
+    `image ${img.path} is not the file its journal was written for (inode ${now.ino} made ${when(now.birth)}, not inode ${known.ino} made ${when(known.birth)}): ${what}; ` +
+      `if the image was moved or copied together with its journal, pass --image-moved; otherwise ${remedy}`,
+  );
+}
+
+/** A birth time in microseconds, for people. */
+function when(birthUs: number): string {
+  return birthUs > 0 ? new Date(Math.floor(birthUs / 1000)).toISOString() : 'at an unknown time';
+}
+
+/** Records the image's identity in its journal (see imageIdentity), when it is not what is recorded. */
+async function recordImageIdentity(img: ServeImage, journal: Journal): Promise<void> {
+  const now = imageIdentity(img);
+  const known = journal.getMeta<{ ino: string; birth: number }>('image');
+  if (now && (known?.ino !== now.ino || known?.birth !== now.birth)) await journal.setMeta('image', now);
 }
 
 export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
@@ -296,6 +345,7 @@ interface ServeArgs {
   'journal-max': string;
   'keep-journal': boolean;
   'journal-write-map': boolean;
+  'image-moved': boolean;
   durability: 'sync' | 'commit';
   'replicate-to'?: string[];
   'max-rate'?: string;
@@ -342,6 +392,11 @@ export const command: CommandModule<object, ServeArgs> = {
         default: false,
         describe: "Store the journal through LMDB's write map (one copy of each write instead of two, but page faults; measured slower on Linux 6.18)",
       })
+      .option('image-moved', {
+        type: 'boolean',
+        default: false,
+        describe: 'The image file was moved or copied together with its journal: serve it with that journal (otherwise a journal refuses an image file other than its own)',
+      })
       .option('durability', {
         choices: ['sync', 'commit'] as const,
         default: 'commit' as const,
@@ -383,6 +438,7 @@ export const command: CommandModule<object, ServeArgs> = {
       journalMax: parseSize(args['journal-max'], '--journal-max'),
       keepJournal: args['keep-journal'],
       journalWriteMap: args['journal-write-map'],
+      imageMoved: args['image-moved'],
       durability: args.durability,
       replicateTo: args['replicate-to'],
       maxRate: args['max-rate'] === undefined ? undefined : parseRate(args['max-rate'], '--max-rate'),
