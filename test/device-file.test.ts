@@ -32,6 +32,9 @@ t.test('creates a sparse file of the given size; reopening keeps it; a different
     code: 'ERR_USAGE',
     message: /does not exist; pass --size to create it/,
   });
+  const empty = path.join(path.dirname(file), 'empty.img');
+  await t.rejects(FileDevice.open({ path: empty, size: 0 }), { code: 'ERR_USAGE', message: /--size must be at least 1 byte/ }, 'size 0 is a usage error');
+  t.notOk(fs.existsSync(empty), 'and leaves no empty file that later opens would refuse');
 });
 
 t.test('native helper is loaded and capabilities say so', async (t) => {
