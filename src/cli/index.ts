@@ -1,7 +1,9 @@
 #!/usr/bin/env node
 // The `blockferry` command line: one yargs root, one module per command in ./commands.
-// The libuv pool serves large image I/O and LMDB; size it before any async fs call starts the pool.
-process.env.UV_THREADPOOL_SIZE ??= '8';
+// The libuv pool (large image I/O, LMDB) is Node's default of 4 threads unless UV_THREADPOOL_SIZE is set in the
+// environment: setting it here came too late (imports run first, and the ESM loader has started the pool by
+// then: a serve had 11 threads with or without it, 15 with UV_THREADPOOL_SIZE=8 in its environment), so every
+// figure in docs/performance.md was measured with 4.
 
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
