@@ -1,14 +1,18 @@
 // The server over real loopback sockets: semantics a client relies on, errors that leave the connection
 // usable, hostile input that never disturbs another client, and a bounded fuzz run.
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
 import net from 'node:net';
+import os from 'node:os';
 import path from 'node:path';
 import { FileDevice } from '../src/device/file-device.js';
 import { MemoryDevice } from '../src/device/memory-device.js';
 import { NbdServer } from '../src/nbd/server.js';
 import { until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
+import { run } from './helpers/processes.js';
 
 const SIZE = 16 * 2 ** 20;
 
@@ -280,4 +284,26 @@ t.test('hostile clients never disturb a good one', async (t) => {
   t.ok(same, 'a new client reads every byte the good client wrote');
   await again.close();
   await good.close();
+});
+
+t.test('a Unix socket: a stale file from a killed server is replaced, a live server\'s is left to it', async (t) => {
+  // Short: a Unix socket path has at most 107 bytes, and the test directory's path is longer.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bf-sock-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const sock = path.join(dir, 'nbd.sock');
+  // A server SIGKILLed while listening leaves its socket file behind.
+  const child = spawn(process.execPath, ['-e', `require('net').createServer().listen(${JSON.stringify(sock)}, () => process.stdout.write('up'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  await new Promise((r) => child.stdout!.once('data', r));
+  child.kill('SIGKILL');
+  await new Promise((r) => child.once('exit', r));
+  const first = new NbdServer({ exports: [{ name: 'a', device: new MemoryDevice(SIZE) }] });
+  t.teardown(() => first.close({ graceMs: 100 }));
+  await first.listen({ path: sock });
+  const uri = `nbd+unix:///a?socket=${sock}`;
+  t.equal((await run('nbdinfo', ['--size', uri])).stdout.trim(), String(SIZE), 'the stale file was replaced: the new server answers on it');
+
+  const second = new NbdServer({ exports: [{ name: 'b', device: new MemoryDevice(SIZE) }] });
+  t.teardown(() => second.close({ graceMs: 100 }));
+  await t.rejects(second.listen({ path: sock }), { code: 'EADDRINUSE', message: /socket .*nbd\.sock is in use/ }, 'a second server is refused the live socket');
+  t.equal((await run('nbdinfo', ['--size', uri])).stdout.trim(), String(SIZE), 'and the first still answers on it');
 });

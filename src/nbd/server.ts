@@ -3,6 +3,7 @@ import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Duplex } from 'node:stream';
+import { BlockferryError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { Connection } from './connection.js';
 import type { NbdExport } from './negotiation.js';
@@ -57,9 +58,13 @@ export class NbdServer extends EventEmitter {
     // before anything is read.
     const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (sock) => this.accept(sock));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
-    if ('path' in target) {
-      // A stale socket file from a killed run would make listen fail with EADDRINUSE.
-      if (fs.existsSync(target.path) && fs.statSync(target.path).isSocket()) fs.unlinkSync(target.path);
+    if ('path' in target && fs.existsSync(target.path) && fs.statSync(target.path).isSocket()) {
+      // A stale socket file from a killed run would make listen fail with EADDRINUSE: removed, but only if
+      // nothing answers on it. A live server's socket is its own (unlinking it would take its clients' path).
+      if (await answers(target.path)) {
+        throw new BlockferryError('EADDRINUSE', `socket ${target.path} is in use: another server listens on it; stop it or pass another --socket`);
+      }
+      fs.unlinkSync(target.path);
     }
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -103,4 +108,16 @@ export class NbdServer extends EventEmitter {
     await Promise.all([...this.conns].map((c) => c.shutdown(grace)));
     await Promise.all(stopped);
   }
+}
+
+/** Whether something accepts connections on the Unix socket at `file` (refused or gone: a stale file). */
+function answers(file: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const probe = net.connect(file);
+    probe.once('connect', () => {
+      probe.destroy();
+      resolve(true);
+    });
+    probe.once('error', () => resolve(false));
+  });
 }
