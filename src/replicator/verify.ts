@@ -18,7 +18,15 @@ export interface VerifyOptions {
   tls?: { options: Record<string, unknown>; checkPeer?: (socket: unknown) => string | undefined };
   retryDelayMs?: number;
   onProgress?: (doneBytes: number, totalBytes: number) => void;
+  /** How long the replayer may take to welcome the verify link, or to answer one digest request (default 60 s). */
+  replyTimeoutMs?: number;
 }
+
+/**
+ * A replayer answers a digest request (64 chunks, 16 MiB read) in well under a second when it is well; one that
+ * accepted the link and then stalls (stopped, its disk hung) would otherwise hold `verify` forever.
+ */
+const REPLY_TIMEOUT_MS = 60_000;
 
 export interface VerifyReport {
   volume: string;
@@ -40,7 +48,10 @@ class DigestClient {
   private nextId = 1;
   private failure: Error | undefined;
 
-  private constructor(private readonly ws: WebSocket) {
+  private constructor(
+    private readonly ws: WebSocket,
+    private readonly replyTimeoutMs: number,
+  ) {
     ws.on('message', (raw: Buffer) => {
       let msg: Message;
       try {
@@ -64,9 +75,15 @@ class DigestClient {
     volume: string,
     size: number,
     auth: { token?: string; tls?: VerifyOptions['tls'] } = {},
+    replyTimeoutMs = REPLY_TIMEOUT_MS,
   ): Promise<{ client: DigestClient; welcome: Extract<Message, { t: 'welcome' }> }> {
     return new Promise((resolve, reject) => {
       const ws = new WebSocket(url, { maxPayload: MAX_MESSAGE_BYTES, handshakeTimeout: 10_000, perMessageDeflate: false, ...(auth.tls?.options ?? {}) });
+      const silent = setTimeout(() => {
+        ws.terminate();
+        reject(new BlockferryError('ERR_REPLICA_TIMEOUT', `the replayer at ${url} did not welcome the verify link within ${replyTimeoutMs / 1000} s`));
+      }, replyTimeoutMs);
+      ws.once('close', () => clearTimeout(silent));
       ws.on('upgrade', (res) => {
         const err = auth.tls?.checkPeer?.(res.socket);
         if (err) {
@@ -78,6 +95,7 @@ class DigestClient {
       ws.once('error', onError);
       ws.once('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume, volumeId: '', size, role: 'verify', ...(auth.token ? { token: auth.token } : {}) })));
       ws.once('message', (raw: Buffer) => {
+        clearTimeout(silent);
         ws.off('error', onError);
         let msg: Message;
         try {
@@ -94,7 +112,7 @@ class DigestClient {
           ws.terminate();
           return reject(new BlockferryError('ERR_REPLICATION_PROTOCOL', `expected welcome, got ${msg.t}`));
         }
-        resolve({ client: new DigestClient(ws), welcome: msg });
+        resolve({ client: new DigestClient(ws, replyTimeoutMs), welcome: msg });
       });
       ws.once('close', (code, reason) => reject(new BlockferryError('ERR_REPLICA_CLOSED', `the replayer closed the connection (${code} ${reason.toString()})`)));
     });
@@ -104,7 +122,21 @@ class DigestClient {
     if (this.failure) return Promise.reject(this.failure);
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
-      this.waiters.set(id, { resolve, reject });
+      const timer = setTimeout(() => {
+        this.abort(new BlockferryError('ERR_REPLICA_TIMEOUT', `the replayer answered no digest request (chunks ${first}-${first + count - 1}) within ${this.replyTimeoutMs / 1000} s`));
+        this.ws.terminate();
+      }, this.replyTimeoutMs);
+      const done = () => clearTimeout(timer);
+      this.waiters.set(id, {
+        resolve: (m) => {
+          done();
+          resolve(m);
+        },
+        reject: (e) => {
+          done();
+          reject(e);
+        },
+      });
       this.ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests?', id, first, count }));
     });
   }
@@ -125,7 +157,7 @@ export async function verifyReplica(opts: VerifyOptions): Promise<VerifyReport> 
   const { device: dev } = opts;
   const retries = opts.retries ?? 5;
   const delay = opts.retryDelayMs ?? 1000;
-  const { client, welcome } = await DigestClient.connect(opts.url, opts.volume, dev.size, { token: opts.token, tls: opts.tls });
+  const { client, welcome } = await DigestClient.connect(opts.url, opts.volume, dev.size, { token: opts.token, tls: opts.tls }, opts.replyTimeoutMs);
   let replicaSeq = welcome.appliedSeq;
   try {
     const total = chunkCount(dev.size);
