@@ -5,7 +5,7 @@
 // at a FLUSH marker, a write failing part-way through a batch, and two primaries racing for a new volume. In
 // process, with the replica's real FileDevice whose flush (or write) the test holds back (then lets the real
 // one run) or makes fail once.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -38,6 +38,27 @@ async function hookFlush(server: ReplayServer, volume: string, fromSeq: number, 
   if (!v) throw new Error(`no volume ${volume}`);
   const real = v.device.flush.bind(v.device);
   v.device.flush = () => (v.state.appliedSeq >= fromSeq ? hook(real) : real());
+}
+
+/** A replay server on loopback (small SYNC_BYTES, no timer), closed at teardown. */
+async function replayServer(t: Test) {
+  const dir = t.testdir();
+  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
+  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
+  t.teardown(() => server.close());
+  return { dir, server, url: `ws://127.0.0.1:${port}` };
+}
+
+/** A hookFlush hook whose first fsync fails with EIO; the ones after it run for real. */
+function failingOnce(): (real: () => Promise<void>) => Promise<void> {
+  let failed = false;
+  return async (real) => {
+    if (!failed) {
+      failed = true;
+      throw Object.assign(new Error('fdatasync: input/output error (injected)'), { code: 'EIO' });
+    }
+    return real();
+  };
 }
 
 /** A primary's side of one link: hello, then batches; records every ack and how the link closed. */
@@ -164,22 +185,12 @@ t.test('a sync after SYNC_BYTES runs while later batches are applied; at most tw
 });
 
 t.test('a background sync that fails drops the link with ERR_STORAGE at once; the next link starts again from the last durable seq', async (t) => {
-  const dir = t.testdir();
-  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
-  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
-  t.teardown(() => server.close());
-  const link = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  const { dir, server, url } = await replayServer(t);
+  const link = await connect(url, 'disk');
   t.teardown(() => link.ws.terminate());
   const perSync = SYNC_BYTES / ENTRY;
   // The fsync that begins once one SYNC_BYTES is applied fails, once.
-  let failed = false;
-  await hookFlush(server, 'disk', perSync, async (real) => {
-    if (!failed) {
-      failed = true;
-      throw Object.assign(new Error('fdatasync: input/output error (injected)'), { code: 'EIO' });
-    }
-    return real();
-  });
+  await hookFlush(server, 'disk', perSync, failingOnce());
   const data = randomBytes(ENTRY);
   const image = Buffer.alloc(SIZE);
   send(link.ws, entries(1, perSync, data, image));
@@ -192,7 +203,7 @@ t.test('a background sync that fails drops the link with ERR_STORAGE at once; th
 
   // The primary reconnects. The failed fsync may have lost pages the kernel will not write again, so the replica
   // starts over from its last durable seq (0 here) and the primary sends everything after it again.
-  const again = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  const again = await connect(url, 'disk');
   t.teardown(() => again.ws.terminate());
   t.equal(again.welcome, 0, 'the next link is welcomed at the last durable seq, not the applied one');
   const end = perSync * 2;
@@ -202,30 +213,20 @@ t.test('a background sync that fails drops the link with ERR_STORAGE at once; th
 });
 
 t.test('a FLUSH marker whose fsync fails drops the link; the next link starts from the last durable seq, not the marker', async (t) => {
-  const dir = t.testdir();
-  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
-  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
-  t.teardown(() => server.close());
-  const link = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  const { dir, server, url } = await replayServer(t);
+  const link = await connect(url, 'disk');
   t.teardown(() => link.ws.terminate());
   const data = randomBytes(ENTRY);
   const image = Buffer.alloc(SIZE);
   // The marker's fsync (it begins once the marker is counted applied, at seq 5) fails, once.
-  let failed = false;
-  await hookFlush(server, 'disk', 5, async (real) => {
-    if (!failed) {
-      failed = true;
-      throw Object.assign(new Error('fdatasync: input/output error (injected)'), { code: 'EIO' });
-    }
-    return real();
-  });
+  await hookFlush(server, 'disk', 5, failingOnce());
   const flush: JournalEntry = { seq: 5, kind: EntryKind.FLUSH, offset: 0, length: 0, crc: entryCrc(EntryKind.FLUSH, 0, 0), ts: Date.now() };
   link.ws.send(encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [...entries(1, 4, data, image), flush] }));
   t.ok(await link.until(() => link.closed() !== undefined, 10_000), 'the link is dropped');
   t.equal(link.closed()?.code, CloseCode.STORAGE, 'with the storage close code');
   t.equal(link.durable(), 0, 'nothing was acknowledged durable');
   // A sync that works now (the timer's, say) must not record the marker's seq as durable: its pages may be lost.
-  const again = await connect(`ws://127.0.0.1:${port}`, 'disk');
+  const again = await connect(url, 'disk');
   t.teardown(() => again.ws.terminate());
   t.equal(again.welcome, 0, 'the next link is welcomed at the last durable seq (0), not at the failed marker (5)');
   again.ws.send(encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [...entries(1, 4, data, image), flush] }));
@@ -234,11 +235,7 @@ t.test('a FLUSH marker whose fsync fails drops the link; the next link starts fr
 });
 
 t.test('a write that fails part-way through a large batch: the next welcome carries a history the primary accepts', async (t) => {
-  const dir = t.testdir();
-  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
-  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
-  t.teardown(() => server.close());
-  const url = `ws://127.0.0.1:${port}`;
+  const { server, url } = await replayServer(t);
   const link = await connect(url, 'disk');
   t.teardown(() => link.ws.terminate());
   // The replica's disk fills after 150 of a batch's 300 small writes, once.
@@ -280,11 +277,7 @@ t.test('a write that fails part-way through a large batch: the next welcome carr
 });
 
 t.test('two primaries saying hello to a new volume at once: one is welcomed, the other refused as busy', async (t) => {
-  const dir = t.testdir();
-  const server = new ReplayServer({ dataDir: dir, syncBytes: SYNC_BYTES, syncIntervalMs: 0 });
-  const { port } = await server.listen({ host: '127.0.0.1', port: 0 });
-  t.teardown(() => server.close());
-  const url = `ws://127.0.0.1:${port}`;
+  const { url } = await replayServer(t);
   const hello = () =>
     new Promise<{ ws: WebSocket; t: string; code?: string }>((resolve) => {
       const ws = new WebSocket(url);
