@@ -87,6 +87,37 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   t.ok(fs.readFileSync(rebuilt).equals(fs.readFileSync(image)), 'the image equals zeroes + journal: no write is in one and not the other');
 });
 
+t.test("the image's filesystem fills with no free-space guard: the volume fails, serve's stop says so, a restart recovers", async (t) => {
+  const dir = t.testdir();
+  const ifs = await tmpfs(t, '16m');
+  const image = path.join(ifs, 'disk.img');
+  const journal = path.join(dir, 'journal');
+  const args = ['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '0'];
+  const s = await startServe(args, t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  let failure: unknown;
+  for (let i = 0; i < 32 && !failure; i++) {
+    try {
+      await c.write(i * MiB, randomBytes(MiB));
+    } catch (err) {
+      failure = err;
+    }
+  }
+  t.ok(failure instanceof NbdError, `a write failed once the image's 16 MiB filesystem was full (${String(failure)})`);
+  await c.close().catch(() => undefined);
+  t.equal(await s.stop(), 1, 'serve stops, but with exit status 1, not as a clean stop');
+  t.match(s.stderr(), /stopped, but a volume had failed: disk: the local image failed to apply journal seq \d+/, 'naming the volume and the entry');
+  t.notMatch(s.stderr(), /stopped cleanly/);
+
+  // Room again: the restart re-applies what the image missed, and the image equals zeroes + journal.
+  await run('mount', ['-o', 'remount,size=128m', ifs]);
+  const again = await startServe(args, t.teardown);
+  t.equal(await again.stop(), 0, 'the restart recovers and then stops cleanly');
+  const rebuilt = path.join(dir, 'rebuilt.img');
+  await run(process.execPath, [CLI, 'replay-local', '--journal', journal, '--size', '64M', '--out', rebuilt]);
+  t.ok(fs.readFileSync(rebuilt).equals(fs.readFileSync(image)), 'the image equals zeroes + journal');
+});
+
 t.test("the journal's spare data files are given back before a write is refused for space", async (t) => {
   const dir = t.testdir();
   const jfs = await tmpfs(t, '96m');

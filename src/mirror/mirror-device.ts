@@ -273,6 +273,11 @@ export class MirrorDevice implements BlockDevice {
     await this.inner.close();
   }
 
+  /** Why the volume refuses changes for good (the image failed to apply an entry), if it does. */
+  get failure(): BlockferryError | undefined {
+    return this.order.failedSeq === Infinity ? undefined : this.unusable();
+  }
+
   private assertUsable(): void {
     const err = this.unusable();
     if (err) throw err;

@@ -472,7 +472,11 @@ export const command: CommandModule<object, ServeArgs> = {
     }
     await waitForSignals(log, async () => {
       await admin?.close();
+      // A volume whose image failed to apply an entry stops like the others, but not as "stopped cleanly":
+      // its restart has recovery to do, and whoever runs serve (a unit manager, a script) is told by the status.
+      const failed = handle.volumes.flatMap((v) => (v.mirror?.failure ? [`${v.name}: ${v.mirror.failure.message}`] : []));
       await handle.close();
+      if (failed.length > 0) throw new BlockferryError('EIO', `stopped, but ${failed.length === 1 ? 'a volume had' : `${failed.length} volumes had`} failed: ${failed.join('; ')}`);
     });
   },
 };
