@@ -1014,6 +1014,21 @@ export class Journal extends EventEmitter {
     return { id, ackedSeq: acked };
   }
 
+  /**
+   * Makes consumer `id` hold the entries from `seq` on again, lower than its acknowledgement too (a replica that
+   * came back behind the point its dirty bitmap let the journal go of), but never below what is still stored.
+   * Returns its acknowledged seq.
+   */
+  holdFrom(id: string, seq: number): number {
+    const acked = Math.max(Math.min(seq - 1, this.committed), this.tail - 1);
+    if (this.acks.get(id) !== acked) {
+      this.acks.set(id, acked);
+      void this.putMeta(`consumer:${id}`, acked).catch(() => undefined);
+    }
+    this.prune();
+    return acked;
+  }
+
   ack(id: string, seq: number): void {
     const prev = this.acks.get(id);
     if (prev === undefined || seq <= prev) return;
@@ -1166,7 +1181,9 @@ export class Journal extends EventEmitter {
     this.pruning = true;
     setImmediate(() => {
       try {
-        if (upTo >= this.tail) this.advanceTail(upTo);
+        // Again now: a hold may have been lowered meanwhile (holdFrom).
+        const now = Math.min(this.retainFrom() - 1, this.committed);
+        if (now >= this.tail) this.advanceTail(now);
         this.reclaim();
         // Appends waiting for room take it as soon as there is some, not once the whole backlog is pruned (a
         // step prunes at most PRUNE_BYTES while appends wait, so 8 GiB let go at once is 512 steps, one a turn).

@@ -179,8 +179,19 @@ export class Replicator {
     return Replicator.bitmapKeyFor(this.consumerId);
   }
 
+  /** The journal meta key marking a full resync of a replica under way (kept across restarts of serve). */
+  static resyncKeyFor(consumerId: string): string {
+    return `resyncing:${consumerId}`;
+  }
+
+  private get resyncKey(): string {
+    return Replicator.resyncKeyFor(this.consumerId);
+  }
+
   /** A bitmap saved by an earlier run: the replica is still compared over its dirty chunks only. */
   private loadBitmap(): void {
+    // A full resync an earlier run of serve did not finish: the replica may differ anywhere.
+    this.resyncIncomplete = this.opts.journal.getMeta<boolean>(this.resyncKey) === true;
     const saved = this.opts.journal.getMeta<SavedBitmap>(this.bitmapKey);
     const chunks = chunkCount(this.opts.size);
     if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length !== Math.ceil(chunks / 8)) return;
@@ -188,7 +199,7 @@ export class Replicator {
     for (let c = 0; c < chunks; c++) dirty[c] = (saved.bits[c >> 3] >> (c & 7)) & 1;
     this.dirty = dirty;
     this.dirtyFrom = saved.from;
-    this.resyncIncomplete = saved.incomplete;
+    this.resyncIncomplete ||= saved.incomplete;
     this.log.info({ fromSeq: saved.from, throughSeq: saved.through, dirtyBytes: this.dirtyBytes() }, 'loaded the dirty bitmap of a replica that was away');
   }
 
@@ -433,9 +444,7 @@ export class Replicator {
   private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrcs: number[] | null = null): void {
     const j = this.opts.journal;
     if (this.tracking) {
-      // Hold the journal again from its tail, then stop marking: from here changes are shipped.
-      const acked = j.registerConsumer(this.consumerId, j.stats.tailSeq).ackedSeq;
-      this.ackedSeq = acked;
+      // Stop marking: from here changes are shipped (the journal holds them again, below).
       j.removeChangeListener(this.tracking);
       this.tracking = undefined;
     }
@@ -481,6 +490,9 @@ export class Replicator {
       // The journal covers the image from all zeroes, and a new replica is all zeroes: shipping suffices.
       ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq: 0 }));
     }
+    // The journal holds again everything the replica is to be sent (a bitmap, or an earlier run of serve, may
+    // have let it go further: its acknowledgement then stood for the bitmap, not for the replica).
+    this.ackedSeq = j.holdFrom(this.consumerId, applied + 1);
     // What the replica has applied is not necessarily durable: retention moves only on durable acks.
     this.appliedSeq = applied;
     this.nextSeq = applied + 1;
@@ -505,6 +517,9 @@ export class Replicator {
     const dirty = this.dirty;
     const scope = dirty ? this.dirtyBytes() : this.opts.size;
     this.resyncIncomplete = true;
+    // A full comparison is marked in the journal: if serve restarts before it ends, a bitmap built then (only
+    // changes from then on) would otherwise stand in for it, and the chunks it never reached go uncompared.
+    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, true);
     this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
     this.log.info({ bytes: scope, dirtyOnly: !!dirty }, `resync: comparing chunk digests with the replica${dirty ? ' (dirty regions only)' : ''}`);
     for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
@@ -537,6 +552,7 @@ export class Replicator {
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
     this.resyncIncomplete = false;
+    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, undefined);
     if (this.dirty === dirty) this.dropBitmap();
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
     this.resync = undefined;

@@ -141,6 +141,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
         log.info({ volume: img.name, consumer: c.id, ackedSeq: c.ackedSeq }, 'forgetting a replica no longer in --replicate-to');
         journal.removeConsumer(c.id);
         await journal.setMeta(Replicator.bitmapKeyFor(c.id), undefined);
+        await journal.setMeta(Replicator.resyncKeyFor(c.id), undefined);
       }
     }
     const replicators = (opts.replicateTo ?? []).map(
