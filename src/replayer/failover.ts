@@ -4,6 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { open } from 'lmdb';
+import { tryLockFile } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import type { VolumeState } from './replay-server.js';
@@ -65,6 +66,8 @@ async function promoteLocked(dataDir: string, volume: string, opts: { force?: bo
 export interface DemoteResult {
   volume: string;
   image: string;
+  /** Where the image's own journal (IMAGE.journal) was moved aside to, if it had one. */
+  journalMovedTo?: string;
 }
 
 /**
@@ -81,10 +84,39 @@ async function demoteLocked(imagePath: string, dataDir: string, volume: string):
   const image = path.join(dataDir, `${volume}.img`);
   const statePath = path.join(dataDir, `${volume}.state.mdb`);
   if (!fs.existsSync(imagePath)) throw new BlockferryError('ERR_NO_IMAGE', `${imagePath} does not exist`);
-  if (path.resolve(imagePath) !== path.resolve(image)) {
-    if (fs.existsSync(image)) throw new BlockferryError('ERR_EXISTS', `${image} already exists; move it away first`);
-    fs.renameSync(imagePath, image);
+  // The image's lock, as serve takes it: a serve still writing it would go on writing the replica.
+  const fd = fs.openSync(imagePath, 'r');
+  try {
+    if (tryLockFile(fd, true) === false) {
+      throw new BlockferryError('ERR_IMAGE_BUSY', `${imagePath} is in use by another blockferry process (a serve of it?): stop it before demoting the image`);
+    }
+    if (path.resolve(imagePath) !== path.resolve(image)) {
+      if (fs.existsSync(image)) throw new BlockferryError('ERR_EXISTS', `${image} already exists; move it away first`);
+      fs.renameSync(imagePath, image);
+    }
+    const journalMovedTo = moveJournalAside(imagePath);
+    await writeDemotedState(image, statePath);
+    return journalMovedTo ? { volume, image, journalMovedTo } : { volume, image };
+  } finally {
+    fs.closeSync(fd);
   }
+}
+
+/**
+ * The image's own journal (serve's default, IMAGE.journal) describes the image as it was: once the image is a
+ * replica, and later promoted and served again, its tail would be re-applied over what the resync brought.
+ * Moved aside (not deleted: it is the record of this side's writes after the failover). A journal kept
+ * elsewhere (serve --journal DIR) is not known here.
+ */
+function moveJournalAside(imagePath: string): string | undefined {
+  const journal = `${imagePath}.journal`;
+  if (!fs.existsSync(journal)) return undefined;
+  const aside = `${journal}.before-demote-${new Date().toISOString().replace(/[:.]/g, '-')}`;
+  fs.renameSync(journal, aside);
+  return aside;
+}
+
+async function writeDemotedState(image: string, statePath: string): Promise<void> {
   for (const f of [statePath, `${statePath}-lock`]) fs.rmSync(f, { force: true });
   const db = open({ path: statePath });
   try {
@@ -95,5 +127,4 @@ async function demoteLocked(imagePath: string, dataDir: string, volume: string):
   } finally {
     await db.close();
   }
-  return { volume, image };
 }

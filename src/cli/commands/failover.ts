@@ -55,6 +55,7 @@ export const demoteCommand: CommandModule<object, DemoteArgs> = {
     const r = await demoteImage(img.path, args['data-dir'], args.volume ?? img.name);
     process.stdout.write(
       `${img.path} is now the replica of volume ${r.volume} at ${r.image} (inconsistent until resynced).\n` +
+        (r.journalMovedTo ? `its journal, which no longer describes it, was moved aside to ${r.journalMovedTo}.\n` : '') +
         `next: blockferry replay --data-dir ${path.resolve(args['data-dir'])} ..., then serve the new primary with --replicate-to it; only differing chunks are sent.\n`,
     );
   },

@@ -10,11 +10,13 @@ import type { ServeStatusBody, ServeVolumeStatus } from '../../admin/status-type
 import { WriteMeter, sumThroughput } from '../../admin/write-meter.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
+import { open as openLmdb } from 'lmdb';
 import { Journal } from '../../journal/journal.js';
 import { MirrorDevice } from '../../mirror/mirror-device.js';
 import { NbdServer } from '../../nbd/server.js';
 import { loadNbdTls, type NbdTls } from '../../nbd/tls.js';
 import { clientTls, tokenFor } from '../../replicator/link-auth.js';
+import type { VolumeState } from '../../replayer/replay-server.js';
 import { Replicator } from '../../replicator/replicator.js';
 import { BlockferryError, UsageError } from '../../util/errors.js';
 import { createLogger, type Logger } from '../../util/logger.js';
@@ -108,6 +110,12 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
   const imageIsNew = !fs.existsSync(img.path);
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly, lock: opts.readOnly ? 'shared' : 'exclusive' });
+  try {
+    if (!opts.readOnly) refuseUnpromotedReplica(img.path);
+  } catch (err) {
+    await file.close();
+    throw err;
+  }
   const dir = journalDirFor(opts, img);
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
@@ -168,6 +176,31 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     // An image made just now for a journal that refused it is not left behind to be taken next time.
     if (imageIsNew && (err as BlockferryError).code === 'ERR_IMAGE_CHANGED') fs.rmSync(img.path, { force: true });
     throw err;
+  }
+}
+
+/**
+ * A replica image in a replayer's data directory (DIR/V.img beside DIR/V.state.mdb) is written by its primary
+ * only: served and written before `promote` marks it, it would differ from the primary while its replayer
+ * state still says it holds the primary's seq N, and the next replication would go on from N as if it did.
+ */
+function refuseUnpromotedReplica(image: string): void {
+  if (!image.endsWith('.img')) return;
+  const statePath = `${image.slice(0, -'.img'.length)}.state.mdb`;
+  if (!fs.existsSync(statePath)) return;
+  let state: VolumeState | undefined;
+  const db = openLmdb({ path: statePath, readOnly: true });
+  try {
+    state = db.get('state') as VolumeState | undefined;
+  } finally {
+    void db.close();
+  }
+  if (state && !state.promoted) {
+    throw new BlockferryError(
+      'ERR_IMAGE_IS_REPLICA',
+      `${image} is a replica (its replayer state ${statePath} is beside it) and was not promoted: written here it would part from its primary unnoticed. ` +
+        'Promote it first (blockferry promote --data-dir DIR --volume NAME, with its replayer stopped), or serve it --read-only',
+    );
   }
 }
 
