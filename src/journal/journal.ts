@@ -1466,6 +1466,12 @@ function lockDir(dir: string): number {
 /** Opens the LMDB environment of a journal (see Journal.open for the settings' reasons). */
 function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', writeMap: boolean, readOnly: boolean): RootDatabase {
   if (readOnly && !fs.existsSync(path.join(dir, 'journal.mdb'))) throw new BlockferryError('ERR_NO_JOURNAL', `${dir} holds no journal`);
+  // LMDB trusts its file: read, one too short for its two meta pages (truncated, or emptied) crashes the
+  // process. (A writable open of an empty file makes a new environment in it.)
+  const file = readOnly ? fs.statSync(path.join(dir, 'journal.mdb')) : undefined;
+  if (file && file.size < 2 * 4096) {
+    throw new BlockferryError('ERR_JOURNAL_CORRUPT', `${path.join(dir, 'journal.mdb')} is ${file.size} bytes, too short to be a journal (an LMDB file has two meta pages first)`);
+  }
   return open({
     readOnly,
     // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.

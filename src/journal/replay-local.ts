@@ -2,6 +2,7 @@
 // the journal is complete (`blockferry replay-local`).
 import fs from 'node:fs';
 import { FileDevice } from '../device/file-device.js';
+import { tryLockFile } from '../device/native.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { BlockferryError } from '../util/errors.js';
 import { Journal } from './journal.js';
@@ -36,6 +37,7 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
         `journal ${opts.journal} starts at seq ${st.tailSeq}: entries before it were pruned, so no base can be completed from it (serve --keep-journal keeps them)`,
       );
     }
+    checkOut(opts);
     fs.rmSync(opts.out, { force: true });
     if (opts.base) fs.copyFileSync(opts.base, opts.out);
     else if (opts.size === undefined) throw new BlockferryError('ERR_USAGE', 'replay-local needs --base or --size');
@@ -62,5 +64,26 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
     return result;
   } finally {
     await journal.close();
+  }
+}
+
+/**
+ * `--out` is replaced: not if it is the base itself (it would be deleted before being copied), nor an image a
+ * blockferry process holds (a serve would go on writing the deleted file).
+ */
+function checkOut(opts: ReplayLocalOptions): void {
+  const out = fs.statSync(opts.out, { throwIfNoEntry: false });
+  if (!out) return;
+  const base = opts.base ? fs.statSync(opts.base, { throwIfNoEntry: false }) : undefined;
+  if (base && base.dev === out.dev && base.ino === out.ino) {
+    throw new BlockferryError('ERR_USAGE', `--out ${opts.out} is the base image ${opts.base}: replay-local writes a new file, give it another path`);
+  }
+  const fd = fs.openSync(opts.out, 'r');
+  try {
+    if (tryLockFile(fd, true) === false) {
+      throw new BlockferryError('ERR_IMAGE_BUSY', `--out ${opts.out} is in use by another blockferry process (a serve of it?): give replay-local another path`);
+    }
+  } finally {
+    fs.closeSync(fd);
   }
 }

@@ -1,0 +1,64 @@
+// What failover commands refuse, with real processes: demote of an image a serve still writes; a journal that
+// no longer describes a demoted image (moved aside, so a later promote + serve cannot replay its tail over the
+// resynced bytes); serve of a replica image never promoted; replay-local onto its own base; a journal file too
+// short to be one (LMDB would crash the process reading it).
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { CLI, run, runRefused, runStatus, startServe } from './helpers/processes.js';
+
+const SIZE = 4 * 2 ** 20;
+
+t.test('demote: refused while a serve writes the image; its journal is moved aside; the replica is not served before promote', async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'replicas');
+  fs.mkdirSync(data);
+  const img = path.join(data, 'disk.img');
+  const args = ['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0'];
+  const s = await startServe(args, t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
+  const busy = await runRefused(['demote', '--image', `disk=${img}`, '--data-dir', data]);
+  t.equal(busy.code, 1, 'demote of an image a serve holds exits 1');
+  t.match(busy.stderr, /is in use by another blockferry process .*stop it before demoting/, 'saying so');
+  t.ok(fs.existsSync(`${img}.journal`) && !fs.existsSync(path.join(data, 'disk.state.mdb')), 'and changed nothing');
+  t.equal(await s.stop(), 0);
+
+  // Demoted in place (the image is already where the replayer keeps it).
+  const demoted = await runStatus(process.execPath, [CLI, 'demote', '--image', `disk=${img}`, '--data-dir', data]);
+  t.equal(demoted.code, 0, `demote in place works once serve has stopped${demoted.code ? `: ${demoted.stderr}` : ''}`);
+  t.match(demoted.stdout, /its journal, which no longer describes it, was moved aside to .*disk\.img\.journal\.before-demote-/, 'and says where its journal went');
+  t.notOk(fs.existsSync(`${img}.journal`), 'no journal is left beside the replica');
+
+  // Not promoted: a serve would write a replica behind its replayer's back.
+  const unpromoted = await runRefused(['serve', ...args]);
+  t.equal(unpromoted.code, 1, 'serve of a replica image that was not promoted exits 1');
+  t.match(unpromoted.stderr, /is a replica .* and was not promoted/, 'naming promote');
+  const readOnly = await startServe(['--image', `disk=${img}`, '--read-only', '--listen', '127.0.0.1:0'], t.teardown);
+  t.equal(await readOnly.stop(), 0, '--read-only may serve it (nothing is written)');
+  const promoted = await runStatus(process.execPath, [CLI, 'promote', '--data-dir', data, '--volume', 'disk', '--force']);
+  t.equal(promoted.code, 0, `promote (forced: a demoted replica is inconsistent until resynced)${promoted.code ? `: ${promoted.stderr}` : ''}`);
+  const after = await startServe(args, t.teardown);
+  t.equal(await after.stop(), 0, 'once promoted it is served');
+});
+
+t.test('replay-local onto its own base, and a journal file too short to be one: refused with an error', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
+  t.equal(await s.stop(), 0);
+  const base = path.join(dir, 'base.img');
+  fs.writeFileSync(base, Buffer.alloc(SIZE));
+  const same = await runRefused(['replay-local', '--journal', `${img}.journal`, '--base', base, '--out', base]);
+  t.equal(same.code, 2, 'replay-local with --out the base exits 2');
+  t.match(same.stderr, /is the base image/);
+  t.ok(fs.existsSync(base) && fs.statSync(base).size === SIZE, 'and the base is still there');
+
+  const broken = path.join(dir, 'broken');
+  fs.mkdirSync(broken);
+  fs.writeFileSync(path.join(broken, 'journal.mdb'), '');
+  const inspect = await runRefused(['journal', 'inspect', '--journal', broken]);
+  t.equal(inspect.code, 1, 'journal inspect of an empty journal.mdb exits 1 (not a crash)');
+  t.match(inspect.stderr, /too short to be a journal/);
+});
