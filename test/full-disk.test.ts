@@ -47,6 +47,18 @@ function fill(dir: string, leaveBytes: number): string {
   return file;
 }
 
+/** Writes 1 MiB blocks from offset 0 on, at most `max`, until one is refused; returns the refusal (if any). */
+async function writeUntilRefused(c: NbdTestClient, max: number): Promise<unknown> {
+  for (let i = 0; i < max; i++) {
+    try {
+      await c.write(i * MiB, randomBytes(MiB));
+    } catch (err) {
+      return err;
+    }
+  }
+  return undefined;
+}
+
 t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume when space returns", async (t) => {
   const dir = t.testdir();
   const jfs = await tmpfs(t, '64m');
@@ -95,14 +107,7 @@ t.test("the image's filesystem fills with no free-space guard: the volume fails,
   const args = ['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '0'];
   const s = await startServe(args, t.teardown);
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
-  let failure: unknown;
-  for (let i = 0; i < 32 && !failure; i++) {
-    try {
-      await c.write(i * MiB, randomBytes(MiB));
-    } catch (err) {
-      failure = err;
-    }
-  }
+  const failure = await writeUntilRefused(c, 32);
   t.ok(failure instanceof NbdError, `a write failed once the image's 16 MiB filesystem was full (${String(failure)})`);
   await c.close().catch(() => undefined);
   t.equal(await s.stop(), 1, 'serve stops, but with exit status 1, not as a clean stop');
@@ -188,14 +193,7 @@ for (const writeMap of [false, true]) {
     const args = ['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', path.join(jfs, 'journal'), '--min-free', '0'];
     const s = await startServe(writeMap ? [...args, '--journal-write-map'] : args, t.teardown);
     const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
-    let refusal: unknown;
-    for (let i = 0; i < 48 && !refusal; i++) {
-      try {
-        await c.write(i * MiB, randomBytes(MiB));
-      } catch (err) {
-        refusal = err;
-      }
-    }
+    const refusal = await writeUntilRefused(c, 48);
     t.ok(refusal instanceof NbdError && refusal.errno === ENOSPC, `a write got ENOSPC, not EIO (${String(refusal)})`);
     t.equal((await c.read(0, 4096)).length, 4096, 'reads still work');
     const log = s.stdout() + s.stderr();
