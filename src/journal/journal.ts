@@ -1046,16 +1046,23 @@ export class Journal extends EventEmitter {
     return [...this.acks].map(([id, ackedSeq]) => ({ id, ackedSeq }));
   }
 
-  async setCheckpoint(seq: number): Promise<void> {
+  /**
+   * Records that the image holds every entry through `seq` durably. Resolves once the record is on stable
+   * storage too (retention goes by that), or with `durable: false` once it is committed: the mirror's FLUSH
+   * does not wait for that sync (the flush made the entries durable already; only pruning waits for it).
+   */
+  async setCheckpoint(seq: number, opts: { durable?: boolean } = {}): Promise<void> {
     this.checkpoint = Math.max(this.checkpoint, seq);
     const value = this.checkpoint;
     await this.putMeta('checkpoint', value);
     this.checkpointCommitted = Math.max(this.checkpointCommitted, value);
-    // Sync durability commits each transaction durably; commit durability needs a sync of LMDB, started here
-    // and not awaited (a FLUSH's reply does not wait for it: the flush made the entries durable already).
+    // Sync durability commits each transaction durably; commit durability needs a sync of LMDB.
     if (this.durability === 'sync') this.checkpointDurable = this.checkpointCommitted;
     else this.syncCheckpoint();
     this.prune();
+    if (opts.durable === false) return;
+    // Each background sync starts the next one it was asked for before it settles.
+    while (this.checkpointDurable < value && this.checkpointSync) await this.checkpointSync;
   }
 
   /** Syncs LMDB in the background so the committed checkpoint becomes durable, then prunes up to it. */

@@ -249,7 +249,7 @@ export class MirrorDevice implements BlockDevice {
     this.checkpointing = (async () => {
       await this.inner.flush();
       if (seq > this.checkpointSeq) {
-        await this.journal.setCheckpoint(seq);
+        await this.journal.setCheckpoint(seq, { durable: false });
         this.checkpointSeq = seq;
       }
     })();
