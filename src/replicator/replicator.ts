@@ -78,7 +78,7 @@ export interface ReplicatorOptions {
   token?: string;
   /** wss:// trust: TLS options and an optional check of the replayer's certificate (pinning). */
   tls?: { options: Record<string, unknown>; checkPeer?: (socket: unknown) => string | undefined };
-  /** Shipping limit in bytes per second (after compression); 0 or undefined: none. */
+  /** Shipping limit in bytes per second of messages as handed to ws (before --compress shrinks them); 0 or undefined: none. */
   maxRate?: number;
   /** Negotiate permessage-deflate on the link (pays off on slow links with compressible data). */
   compress?: boolean;
