@@ -105,6 +105,20 @@ export function tryLockFile(fd: number, exclusive: boolean): boolean | undefined
   return native?.tryLock ? native.tryLock(fd, exclusive) : undefined;
 }
 
+/**
+ * Opens `file` with `flags` and locks it exclusively for this process; the descriptor returned holds the lock
+ * until it is closed. When another open file holds the lock, the descriptor is closed and `busy()` is thrown.
+ * Without the helper the lock cannot be checked and the file is opened unlocked.
+ */
+export function openLocked(file: string, flags: string, busy: () => Error, mode?: number): number {
+  const fd = fs.openSync(file, flags, mode);
+  if (tryLockFile(fd, true) === false) {
+    fs.closeSync(fd);
+    throw busy();
+  }
+  return fd;
+}
+
 /** Allocations below this come from malloc's heap (glibc's largest allowed value), so freed ones are reused. */
 const MALLOC_MMAP_THRESHOLD = 32 * 2 ** 20;
 /**

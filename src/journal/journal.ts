@@ -17,7 +17,7 @@ import path from 'node:path';
 import { open, type Database, type RootDatabase } from 'lmdb';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
-import { loadNative, tryLockFile } from '../device/native.js';
+import { loadNative, openLocked } from '../device/native.js';
 import { freeBytes } from '../util/free-space.js';
 import { MapSpace } from './map-space.js';
 import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
@@ -1458,16 +1458,8 @@ async function commitCause(err: Error): Promise<Error> {
 
 /** Locks DIR/serve.lock for this process (see JournalOptions.lock); returns its descriptor. */
 function lockDir(dir: string): number {
-  const fd = fs.openSync(path.join(dir, LOCK_FILE), 'a', 0o600);
-  try {
-    if (tryLockFile(fd, true) === false) {
-      throw new BlockferryError('ERR_JOURNAL_BUSY', `journal ${dir} is in use by another blockferry serve (it holds ${LOCK_FILE}); stop that one first`);
-    }
-    return fd;
-  } catch (err) {
-    fs.closeSync(fd);
-    throw err;
-  }
+  const busy = () => new BlockferryError('ERR_JOURNAL_BUSY', `journal ${dir} is in use by another blockferry serve (it holds ${LOCK_FILE}); stop that one first`);
+  return openLocked(path.join(dir, LOCK_FILE), 'a', busy, 0o600);
 }
 
 /** Opens the LMDB environment of a journal (see Journal.open for the settings' reasons). */

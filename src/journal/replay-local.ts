@@ -2,7 +2,7 @@
 // the journal is complete (`blockferry replay-local`).
 import fs from 'node:fs';
 import { FileDevice } from '../device/file-device.js';
-import { tryLockFile } from '../device/native.js';
+import { openLocked } from '../device/native.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { BlockferryError } from '../util/errors.js';
 import { Journal } from './journal.js';
@@ -78,12 +78,6 @@ function checkOut(opts: ReplayLocalOptions): void {
   if (base && base.dev === out.dev && base.ino === out.ino) {
     throw new BlockferryError('ERR_USAGE', `--out ${opts.out} is the base image ${opts.base}: replay-local writes a new file, give it another path`);
   }
-  const fd = fs.openSync(opts.out, 'r');
-  try {
-    if (tryLockFile(fd, true) === false) {
-      throw new BlockferryError('ERR_IMAGE_BUSY', `--out ${opts.out} is in use by another blockferry process (a serve of it?): give replay-local another path`);
-    }
-  } finally {
-    fs.closeSync(fd);
-  }
+  const busy = () => new BlockferryError('ERR_IMAGE_BUSY', `--out ${opts.out} is in use by another blockferry process (a serve of it?): give replay-local another path`);
+  fs.closeSync(openLocked(opts.out, 'r', busy));
 }

@@ -4,7 +4,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { open } from 'lmdb';
-import { tryLockFile } from '../device/native.js';
+import { openLocked } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import type { VolumeState } from './replay-server.js';
@@ -85,11 +85,9 @@ async function demoteLocked(imagePath: string, dataDir: string, volume: string):
   const statePath = path.join(dataDir, `${volume}.state.mdb`);
   if (!fs.existsSync(imagePath)) throw new BlockferryError('ERR_NO_IMAGE', `${imagePath} does not exist`);
   // The image's lock, as serve takes it: a serve still writing it would go on writing the replica.
-  const fd = fs.openSync(imagePath, 'r');
+  const busy = () => new BlockferryError('ERR_IMAGE_BUSY', `${imagePath} is in use by another blockferry process (a serve of it?): stop it before demoting the image`);
+  const fd = openLocked(imagePath, 'r', busy);
   try {
-    if (tryLockFile(fd, true) === false) {
-      throw new BlockferryError('ERR_IMAGE_BUSY', `${imagePath} is in use by another blockferry process (a serve of it?): stop it before demoting the image`);
-    }
     if (path.resolve(imagePath) !== path.resolve(image)) {
       if (fs.existsSync(image)) throw new BlockferryError('ERR_EXISTS', `${image} already exists; move it away first`);
       fs.renameSync(imagePath, image);
