@@ -449,7 +449,7 @@ export class Journal extends EventEmitter {
       reject = rej;
     });
     const p: Pending = { seq, value, resolve, reject };
-    if (this.waitingForSpace.length > 0 || !this.hasRoom(value.length, seq)) {
+    if (this.waitingForSpace.length > 0 || !this.hasRoom(p)) {
       // Order is kept: once one append waits, every later one queues behind it.
       this.waitingForSpace.push(p);
       this.emit('full', this.stats);
@@ -694,12 +694,12 @@ export class Journal extends EventEmitter {
     return new Promise((resolve, reject) => this.batchWaiters.push({ resolve, reject }));
   }
 
-  /** Whether entry `seq` of `n` stored bytes fits under the cap now. */
-  private hasRoom(n: number, seq: number): boolean {
+  /** Whether append `p` fits under the cap now. */
+  private hasRoom(p: Pending): boolean {
     // An entry larger than the whole cap is still taken into an empty journal (every entry before it pruned and
-    // its storage given back), or nothing could ever pass. Empty before `seq`, not before the head: appends
+    // its storage given back), or nothing could ever pass. Empty before `p.seq`, not before the head: appends
     // queued behind it must not keep it out for good.
-    return this.bytes + this.garbage + n <= this.maxBytes || (seq - 1 < this.tail && this.physTail >= this.tail);
+    return this.bytes + this.garbage + p.value.length <= this.maxBytes || (p.seq - 1 < this.tail && this.physTail >= this.tail);
   }
 
   private async commit(seq: number, value: Buffer): Promise<void> {
@@ -1183,14 +1183,13 @@ export class Journal extends EventEmitter {
 
   private prune(): void {
     if (this.pruning || this.isClosed) return;
-    const upTo = Math.min(this.retainFrom() - 1, this.committed);
-    if (upTo < this.tail && !this.reclaimable()) return this.admitWaiting();
+    if (this.pruneBound() < this.tail && !this.reclaimable()) return this.admitWaiting();
     this.pruning = true;
     setImmediate(() => {
       try {
-        // Again now: a hold may have been lowered meanwhile (holdFrom).
-        const now = Math.min(this.retainFrom() - 1, this.committed);
-        if (now >= this.tail) this.advanceTail(now);
+        // Taken now, not when scheduled: a hold may have been lowered meanwhile (holdFrom).
+        const upTo = this.pruneBound();
+        if (upTo >= this.tail) this.advanceTail(upTo);
         this.reclaim();
         // Appends waiting for room take it as soon as there is some, not once the whole backlog is pruned (a
         // step prunes at most PRUNE_BYTES while appends wait, so 8 GiB let go at once is 512 steps, one a turn).
@@ -1204,9 +1203,14 @@ export class Journal extends EventEmitter {
     });
   }
 
+  /** The last seq retention lets go of now. */
+  private pruneBound(): number {
+    return Math.min(this.retainFrom() - 1, this.committed);
+  }
+
   /** An append waits and the cap has no room for it. */
   private pressed(): boolean {
-    return this.waitingForSpace.length > 0 && !this.hasRoom(this.waitingForSpace[0].value.length, this.waitingForSpace[0].seq);
+    return this.waitingForSpace.length > 0 && !this.hasRoom(this.waitingForSpace[0]);
   }
 
   /** reclaim() would give back some storage now (so prune makes progress whenever it runs for it). */
@@ -1409,7 +1413,7 @@ export class Journal extends EventEmitter {
 
   private admitWaiting(): void {
     let admitted = false;
-    while (this.waitingForSpace.length > 0 && this.hasRoom(this.waitingForSpace[0].value.length, this.waitingForSpace[0].seq)) {
+    while (this.waitingForSpace.length > 0 && this.hasRoom(this.waitingForSpace[0])) {
       const p = this.waitingForSpace.shift()!;
       this.bytes += p.value.length;
       this.enqueue(p);
