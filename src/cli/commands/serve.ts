@@ -122,8 +122,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   try {
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
-    if (volumeId) checkImageIdentity(img, dir, journal, imageIsNew, opts.imageMoved ?? false);
-    await recordImageIdentity(img, journal);
+    await claimImage(img, dir, journal, { journalIsNew: !volumeId, imageIsNew, moved: opts.imageMoved ?? false });
     if (!volumeId) {
       volumeId = randomUUID();
       await journal.setMeta('volumeId', volumeId);
@@ -204,13 +203,19 @@ function refuseUnpromotedReplica(image: string): void {
   }
 }
 
+/** Which file an image is (see imageIdentity): inode (a string, as it may pass 2^53) and birth time in us. */
+interface ImageIdentity {
+  ino: string;
+  birth: number;
+}
+
 /**
  * Which file an image is, as far as its journal can tell: its inode and birth time (a file deleted and made
  * again, or another file put in its place, differs in one of them, while a reboot changes neither). Not the
  * device number, which may change across reboots (device-mapper); none for a block device, whose node may be
  * renumbered and which cannot be made anew by serve.
  */
-function imageIdentity(img: ServeImage): { ino: string; birth: number } | undefined {
+function imageIdentity(img: ServeImage): ImageIdentity | undefined {
   const st = fs.statSync(img.path, { bigint: true });
   if (st.isBlockDevice()) return undefined;
   return { ino: st.ino.toString(), birth: Number(st.birthtimeNs / 1000n) }; // microseconds
@@ -219,32 +224,31 @@ function imageIdentity(img: ServeImage): { ino: string; birth: number } | undefi
 /**
  * A journal's entries, checkpoint and replicas' positions describe the image it was written for. Served with a
  * new image (made just now) or another file, recovery would re-apply its tail onto unrelated bytes and every
- * replica would go on as if it matched: refused, with what to do.
+ * replica would go on as if it matched: refused, with what to do. Otherwise the image's identity is recorded
+ * in the journal (when it is not what is recorded: a new journal, one from before identities, a moved image).
  */
-function checkImageIdentity(img: ServeImage, dir: string, journal: Journal, imageIsNew: boolean, moved: boolean): void {
-  const what = `journal ${dir} was written for an earlier image ${img.path}: its entries and its replicas' positions describe that image`;
-  const remedy = `restore that image, or move the journal away to start a new one (its replicas then need a new volume name, or their replica removed)`;
-  if (imageIsNew) throw new BlockferryError('ERR_IMAGE_CHANGED', `image ${img.path} did not exist and was made new, but ${what}; ${remedy}`);
-  const known = journal.getMeta<{ ino: string; birth: number }>('image');
+async function claimImage(img: ServeImage, dir: string, journal: Journal, how: { journalIsNew: boolean; imageIsNew: boolean; moved: boolean }): Promise<void> {
+  const known = journal.getMeta<ImageIdentity>('image');
   const now = imageIdentity(img);
-  if (moved || !known || !now || (known.ino === now.ino && known.birth === now.birth)) return;
-  throw new BlockferryError(
-    'ERR_IMAGE_CHANGED',
-    `image ${img.path} is not the file its journal was written for (inode ${now.ino} made ${when(now.birth)}, not inode ${known.ino} made ${when(known.birth)}): ${what}; ` +
-      `if the image was moved or copied together with its journal, pass --image-moved; otherwise ${remedy}`,
-  );
+  const same = !!known && !!now && known.ino === now.ino && known.birth === now.birth;
+  if (!how.journalIsNew) {
+    const what = `journal ${dir} was written for an earlier image ${img.path}: its entries and its replicas' positions describe that image`;
+    const remedy = `restore that image, or move the journal away to start a new one (its replicas then need a new volume name, or their replica removed)`;
+    if (how.imageIsNew) throw new BlockferryError('ERR_IMAGE_CHANGED', `image ${img.path} did not exist and was made new, but ${what}; ${remedy}`);
+    if (known && now && !same && !how.moved) {
+      throw new BlockferryError(
+        'ERR_IMAGE_CHANGED',
+        `image ${img.path} is not the file its journal was written for (inode ${now.ino} made ${when(now.birth)}, not inode ${known.ino} made ${when(known.birth)}): ${what}; ` +
+          `if the image was moved or copied together with its journal, pass --image-moved; otherwise ${remedy}`,
+      );
+    }
+  }
+  if (now && !same) await journal.setMeta('image', now);
 }
 
 /** A birth time in microseconds, for people. */
 function when(birthUs: number): string {
   return birthUs > 0 ? new Date(Math.floor(birthUs / 1000)).toISOString() : 'at an unknown time';
-}
-
-/** Records the image's identity in its journal (see imageIdentity), when it is not what is recorded. */
-async function recordImageIdentity(img: ServeImage, journal: Journal): Promise<void> {
-  const now = imageIdentity(img);
-  const known = journal.getMeta<{ ino: string; birth: number }>('image');
-  if (now && (known?.ino !== now.ino || known?.birth !== now.birth)) await journal.setMeta('image', now);
 }
 
 export async function startServe(opts: ServeOptions): Promise<ServeHandle> {
