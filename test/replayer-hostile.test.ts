@@ -1,7 +1,8 @@
 // Peers the replayer must survive, with real processes and sockets. One that floods it with messages faster than
 // they are handled (a hostile or broken primary: ours keeps at most its window in flight) must not grow its
 // memory: past a bound the link's socket is paused until handling catches up (peak RSS, VmHWM, from /proc).
-// A hello with a size no image can have is refused, and leaves nothing that blocks the volume's name.
+// One that reads none of its replies is dropped after the peer timeout. A hello with a size no image can have
+// is refused, and leaves nothing that blocks the volume's name.
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -102,4 +103,34 @@ t.test('a hello with a size no image can have is refused and leaves no file behi
     t.notOk(fs.existsSync(path.join(data, 'huge.img')), 'no half-made image is left behind');
     t.equal((await hello('huge', MiB)).t, 'welcome', 'the name then takes a real size');
   }
+});
+
+t.test('a peer that reads none of its replies is dropped, not answered into memory without end', async (t) => {
+  const dir = t.testdir();
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'data')], t.teardown);
+  const ws = new WebSocket(replay.url, { perMessageDeflate: false });
+  t.teardown(() => ws.terminate());
+  ws.on('error', () => undefined);
+  let replies = 0;
+  const closed = new Promise<void>((resolve) => ws.on('close', () => resolve()));
+  await new Promise<void>((resolve, reject) => {
+    // A new, sparse 1 GiB volume: every digest request is answered at once (holes are not read), 128 KiB each.
+    ws.on('open', () => ws.send(encode({ v: PROTOCOL_VERSION, t: 'hello', volume: 'deaf', volumeId: 'vol-deaf', size: 1024 * MiB })));
+    ws.on('message', (m: Buffer) => {
+      const msg = decode(m);
+      if (msg.t === 'welcome') resolve();
+      else if (msg.t === 'digests') replies++;
+      else reject(new Error(`unexpected ${msg.t}`));
+    });
+  });
+  // From here the peer reads nothing, and asks for 25 MiB of replies.
+  (ws as unknown as { _socket: { pause(): void; resume(): void } })._socket.pause();
+  const sent = 200;
+  for (let i = 0; i < sent; i++) ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests?', id: i, first: 0, count: MAX_DIGEST_CHUNKS }));
+  // The replayer waits up to its peer timeout (10 s) for the replies to drain, then drops the link.
+  await new Promise((r) => setTimeout(r, 13_000));
+  (ws as unknown as { _socket: { resume(): void } })._socket.resume();
+  const gone = await Promise.race([closed.then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000))]);
+  t.ok(gone, 'the link was dropped');
+  t.ok(replies < sent, `before every request was answered (${replies} of ${sent} replies read once reading resumed)`);
 });
