@@ -5,62 +5,15 @@
 // comes back to).
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
-import net from 'node:net';
 import path from 'node:path';
-import { WebSocketServer, type WebSocket } from 'ws';
 import { Journal } from '../src/journal/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { Replicator } from '../src/replicator/replicator.js';
 import { CHUNK_BYTES, DIGEST_BYTES } from '../src/replicator/chunk-hash.js';
-import { FEATURE_RECORDS, PROTOCOL_VERSION, decode, encode } from '../src/replicator/protocol.js';
 import { freePort } from './helpers/processes.js';
+import { scriptedReplica as replica, until } from './helpers/scripted-replica.js';
 
 const MiB = 2 ** 20;
-const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function until(pred: () => boolean, ms: number): Promise<boolean> {
-  for (const end = Date.now() + ms; Date.now() < end; await wait(10)) if (pred()) return true;
-  return pred();
-}
-
-/**
- * A replica on `port`: welcomes at `applied` (consistentFrom as given), acknowledges what it receives as durable
- * when `ack` is set, answers digest requests with digests that differ from everything (`first` of each noted).
- */
-async function replica(port: number, opts: { applied: number; consistentFrom: number | null; ack: boolean; dropAtDigest?: number }) {
-  const wss = new WebSocketServer({ host: '127.0.0.1', port });
-  await new Promise((r) => wss.once('listening', r));
-  const seen = { received: opts.applied, digestFirsts: [] as number[], told: [] as string[] };
-  let link: WebSocket | undefined;
-  wss.on('connection', (ws) => {
-    link = ws;
-    ws.on('message', (raw: Buffer) => {
-      const m = decode(raw);
-      if (m.t === 'hello') {
-        ws.send(encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: opts.applied, consistentFrom: opts.consistentFrom, features: [FEATURE_RECORDS], appliedCrcs: null }));
-      } else if (m.t === 'records' || m.t === 'entries') {
-        const last = m.t === 'records' ? m.first + m.records.length - 1 : m.entries[m.entries.length - 1].seq;
-        seen.received = Math.max(seen.received, last);
-        if (opts.ack) ws.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: last, durableSeq: last }));
-      } else if (m.t === 'digests?') {
-        seen.digestFirsts.push(m.first);
-        if (opts.dropAtDigest !== undefined && seen.digestFirsts.length >= opts.dropAtDigest) {
-          ws.terminate();
-          return;
-        }
-        ws.send(encode({ v: PROTOCOL_VERSION, t: 'digests', id: m.id, first: m.first, appliedSeq: opts.applied, digests: randomBytes(m.count * DIGEST_BYTES) }));
-      } else if (m.t === 'resync' || m.t === 'synced') {
-        seen.told.push(`${m.t} ${m.t === 'resync' ? m.fromSeq : m.seq}`);
-      }
-    });
-  });
-  const close = async () => {
-    link?.terminate();
-    await new Promise((r) => wss.close(r));
-  };
-  return { seen, close };
-}
-
 t.test('a replica back after its bitmap let the journal go is held from where it is, not from the bitmap\'s end', async (t) => {
   const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB, keep: true });
   t.teardown(() => j.close());

@@ -1,10 +1,7 @@
 // `GET /metrics`: Prometheus text from a per-process prom-client Registry. Every gauge is set from the same
 // status snapshot that `GET /status` returns (reset first, so a volume or replica that went away drops out).
 import { Counter, Gauge, Registry, collectDefaultMetrics } from 'prom-client';
-import type { AdminStatus } from './status-types.js';
-
-/** Every replica state a replicator reports: the state gauge has one series per state, 1 for the current one. */
-const REPLICA_STATES = ['connecting', 'continuous', 'backlog', 'resync', 'disconnected', 'needs-resync', 'split-brain'];
+import { REPLICA_STATES, type AdminStatus } from './status-types.js';
 
 export class StatusMetrics {
   readonly registry = new Registry();
@@ -75,8 +72,7 @@ export class StatusMetrics {
           g.lagEntries.set(l, r.lagEntries);
           if (r.lagBytes !== null) g.lagBytes.set(l, r.lagBytes);
           g.lagSeconds.set(l, r.lagSeconds);
-          const states = REPLICA_STATES.includes(r.state) ? REPLICA_STATES : [...REPLICA_STATES, r.state];
-          for (const state of states) g.replicaState.set({ ...l, state }, state === r.state ? 1 : 0);
+          for (const state of REPLICA_STATES) g.replicaState.set({ ...l, state }, state === r.state ? 1 : 0);
         }
       }
     } else {

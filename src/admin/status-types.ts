@@ -11,21 +11,35 @@ export interface Throughput {
   bytesPerSecond: number;
 }
 
+/**
+ * Every state a replicator reports for its replica (DESIGN.md's link states, plus the two it stops in):
+ * initial-sync → continuous ⇄ backlog → disconnected → (journal cap reached) bitmap → resync → continuous.
+ * `initial-sync` and `resync` compare chunk digests, the replica inconsistent meanwhile; `bitmap` is a replica
+ * away for so long that the journal let go of its changes and tracks their regions instead.
+ */
+export const REPLICA_STATES = ['connecting', 'initial-sync', 'continuous', 'backlog', 'resync', 'disconnected', 'bitmap', 'needs-resync', 'split-brain'] as const;
+export type ReplicaState = (typeof REPLICA_STATES)[number];
+
 /** One replica of one volume, as its replicator on the primary sees it. */
 export interface ReplicaStatus {
   url: string;
   volume: string;
-  /** continuous | backlog | resync | connecting | disconnected | needs-resync (DESIGN.md lists the states). */
-  state: string;
+  state: ReplicaState;
   /** Highest seq the replica has applied durably and acknowledged. */
   ackedSeq: number;
   /** Highest seq the replica has applied (visible there, maybe not yet fsynced): lag is counted from it. */
   appliedSeq?: number;
   /** Committed entries the replica has not applied yet. */
   lagEntries: number;
-  /** Journal bytes of those entries (payload and entry headers); null if the journal could not be read there. */
+  /**
+   * Journal bytes of those entries (payload and entry headers), plus, while the replica is on a dirty bitmap,
+   * the bytes of its dirty regions (what the resync compares at most); null if the journal could not be read.
+   */
   lagBytes: number | null;
-  /** Age of the oldest entry the replica lacks: what a disaster now would lose (RPO). */
+  /**
+   * Age of the oldest change the replica lacks: what a disaster now would lose (RPO). For a replica on a dirty
+   * bitmap, the age of the first change the bitmap stands for, until the resync over it has been applied.
+   */
   lagSeconds: number;
   resync?: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number; percent: number } | null;
   /** Bytes marked in the dirty-region bitmap (a replica that was away when the journal filled); 0 otherwise. */

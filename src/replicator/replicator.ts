@@ -18,7 +18,7 @@
 // from the bitmap is still in the journal, so after a restart the returning replica is again compared over
 // its dirty chunks only (as DRBD keeps its bitmap in on-disk metadata).
 import WebSocket from 'ws';
-import type { ReplicaStatus } from '../admin/status-types.js';
+import type { ReplicaState, ReplicaStatus } from '../admin/status-types.js';
 import type { ChangeListener, Journal } from '../journal/journal.js';
 import { EntryKind } from '../journal/types.js';
 import { JournalCorruptError } from '../util/errors.js';
@@ -58,7 +58,6 @@ const BACKOFF_MAX_MS = 10_000;
 const PING_INTERVAL_MS = 2_000;
 const PING_TIMEOUT_MS = 6_000;
 
-export type ReplicaState = 'connecting' | 'continuous' | 'backlog' | 'resync' | 'disconnected' | 'needs-resync' | 'split-brain';
 
 /** What resync needs from the primary's volume (the mirror layer provides it). */
 export interface ResyncSource {
@@ -98,6 +97,8 @@ interface SavedBitmap {
   through: number;
   incomplete: boolean;
   bits: Uint8Array;
+  /** When seq `from` was written (ms since the epoch): the replica lacks changes since then. Absent in older saves. */
+  since?: number;
 }
 
 export class Replicator {
@@ -143,6 +144,11 @@ export class Replicator {
   private resyncIncomplete = false;
   /** The first seq the bitmap accounts for: a replica behind it needs a full comparison. */
   private dirtyFrom = 0;
+  /**
+   * The replica lacks changes the journal let go of for it (the bitmap's): when the oldest of them was written,
+   * for the lag in seconds, until the replica has applied `untilSeq` (set once the resync over them is queued).
+   */
+  private missingSince: { ts: number; untilSeq: number } | undefined;
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
@@ -200,6 +206,9 @@ export class Replicator {
     this.dirty = dirty;
     this.dirtyFrom = saved.from;
     this.resyncIncomplete ||= saved.incomplete;
+    // The consumer's hold stands for the bitmap: the replica itself had only what came before it.
+    this.ackedSeq = this.appliedSeq = Math.min(this.ackedSeq, saved.from - 1);
+    this.missingSince = { ts: saved.since ?? Date.now(), untilSeq: Infinity };
     this.log.info({ fromSeq: saved.from, throughSeq: saved.through, dirtyBytes: this.dirtyBytes() }, 'loaded the dirty bitmap of a replica that was away');
   }
 
@@ -219,7 +228,8 @@ export class Replicator {
       const upTo = through ?? j.stats.committedSeq;
       const bits = Buffer.alloc(Math.ceil(dirty.length / 8));
       for (let c = 0; c < dirty.length; c++) if (dirty[c]) bits[c >> 3] |= 1 << (c & 7);
-      await j.setMeta(this.bitmapKey, { from: this.dirtyFrom, through: upTo, incomplete: this.resyncIncomplete, bits } satisfies SavedBitmap);
+      const since = this.missingSince?.ts;
+      await j.setMeta(this.bitmapKey, { from: this.dirtyFrom, through: upTo, incomplete: this.resyncIncomplete, bits, ...(since ? { since } : {}) } satisfies SavedBitmap);
       if (this.tracking) j.ack(this.consumerId, upTo);
     })();
     this.bitmapSave = save;
@@ -250,17 +260,34 @@ export class Replicator {
     const j = this.opts.journal.stats;
     const lagEntries = Math.max(0, j.committedSeq - this.appliedSeq);
     let lagSeconds = 0;
-    if (lagEntries > 0) {
-      try {
-        // Only the timestamp is needed: decoded in place, not copied out of the memory window by read().
-        const { first, values } = this.opts.journal.readRecords(Math.max(this.appliedSeq + 1, j.tailSeq), { maxEntries: 1 });
-        if (values.length > 0) lagSeconds = Math.max(0, (Date.now() - decodeValue(first, values[0]).ts) / 1000);
-      } catch {
-        // a corrupt entry: reported by the shipping path; the lag in seconds is unknown meanwhile
-      }
+    if (this.missingSince) {
+      // The journal no longer holds the oldest changes the replica lacks: their age was noted when it let go.
+      lagSeconds = Math.max(0, (Date.now() - this.missingSince.ts) / 1000);
+    } else if (lagEntries > 0) {
+      const ts = this.entryTime(Math.max(this.appliedSeq + 1, j.tailSeq));
+      if (ts !== undefined) lagSeconds = Math.max(0, (Date.now() - ts) / 1000);
     }
-    const resync = this.resync ? { ...this.resync, percent: Math.floor((100 * this.resync.doneBytes) / this.resync.totalBytes) } : null;
-    return { url: this.opts.url, volume: this.opts.volume, state: this.state, ackedSeq: this.ackedSeq, appliedSeq: this.appliedSeq, lagEntries, lagBytes: lagBytes(this.opts.journal, this.appliedSeq), lagSeconds, resync, dirtyBytes: this.dirty ? this.dirtyBytes() : 0, lastError: this.lastError ?? null };
+    // Progress of the comparison under way (one a link left unfinished is not: the next link starts over).
+    const comparing = this.state === 'resync' || this.state === 'initial-sync';
+    const resync = this.resync && comparing ? { ...this.resync, percent: Math.floor((100 * this.resync.doneBytes) / this.resync.totalBytes) } : null;
+    // On a bitmap: the dirty regions, then the entries the journal still holds past them (from its tail).
+    const dirtyBytes = this.dirty ? this.dirtyBytes() : 0;
+    const journalLag = lagBytes(this.opts.journal, this.dirty ? Math.max(this.appliedSeq, j.tailSeq - 1) : this.appliedSeq);
+    // A replica that is away while the bitmap stands for its changes is on the bitmap (DESIGN.md's states).
+    const state = this.state === 'disconnected' && this.dirty ? 'bitmap' : this.state;
+    return {
+      url: this.opts.url,
+      volume: this.opts.volume,
+      state,
+      ackedSeq: this.ackedSeq,
+      appliedSeq: this.appliedSeq,
+      lagEntries,
+      lagBytes: journalLag === null ? null : journalLag + dirtyBytes,
+      lagSeconds,
+      resync,
+      dirtyBytes,
+      lastError: this.lastError ?? null,
+    };
   }
 
   private connect(): void {
@@ -356,12 +383,17 @@ export class Replicator {
     }
     if (this.stopped || !this.opts.source) return;
     if (this.ws && this.ws.readyState === WebSocket.OPEN) return; // a connected replica drains the journal
-    if (this.ackedSeq > j.stats.ackedSeq) return; // not this replica: another consumer or the checkpoint
+    // What this replica holds the journal from (after a restart with a saved bitmap: the bitmap's end).
+    const hold = j.consumers().find((c) => c.id === this.consumerId)?.ackedSeq ?? this.ackedSeq;
+    if (hold > j.stats.ackedSeq) return; // not this replica: another consumer or the checkpoint
     const fresh = !this.dirty;
     const dirty = (this.dirty ??= new Uint8Array(chunkCount(this.opts.size)));
     // A full resync was under way: the replica may differ anywhere.
     if (fresh && this.resyncIncomplete) dirty.fill(1);
-    if (fresh) this.dirtyFrom = this.ackedSeq + 1;
+    if (fresh) {
+      this.dirtyFrom = hold + 1;
+      this.missingSince ??= { ts: this.entryTime(hold + 1) ?? Date.now(), untilSeq: Infinity };
+    }
     const size = this.opts.size;
     const mark: ChangeListener = (kind, offset, length) => {
       if (kind === EntryKind.FLUSH || length === 0) return;
@@ -370,7 +402,7 @@ export class Replicator {
     };
     this.tracking = mark;
     this.walk = mark;
-    const from = this.ackedSeq + 1;
+    const from = hold + 1;
     j.trackChanges(from, mark, (through) => this.onWalkStep(mark, through))
       .then(async () => {
         if (this.walk === mark) this.walk = undefined;
@@ -400,6 +432,22 @@ export class Replicator {
   private onWalkStep(mark: ChangeListener, through: number): void {
     if (this.tracking !== mark || this.bitmapSave || !this.opts.journal.appendsWaiting) return;
     this.saveBitmap(through).catch((err) => this.log.error({ err }, 'saving the dirty bitmap failed; the journal keeps holding the entries'));
+  }
+
+  /** The replica has applied what the resync queued for the changes the journal had let go of: its lag is the journal's again. */
+  private settleMissing(): void {
+    if (this.missingSince && this.appliedSeq >= this.missingSince.untilSeq) this.missingSince = undefined;
+  }
+
+  /** When entry `seq` was written (ms since the epoch), if the journal holds it and it reads. */
+  private entryTime(seq: number): number | undefined {
+    try {
+      // Only the timestamp is needed: decoded in place, not copied out of the memory window by read().
+      const { first, values } = this.opts.journal.readRecords(seq, { maxEntries: 1 });
+      return values.length > 0 ? decodeValue(first, values[0]).ts : undefined;
+    } catch {
+      return undefined; // a corrupt entry: reported by the shipping path
+    }
   }
 
   private dirtyBytes(): number {
@@ -473,6 +521,8 @@ export class Replicator {
     // Nor after a corrupt entry: what it changed is not known, so every chunk is compared. Nor for another
     // history: the writes only the replica has are in no bitmap.
     if (!needsResync || isNew || diverged || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
+    // The journal holds everything the replica lacks again: its lag is read from the entries.
+    if (!needsResync) this.missingSince = undefined;
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
@@ -498,7 +548,8 @@ export class Replicator {
     this.nextSeq = applied + 1;
     this.inflight = [];
     this.inflightBytes = 0;
-    this.state = needsResync ? 'resync' : 'continuous';
+    // A replica that never had a copy gets its first one; any other is brought back (DESIGN.md's states).
+    this.state = needsResync ? (isNew ? 'initial-sync' : 'resync') : 'continuous';
     void this.ship(ws);
     if (needsResync) {
       this.runResync(ws).catch((err) => {
@@ -517,10 +568,10 @@ export class Replicator {
     const dirty = this.dirty;
     const scope = dirty ? this.dirtyBytes() : this.opts.size;
     this.resyncIncomplete = true;
+    this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
     // A full comparison is marked in the journal: if serve restarts before it ends, a bitmap built then (only
     // changes from then on) would otherwise stand in for it, and the chunks it never reached go uncompared.
     if (!dirty) await this.opts.journal.setMeta(this.resyncKey, true);
-    this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
     this.log.info({ bytes: scope, dirtyOnly: !!dirty }, `resync: comparing chunk digests with the replica${dirty ? ' (dirty regions only)' : ''}`);
     for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
       if (this.ws !== ws || this.stopped) return;
@@ -551,6 +602,9 @@ export class Replicator {
     // Every differing chunk is in the journal at or below this seq: the replica is consistent once it has it.
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
+    // The changes the journal had let go of are all queued at or below `seq`: the lag is theirs until it is applied.
+    if (this.missingSince) this.missingSince.untilSeq = seq;
+    this.settleMissing();
     this.resyncIncomplete = false;
     if (!dirty) await this.opts.journal.setMeta(this.resyncKey, undefined);
     if (this.dirty === dirty) this.dropBitmap();
@@ -561,6 +615,7 @@ export class Replicator {
 
   private onAck(seq: number, durableSeq: number): void {
     this.appliedSeq = Math.max(this.appliedSeq, seq);
+    this.settleMissing();
     if (durableSeq > this.ackedSeq) {
       this.ackedSeq = durableSeq;
       this.opts.journal.ack(this.consumerId, durableSeq);
@@ -609,7 +664,8 @@ export class Replicator {
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
-      if (!this.resync) this.state = j.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
+      // Only between these two: a resync (or initial sync) says so until it ends.
+      if (this.state === 'continuous' || this.state === 'backlog') this.state = j.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
       if (this.opts.maxRate) await this.pace(msg.length);
       if (this.ws !== ws || ws.readyState !== ws.OPEN) {
         release();

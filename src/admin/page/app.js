@@ -94,7 +94,7 @@ function renderServeVolume(v) {
   const rows = v.replicas.map((r) => {
     const attention = r.state !== 'continuous';
     const state = stateBadge(r.state);
-    if (r.state === 'resync' && r.resync) state.push(el('span', { class: 'hint' }, `${r.resync.percent}% compared, ${fmtBytes(r.resync.sentBytes)} sent`));
+    if (r.resync) state.push(el('span', { class: 'hint' }, `${r.resync.percent}% compared, ${fmtBytes(r.resync.sentBytes)} sent`));
     return el(
       'tr',
       { 'data-replica': r.url, class: attention ? 'attention' : undefined },

@@ -51,7 +51,7 @@ function formatServe(s: ServeStatus): string {
     const journal = j ? `${formatBytes(j.bytes)} / ${formatBytes(j.maxBytes)} (${j.maxBytes > 0 ? Math.floor((100 * j.bytes) / j.maxBytes) : 0}%)` : 'no journal';
     if (v.replicas.length === 0) rows.push([v.volume, '-', 'no replica', '-', '-', '-', journal]);
     for (const r of v.replicas) {
-      const state = r.state === 'resync' && r.resync ? `resync ${r.resync.percent}%` : r.state;
+      const state = r.resync ? `${r.state} ${r.resync.percent}%` : r.state;
       rows.push([v.volume, r.url, state, String(r.lagEntries), r.lagBytes === null ? '?' : formatBytes(r.lagBytes), r.lagSeconds.toFixed(1), journal]);
     }
   }

@@ -1,0 +1,134 @@
+// What the primary reports about a replica through the cases where the journal alone cannot say it: a replica
+// away so long that a dirty bitmap stands for its changes (DESIGN.md's `bitmap` state), the same after a restart
+// of serve, its return through a resync, and a new replica's first copy (`initial-sync`). The lag in seconds is
+// the operator's RPO: it must count from the first change the replica lacks, not from whatever entry the
+// journal still holds. In process: a Journal and Replicator against a scripted replica on a loopback port.
+import t from 'tap';
+import { randomBytes } from 'node:crypto';
+import path from 'node:path';
+import { Journal } from '../src/journal/journal.js';
+import { EntryKind } from '../src/journal/types.js';
+import { Replicator } from '../src/replicator/replicator.js';
+import { CHUNK_BYTES, DIGEST_BYTES } from '../src/replicator/chunk-hash.js';
+import { freePort } from './helpers/processes.js';
+import { scriptedReplica, until } from './helpers/scripted-replica.js';
+
+const MiB = 2 ** 20;
+const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** A resync source whose digest reads wait until `open()`: the comparison stays under way meanwhile. */
+function gatedSource() {
+  let open!: () => void;
+  const gate = new Promise<void>((r) => (open = r));
+  return {
+    source: {
+      hashChunks: async (_first: number, count: number) => {
+        await gate;
+        return Buffer.alloc(count * DIGEST_BYTES);
+      },
+      captureRange: async () => 0,
+    },
+    open,
+  };
+}
+
+t.test('a replica on the dirty bitmap is reported as such, lagging from its first missing change, across a restart and until its resync is applied', async (t) => {
+  const dir = path.join(t.testdir(), 'journal');
+  let j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const port = await freePort();
+  const url = `ws://127.0.0.1:${port}`;
+  const size = 1024 * MiB;
+  const gated = gatedSource();
+  const opts = { url, volume: 'v', volumeId: 'vid', size, source: gated.source };
+  let r = new Replicator({ ...opts, journal: j });
+  let stopped = false;
+  t.teardown(() => (stopped ? undefined : r.stop(0)));
+  let seq = 0;
+  const data = randomBytes(256 * 1024);
+  const append = () => j.append(EntryKind.WRITE, (seq++ % 4000) * 256 * 1024, data.length, data).done;
+
+  // There: it receives and acknowledges 1..100.
+  const there = await scriptedReplica(port, { applied: 0, consistentFrom: null, ack: true });
+  r.start();
+  for (let i = 0; i < 100; i++) await append();
+  t.ok(await until(() => r.status().ackedSeq === 100, 10_000), 'the replica acknowledged 1..100');
+  await there.close();
+  t.ok(await until(() => r.status().state === 'disconnected', 5_000), 'then it is disconnected');
+
+  // Away: seq 101 is written, then, 1.5 s later, enough to fill the journal.
+  await append();
+  const firstMissingAt = Date.now();
+  await wait(1500);
+  const internals = () => r as unknown as { dirty?: Uint8Array; walk?: unknown };
+  const pending: Array<Promise<void>> = [];
+  while (!internals().dirty && pending.length < 2000) {
+    pending.push(append());
+    await new Promise((res) => setImmediate(res));
+    await j.setCheckpoint(j.stats.committedSeq);
+  }
+  t.ok(await until(() => !internals().walk && j.stats.tailSeq > 101, 20_000), `the bitmap stands for the replica's changes; the journal let them go (tail ${j.stats.tailSeq})`);
+  await Promise.all(pending);
+
+  const onBitmap = (label: string) => {
+    const s = r.status();
+    const age = (Date.now() - firstMissingAt) / 1000;
+    t.equal(s.state, 'bitmap', `${label}: state bitmap`);
+    t.equal(s.appliedSeq, 100, `${label}: the replica has applied 100, not what the bitmap let the journal go of`);
+    t.equal(s.lagEntries, j.stats.committedSeq - 100, `${label}: it lacks every entry after 100`);
+    t.ok(s.lagSeconds >= age - 0.25, `${label}: lag ${s.lagSeconds.toFixed(2)} s counts from seq 101, written ${age.toFixed(2)} s ago`);
+    t.ok(s.dirtyBytes! > 0 && s.lagBytes !== null && s.lagBytes >= s.dirtyBytes!, `${label}: lag bytes (${s.lagBytes}) include the dirty regions (${s.dirtyBytes})`);
+  };
+  onBitmap('away');
+
+  // serve restarts: the saved bitmap is loaded, and the status says the same.
+  await r.stop(0);
+  await j.close();
+  j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  r = new Replicator({ ...opts, journal: j });
+  r.start();
+  t.ok(await until(() => r.status().state !== 'connecting', 5_000), 'the restarted primary tried the replica');
+  onBitmap('after a restart of serve');
+
+  // Back at 100: a resync over the dirty regions is under way (digest reads held), still lagging from seq 101.
+  const back = await scriptedReplica(port, { applied: 100, consistentFrom: null, ack: true });
+  t.teardown(() => back.close());
+  t.ok(await until(() => r.status().state === 'resync', 10_000), `back: state resync (${r.status().state})`);
+  const during = r.status();
+  t.ok(during.lagSeconds >= (Date.now() - firstMissingAt) / 1000 - 0.25, `during the resync the lag still counts from seq 101 (${during.lagSeconds.toFixed(2)} s)`);
+  t.ok(during.resync && during.resync.totalBytes === size, 'with its progress');
+
+  // The comparison ends and the replica applies it all: continuous, no lag.
+  gated.open();
+  t.ok(await until(() => back.seen.told.some((m) => m.startsWith('synced')), 20_000), `the resync ended (${back.seen.told.join(', ')})`);
+  t.ok(await until(() => r.status().state === 'continuous' && r.status().lagEntries === 0, 20_000), 'continuous once caught up');
+  const after = r.status();
+  t.equal(after.lagSeconds, 0, 'no lag once it has everything');
+  t.equal(after.dirtyBytes, 0, 'no dirty regions');
+  t.equal(after.lagBytes, 0, 'no lag bytes');
+  await r.stop(0);
+  stopped = true;
+});
+
+t.test('a new replica getting its first copy by digests is in initial-sync, then continuous', async (t) => {
+  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const data = randomBytes(64 * 1024);
+  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
+  const port = await freePort();
+  const gated = gatedSource();
+  // The image had data before its journal (journalFromEmpty unset): the first copy compares every chunk.
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 128 * CHUNK_BYTES, journal: j, source: gated.source });
+  const replica = await scriptedReplica(port, { applied: 0, consistentFrom: -1, ack: true });
+  t.teardown(() => replica.close());
+  r.start();
+  t.teardown(() => r.stop(0));
+  t.ok(await until(() => r.status().resync !== null, 10_000), 'the comparison started');
+  t.equal(r.status().state, 'initial-sync', 'a replica that never had a copy is in initial-sync');
+  // Writes shipped meanwhile do not make it look continuous.
+  for (let i = 0; i < 5; i++) await j.append(EntryKind.WRITE, 0, data.length, data).done;
+  t.ok(await until(() => replica.seen.received >= 15, 10_000), 'new writes were shipped during the comparison');
+  t.equal(r.status().state, 'initial-sync', 'and it is still initial-sync');
+  gated.open();
+  t.ok(await until(() => r.status().state === 'continuous', 10_000), `continuous once the comparison is done (${r.status().state})`);
+});
