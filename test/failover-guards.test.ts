@@ -1,6 +1,7 @@
 // What failover commands refuse, with real processes: demote of an image a serve still writes; a journal that
 // no longer describes a demoted image (moved aside, so a later promote + serve cannot replay its tail over the
-// resynced bytes); serve of a replica image never promoted; replay-local onto its own base; a journal file too
+// resynced bytes), or kept elsewhere and refused by serve once the image is promoted again; serve of a replica
+// image never promoted; replay-local onto its own base; a journal file too
 // short to be one (LMDB would crash the process reading it).
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
@@ -40,6 +41,50 @@ t.test('demote: refused while a serve writes the image; its journal is moved asi
   t.equal(promoted.code, 0, `promote (forced: a demoted replica is inconsistent until resynced)${promoted.code ? `: ${promoted.stderr}` : ''}`);
   const after = await startServe(args, t.teardown);
   t.equal(await after.stop(), 0, 'once promoted it is served');
+});
+
+t.test('a journal kept elsewhere (--journal DIR) from before a demote is refused once the image is promoted again', async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'replicas');
+  fs.mkdirSync(data);
+  const img = path.join(data, 'disk.img');
+  const journal = path.join(dir, 'journals', 'disk');
+  const args = ['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--journal', journal];
+  // The old primary: written, then killed, so its journal keeps a tail past its last checkpoint.
+  const old = randomBytes(SIZE);
+  const s = await startServe(args, t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: old });
+  t.equal(await s.stop('SIGKILL'), null, 'the old primary is killed');
+
+  // Failback: demoted (its journal is not beside it: demote cannot know it), resynced by its new primary
+  // (written here as the replayer would, in place), promoted again.
+  const demoted = await runStatus(process.execPath, [CLI, 'demote', '--image', `disk=${img}`, '--data-dir', data]);
+  t.equal(demoted.code, 0, `demote${demoted.code ? `: ${demoted.stderr}` : ''}`);
+  const resynced = randomBytes(SIZE);
+  const fd = fs.openSync(img, 'r+');
+  fs.writeSync(fd, resynced, 0, SIZE, 0);
+  fs.fsyncSync(fd);
+  fs.closeSync(fd);
+  const promoted = await runStatus(process.execPath, [CLI, 'promote', '--data-dir', data, '--volume', 'disk', '--force']);
+  t.equal(promoted.code, 0, `promote${promoted.code ? `: ${promoted.stderr}` : ''}`);
+
+  // Served with that old journal, its tail would be re-applied over the resynced bytes: refused.
+  const stale = await runRefused(['serve', ...args]);
+  t.equal(stale.code, 1, 'serve with the journal from before the promotion exits 1');
+  t.match(stale.stderr, /journal .* was written before .* was promoted .* Move that journal aside/, 'saying why and what to do');
+  // Buffers compared with equals: tap's diff of two 4 MiB buffers that differ takes many minutes.
+  t.ok(fs.readFileSync(img).equals(resynced), 'and the image still holds the resynced bytes');
+
+  // With the journal moved aside, serve starts a new one and serves the promoted image as it is; that journal
+  // is its own from then on (a restart takes it).
+  fs.renameSync(journal, `${journal}.old`);
+  const out = path.join(dir, 'read.img');
+  for (let i = 0; i < 2; i++) {
+    const fresh = await startServe(args, t.teardown);
+    await run('nbdcopy', [fresh.uri, out]);
+    t.equal(await fresh.stop(), 0, `run ${i + 1} of serve with a journal begun after the promotion`);
+    t.ok(fs.readFileSync(out).equals(resynced), `run ${i + 1} served the resynced bytes`);
+  }
 });
 
 t.test('replay-local onto its own base, and a journal file too short to be one: refused with an error', async (t) => {

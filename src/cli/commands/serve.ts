@@ -110,8 +110,9 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
   const imageIsNew = !fs.existsSync(img.path);
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly, lock: opts.readOnly ? 'shared' : 'exclusive' });
+  let promotedAt: string | undefined;
   try {
-    if (!opts.readOnly) refuseUnpromotedReplica(img.path);
+    if (!opts.readOnly) promotedAt = refuseUnpromotedReplica(img.path);
   } catch (err) {
     await file.close();
     throw err;
@@ -123,6 +124,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     await claimImage(img, dir, journal, { journalIsNew: !volumeId, imageIsNew, moved: opts.imageMoved ?? false });
+    if (promotedAt) await claimPromotion(img, dir, journal, { journalIsNew: !volumeId, promotedAt });
     if (!volumeId) {
       volumeId = randomUUID();
       await journal.setMeta('volumeId', volumeId);
@@ -182,11 +184,12 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
  * A replica image in a replayer's data directory (DIR/V.img beside DIR/V.state.mdb) is written by its primary
  * only: served and written before `promote` marks it, it would differ from the primary while its replayer
  * state still says it holds the primary's seq N, and the next replication would go on from N as if it did.
+ * Returns when a promoted one was promoted (see claimPromotion).
  */
-function refuseUnpromotedReplica(image: string): void {
-  if (!image.endsWith('.img')) return;
+function refuseUnpromotedReplica(image: string): string | undefined {
+  if (!image.endsWith('.img')) return undefined;
   const statePath = `${image.slice(0, -'.img'.length)}.state.mdb`;
-  if (!fs.existsSync(statePath)) return;
+  if (!fs.existsSync(statePath)) return undefined;
   let state: VolumeState | undefined;
   const db = openLmdb({ path: statePath, readOnly: true });
   try {
@@ -201,6 +204,27 @@ function refuseUnpromotedReplica(image: string): void {
         'Promote it first (blockferry promote --data-dir DIR --volume NAME, with its replayer stopped), or serve it --read-only',
     );
   }
+  return state?.promoted?.at;
+}
+
+/**
+ * A promoted replica is served with a journal begun after its promotion. An older one was written for this file
+ * before it became a replica (a failback: `demote` moves the default IMAGE.journal aside, but cannot know one kept
+ * elsewhere with --journal DIR): its entries describe the image as it was, and recovery would re-apply its tail
+ * over what the replica received since. The journal records the promotion it was begun after.
+ */
+async function claimPromotion(img: ServeImage, dir: string, journal: Journal, how: { journalIsNew: boolean; promotedAt: string }): Promise<void> {
+  const known = journal.getMeta<string>('promotedAt');
+  if (known === how.promotedAt) return;
+  if (!how.journalIsNew) {
+    throw new BlockferryError(
+      'ERR_JOURNAL_STALE',
+      `journal ${dir} was written before ${img.path} was promoted (${how.promotedAt}${known ? `; the journal follows the promotion of ${known}` : ''}): ` +
+        'it describes the image as it was before it became a replica, and its tail would be replayed over what the replica received. ' +
+        'Move that journal aside (serve then starts a new one)',
+    );
+  }
+  await journal.setMeta('promotedAt', how.promotedAt);
 }
 
 /** Which file an image is (see imageIdentity): inode (a string, as it may pass 2^53) and birth time in us. */
