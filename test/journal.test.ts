@@ -319,7 +319,7 @@ t.test('dropped segments wait as spares up to a quarter of the cap, are reused, 
   await write(40);
   t.ok(j.stats.segments >= 30, `40 writes of ~1 MiB filled ${j.stats.segments} segments`);
   await j.setCheckpoint(j.stats.committedSeq);
-  await until(() => j.stats.segments === 1);
+  t.ok(await until(() => j.stats.segments === 1), `the checkpoint let the journal drop all but its active segment (${j.stats.segments} left)`);
   const kept = spares();
   t.ok(kept.length >= 8 && kept.length <= 16, `the dropped segments left ${kept.length} spares`);
   t.ok(spareBytes() <= 16 * 2 ** 20, `holding no more than a quarter of the cap (${spareBytes()} bytes)`);
@@ -335,7 +335,7 @@ t.test('dropped segments wait as spares up to a quarter of the cap, are reused, 
   t.ok(back.every((e) => e.data!.equals(block)), 'entries written into recycled files read back byte for byte');
 
   await j.setCheckpoint(j.stats.committedSeq);
-  await until(() => j.stats.segments === 1);
+  t.ok(await until(() => j.stats.segments === 1), `pruned to one segment again (${j.stats.segments} left)`);
   const before = spareBytes();
   t.ok(before > 0, 'spares again after pruning');
   t.equal(j.releaseSpares(), before, 'releaseSpares reports the bytes the spares held');

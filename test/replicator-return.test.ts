@@ -11,7 +11,10 @@ import { EntryKind } from '../src/journal/types.js';
 import { Replicator } from '../src/replicator/replicator.js';
 import { CHUNK_BYTES, DIGEST_BYTES } from '../src/replicator/chunk-hash.js';
 import { freePort } from './helpers/processes.js';
-import { scriptedReplica as replica, until } from './helpers/scripted-replica.js';
+import { until as untilEvery } from './helpers/files.js';
+import { scriptedReplica as replica } from './helpers/scripted-replica.js';
+
+const until = (pred: () => boolean, ms: number) => untilEvery(pred, ms, 10);
 
 const MiB = 2 ** 20;
 t.test('a replica back after its bitmap let the journal go is held from where it is, not from the bitmap\'s end', async (t) => {

@@ -11,7 +11,10 @@ import { EntryKind } from '../src/journal/types.js';
 import { Replicator } from '../src/replicator/replicator.js';
 import { CHUNK_BYTES, DIGEST_BYTES } from '../src/replicator/chunk-hash.js';
 import { freePort } from './helpers/processes.js';
-import { scriptedReplica, until } from './helpers/scripted-replica.js';
+import { until as untilEvery } from './helpers/files.js';
+import { scriptedReplica } from './helpers/scripted-replica.js';
+
+const until = (pred: () => boolean, ms: number) => untilEvery(pred, ms, 10);
 
 const MiB = 2 ** 20;
 const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));

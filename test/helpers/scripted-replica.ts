@@ -6,14 +6,6 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import { DIGEST_BYTES } from '../../src/replicator/chunk-hash.js';
 import { FEATURE_RECORDS, PROTOCOL_VERSION, decode, encode } from '../../src/replicator/protocol.js';
 
-const wait = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Polls `pred` every 10 ms for up to `ms`; its last answer. */
-export async function until(pred: () => boolean, ms: number): Promise<boolean> {
-  for (const end = Date.now() + ms; Date.now() < end; await wait(10)) if (pred()) return true;
-  return pred();
-}
-
 /**
  * A replica on `port`: welcomes at `applied` (consistentFrom as given), acknowledges what it receives as durable
  * when `ack` is set, answers digest requests with digests that differ from everything (`first` of each noted).
