@@ -208,3 +208,41 @@ t.test('a long outage whose bitmap walk takes several steps while writes wait: e
   t.ok(await converges(image, replica, 120_000), 'the returning replica converges byte for byte');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
+
+t.test('a replica image that held data before (demoted, or put in place by hand) is compared, never taken for zeroes', async (t) => {
+  // The primary is new (its journal holds every change since all zeroes): a new, empty replica needs only the
+  // journal. A replica image with data of its own is no such replica, though its state says seq 0 too.
+  const dir = t.testdir();
+  const size = 4 * 2 ** 20;
+  const replicaDir = path.join(dir, 'replica');
+  fs.mkdirSync(replicaDir);
+  // The old primary's image, written at 2-3 MiB, demoted into the data directory; and one put there by hand.
+  const old = path.join(dir, 'old.img');
+  fs.writeFileSync(old, Buffer.alloc(size));
+  const ofd = fs.openSync(old, 'r+');
+  fs.writeSync(ofd, Buffer.alloc(2 ** 20, 0x77), 0, 2 ** 20, 2 * 2 ** 20);
+  fs.closeSync(ofd);
+  const demoted = await runStatus(process.execPath, [CLI, 'demote', '--image', `disk=${old}`, '--data-dir', replicaDir]);
+  t.equal(demoted.code, 0, `demote${demoted.code ? `: ${demoted.stderr}` : ''}`);
+  fs.writeFileSync(path.join(replicaDir, 'byhand.img'), randomBytes(size));
+
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  const images = ['disk', 'byhand'].map((name) => path.join(dir, `${name}.img`));
+  const s = await startServe(
+    ['--image', `disk=${images[0]}`, '--image', `byhand=${images[1]}`, '--size', String(size), '--listen', '127.0.0.1:0', '--replicate-to', replay.url],
+    t.teardown,
+  );
+  for (const name of ['disk', 'byhand']) {
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: name });
+    await c.write(0, Buffer.alloc(2 ** 20, 0x11));
+    await c.flush();
+    await c.close();
+  }
+  for (const [i, name] of ['disk', 'byhand'].entries()) {
+    t.ok(await converges(images[i], path.join(replicaDir, `${name}.img`), 60_000), `${name}: the replica equals the primary (its own data overwritten)`);
+    const v = await verify(['--image', `${name}=${images[i]}`, '--replica', replay.url, '--retries', '2']);
+    t.equal(v.code, 0, `${name}: verify says identical\n${v.stdout}${v.stderr}`);
+  }
+  t.equal(s.stderr().match(/resync: comparing chunk digests/g)?.length, 2, 'serve compared digests with both');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});

@@ -119,7 +119,8 @@ async function writeDemotedState(image: string, statePath: string): Promise<void
   const db = open({ path: statePath });
   try {
     const size = fs.statSync(image).size;
-    const state: VolumeState = { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, promoted: null };
+    // seeded: the image holds the old primary's data, which the new primary must compare, never take for zeroes.
+    const state: VolumeState = { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, promoted: null, seeded: true };
     await db.put('state', state);
     await db.flushed;
   } finally {

@@ -51,6 +51,11 @@ export interface VolumeState {
   consistentFrom?: number | null;
   /** Set by `blockferry promote`: this replica became a primary and accepts no more replication. */
   promoted?: { at: string; appliedSeq: number } | null;
+  /**
+   * The image held data before anything was shipped to it: set by `blockferry demote`, and when a replica's
+   * state is made for an image already in place. Absent: the replayer made the image, all zeroes.
+   */
+  seeded?: boolean;
 }
 
 class Volume {
@@ -73,8 +78,9 @@ class Volume {
   static async open(dir: string, name: string, size: number): Promise<Volume> {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
     try {
-      const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1 };
       const image = path.join(dir, `${name}.img`);
+      // An image without a state is not known to be zeroes (put there by hand, or its state file was removed).
+      const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(fs.existsSync(image) ? { seeded: true } : {}) };
       // Locked while open, as serve locks its images: a `serve` of the replica image started by mistake while
       // the replayer writes it is refused instead of writing beside it. Not a promoted volume's: the replayer
       // never writes it again, and its new primary serves it while old primaries are told it was promoted.
@@ -433,7 +439,15 @@ export class ReplayServer {
           };
           log.info({ volume: v.name, appliedSeq: v.state.appliedSeq, consistent: v.consistent }, 'primary connected');
           ws.send(
-            encode({ v: PROTOCOL_VERSION, t: 'welcome', appliedSeq: v.state.appliedSeq, consistentFrom: v.state.consistentFrom ?? null, features: [FEATURE_RECORDS], appliedCrcs: v.state.appliedCrcs?.slice(-MAX_APPLIED_CRCS) ?? null }),
+            encode({
+              v: PROTOCOL_VERSION,
+              t: 'welcome',
+              appliedSeq: v.state.appliedSeq,
+              consistentFrom: v.state.consistentFrom ?? null,
+              features: [FEATURE_RECORDS],
+              appliedCrcs: v.state.appliedCrcs?.slice(-MAX_APPLIED_CRCS) ?? null,
+              ...(v.state.seeded ? { seeded: true } : {}),
+            }),
           );
           return;
         }

@@ -37,8 +37,10 @@ export type Message =
    * resync). The primary compares them with its own entries at those seqs: any difference means two histories
    * (its journal lost a tail the replica has). More than one, because a FLUSH marker (or a TRIM of the same
    * range) is the same bytes in any history.
+   * seeded: the replica's image held data before anything was shipped to it (a demoted primary's image, or one
+   * put in its place by hand): at appliedSeq 0 it is not all zeroes, and is compared by digests like any other.
    */
-  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[]; appliedCrcs?: number[] | null }
+  | { v: number; t: 'welcome'; appliedSeq: number; consistentFrom?: number | null; features?: string[]; appliedCrcs?: number[] | null; seeded?: boolean }
   | { v: number; t: 'entries'; entries: JournalEntry[] }
   /** Entries first, first+1, ... as the journal stores them (entry.ts: a 40-byte header, then any data). */
   | { v: number; t: 'records'; first: number; records: Buffer[] }
@@ -214,6 +216,7 @@ export function decode(buf: Buffer): Message {
         throw new ProtocolError('bad welcome');
       }
       if (m.features !== undefined && !(Array.isArray(m.features) && m.features.every((f) => typeof f === 'string'))) throw new ProtocolError('bad welcome features');
+      if (m.seeded !== undefined && typeof m.seeded !== 'boolean') throw new ProtocolError('bad welcome seeded');
       if (m.appliedCrcs !== undefined && m.appliedCrcs !== null) {
         const crcs = m.appliedCrcs;
         if (!Array.isArray(crcs) || crcs.length > MAX_APPLIED_CRCS || !crcs.every((c) => isInt(c) && c <= 0xffffffff)) throw new ProtocolError('bad welcome crcs');

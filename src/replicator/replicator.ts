@@ -335,7 +335,7 @@ export class Replicator {
         this.attempt = 0;
         this.lastError = undefined;
         this.records = msg.features?.includes(FEATURE_RECORDS) ?? false;
-        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null, msg.appliedCrcs ?? null);
+        this.onWelcome(ws, msg.appliedSeq, msg.consistentFrom ?? null, msg.appliedCrcs ?? null, msg.seeded === true);
       } else if (msg.t === 'digests') {
         this.digestWaiters.get(msg.id)?.(msg.digests);
         this.digestWaiters.delete(msg.id);
@@ -489,7 +489,7 @@ export class Replicator {
     }
   }
 
-  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrcs: number[] | null = null): void {
+  private onWelcome(ws: WebSocket, applied: number, consistentFrom: number | null, appliedCrcs: number[] | null = null, seeded = false): void {
     const j = this.opts.journal;
     if (this.tracking) {
       // Stop marking: from here changes are shipped (the journal holds them again, below).
@@ -514,7 +514,10 @@ export class Replicator {
       );
     }
     const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged;
-    const isNew = applied === 0 && consistentFrom === -1;
+    // A replica that has had nothing from this primary: its first copy. New if its image is all zeroes too (the
+    // replayer made it), not if it held data before (a demoted primary's image: seeded).
+    const first = applied === 0 && consistentFrom === -1;
+    const isNew = first && !seeded;
     const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
@@ -549,7 +552,7 @@ export class Replicator {
     this.inflight = [];
     this.inflightBytes = 0;
     // A replica that never had a copy gets its first one; any other is brought back (DESIGN.md's states).
-    this.state = needsResync ? (isNew ? 'initial-sync' : 'resync') : 'continuous';
+    this.state = needsResync ? (first ? 'initial-sync' : 'resync') : 'continuous';
     void this.ship(ws);
     if (needsResync) {
       this.runResync(ws).catch((err) => {
