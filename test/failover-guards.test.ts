@@ -107,3 +107,37 @@ t.test('replay-local onto its own base, and a journal file too short to be one: 
   t.equal(inspect.code, 1, 'journal inspect of an empty journal.mdb exits 1 (not a crash)');
   t.match(inspect.stderr, /too short to be a journal/);
 });
+
+t.test('replay-local: a wrong base or size is refused and leaves --out as it was', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
+  t.equal(await s.stop(), 0);
+  const journal = `${img}.journal`;
+  const out = path.join(dir, 'precious.img');
+  const precious = randomBytes(4096);
+  fs.writeFileSync(out, precious);
+  const kept = () => fs.readFileSync(out).equals(precious);
+
+  const noBase = await runRefused(['replay-local', '--journal', journal, '--out', out]);
+  t.equal(noBase.code, 2, 'without --base or --size: exit 2');
+  t.match(noBase.stderr, /needs --base or --size/);
+  t.ok(kept(), 'and --out is untouched');
+
+  const typo = await runRefused(['replay-local', '--journal', journal, '--base', path.join(dir, 'no-such.img'), '--out', out]);
+  t.equal(typo.code, 2, 'a base that does not exist: exit 2');
+  t.match(typo.stderr, /base image .*no-such\.img does not exist/);
+  t.ok(kept(), 'and --out is untouched');
+
+  // The journal's writes reach the end of a 4 MiB image: a 1 MiB one cannot hold them.
+  const small = await runRefused(['replay-local', '--journal', journal, '--size', String(2 ** 20), '--out', out]);
+  t.equal(small.code, 1, 'an image too small for the journal\'s entries: exit 1');
+  t.match(small.stderr, /seq \d+ \(WRITE of \d+ bytes at \d+\) lies past the end of the 1048576-byte image/, 'naming the entry');
+  t.ok(kept(), 'and --out is untouched');
+  t.same(fs.readdirSync(dir).filter((f) => f.includes('partial')), [], 'no partial file is left');
+
+  const good = await runStatus(process.execPath, [CLI, 'replay-local', '--journal', journal, '--size', String(SIZE), '--out', out]);
+  t.equal(good.code, 0, `the right size rebuilds it${good.code ? `: ${good.stderr}` : ''}`);
+  t.ok(fs.readFileSync(out).equals(fs.readFileSync(img)), 'into --out, equal to the image');
+});

@@ -1,12 +1,13 @@
 // Rebuilds an image from a base image and the journal, entry by entry in seq order: the simplest proof that
 // the journal is complete (`blockferry replay-local`).
 import fs from 'node:fs';
+import path from 'node:path';
 import { FileDevice } from '../device/file-device.js';
 import { openLocked } from '../device/native.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { BlockferryError } from '../util/errors.js';
 import { Journal } from './journal.js';
-import { EntryKind } from './types.js';
+import { EntryKind, entryKindName } from './types.js';
 
 export interface ReplayLocalOptions {
   journal: string;
@@ -27,6 +28,8 @@ export interface ReplayLocalResult {
 
 export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocalResult> {
   if (!fs.existsSync(opts.journal)) throw new BlockferryError('ERR_USAGE', `journal ${opts.journal} does not exist`);
+  if (opts.base === undefined && opts.size === undefined) throw new BlockferryError('ERR_USAGE', 'replay-local needs --base or --size');
+  if (opts.base !== undefined && !fs.existsSync(opts.base)) throw new BlockferryError('ERR_USAGE', `base image ${opts.base} does not exist`);
   const journal = await Journal.open({ dir: opts.journal, readOnly: true });
   try {
     const st = journal.stats;
@@ -38,28 +41,42 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
       );
     }
     checkOut(opts);
-    fs.rmSync(opts.out, { force: true });
-    if (opts.base) fs.copyFileSync(opts.base, opts.out);
-    else if (opts.size === undefined) throw new BlockferryError('ERR_USAGE', 'replay-local needs --base or --size');
-    const dev = await FileDevice.open({ path: opts.out, size: opts.base ? undefined : opts.size });
     const until = Math.min(opts.until ?? st.committedSeq, st.committedSeq);
     const result: ReplayLocalResult = { fromSeq: st.tailSeq, toSeq: until, entries: 0, bytes: 0 };
+    // Built beside --out and renamed over it once complete: a failed run (a wrong base, an entry past its end)
+    // leaves whatever --out was.
+    const partial = path.join(path.dirname(opts.out), `.${path.basename(opts.out)}.partial-${process.pid}`);
     try {
-      let next = st.tailSeq;
-      while (next <= until) {
-        const batch = journal.read(next);
-        if (batch.length === 0) break;
-        for (const e of batch) {
-          if (e.seq > until) break;
-          await applyEntry(dev, e);
-          result.entries++;
-          if (e.kind === EntryKind.WRITE) result.bytes += e.length;
-          next = e.seq + 1;
+      if (opts.base) fs.copyFileSync(opts.base, partial);
+      const dev = await FileDevice.open({ path: partial, size: opts.base ? undefined : opts.size });
+      try {
+        let next = st.tailSeq;
+        while (next <= until) {
+          const batch = journal.read(next);
+          if (batch.length === 0) break;
+          for (const e of batch) {
+            if (e.seq > until) break;
+            // The journal's entries all lie within its image: one past the end means a base (or --size) that
+            // is not that image's, and applying it would make an image of a third size.
+            if (e.kind !== EntryKind.FLUSH && e.offset + e.length > dev.size) {
+              throw new BlockferryError(
+                'ERR_ENTRY_RANGE',
+                `seq ${e.seq} (${entryKindName(e.kind)} of ${e.length} bytes at ${e.offset}) lies past the end of the ${dev.size}-byte ${opts.base ? `base ${opts.base}` : 'image (--size)'}: it is not the size of the image this journal was written for`,
+              );
+            }
+            await applyEntry(dev, e);
+            result.entries++;
+            if (e.kind === EntryKind.WRITE) result.bytes += e.length;
+            next = e.seq + 1;
+          }
         }
+        await dev.flush();
+      } finally {
+        await dev.close();
       }
-      await dev.flush();
+      fs.renameSync(partial, opts.out);
     } finally {
-      await dev.close();
+      fs.rmSync(partial, { force: true });
     }
     return result;
   } finally {
