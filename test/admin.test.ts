@@ -163,6 +163,9 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   t.equal(rs.volumes.length, 1);
   t.match(rs.volumes[0], { volume: 'disk', size: SIZE, connected: true, primary: '127.0.0.1', consistent: true, volumeId: v.volumeId });
   t.equal(rs.volumes[0].appliedSeq, 41, 'the replayer applied what the primary journaled');
+  // The primary counts a replica caught up on its durable acks: the replica's durable seq is there too.
+  t.equal(rs.volumes[0].durableSeq, 41, 'and has it on stable storage');
+  t.equal(rs.volumes[0].promoted, null, 'not promoted');
   t.ok(rs.volumes[0].lastApplyAt > Date.now() - 60_000 && rs.volumes[0].lastApplyAt <= Date.now(), 'lastApplyAt is recent');
 
   // /metrics: valid Prometheus text, gauges set from the same status.
@@ -187,6 +190,7 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   t.ok(ms.some((x) => x.name === 'blockferry_process_resident_memory_bytes'), 'process metrics are there too');
   const rm = parsePrometheus((await request(`${R}/metrics`)).body);
   t.equal(metric(rm, 'blockferry_replay_applied_seq', { volume: 'disk' }), 41);
+  t.equal(metric(rm, 'blockferry_replay_durable_seq', { volume: 'disk' }), 41);
   t.equal(metric(rm, 'blockferry_replay_connected', { volume: 'disk' }), 1);
   t.equal(metric(rm, 'blockferry_volume_size_bytes', { volume: 'disk' }), SIZE);
 
@@ -226,7 +230,7 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   t.equal(JSON.parse(json.stdout).volumes[0].replicas[0].state, 'continuous', '--json prints the /status JSON');
   const replayHuman = await cli(['status', '--admin', R]);
   t.equal(replayHuman.code, 0);
-  t.match(replayHuman.stdout, /disk\s+connected\s+yes\s+41\s+127\.0\.0\.1/);
+  t.match(replayHuman.stdout, /disk\s+connected\s+yes\s+41\s+41\s+127\.0\.0\.1/);
 
   // The replayer dies: the replica shows as disconnected and its lag grows with new writes.
   replay.child.kill('SIGKILL');

@@ -10,7 +10,7 @@ import path from 'node:path';
 import { attachLoop } from './helpers/fuse-loop.js';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, run, startReplay, startServe } from './helpers/processes.js';
+import { CLI, run, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 const sha = (b: Buffer) => createHash('sha256').update(b).digest('hex');
@@ -84,7 +84,7 @@ t.test('failover, split brain, failback', async (t) => {
   const before = await readAt(b.port, 0, 4 * 2 ** 20);
 
   // Split brain: A comes back (same image and journal, still replicating to B's address) and writes; B writes too.
-  const replayB2 = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', dataB], t.teardown);
+  const replayB2 = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', dataB, '--admin', '127.0.0.1:0'], t.teardown);
   const a2 = await startServe(['--image', `disk=${imageA}`, '--listen', '127.0.0.1:0', '--replicate-to', replayB2.url], t.teardown);
   const fromA = randomBytes(1 * 2 ** 20);
   const fromB = randomBytes(1 * 2 ** 20);
@@ -97,6 +97,12 @@ t.test('failover, split brain, failback', async (t) => {
   t.ok((await readAt(b.port, 0, before.length)).equals(before), "B's data is untouched by A");
   t.ok((await readAt(b.port, 16 * 2 ** 20, fromB.length)).equals(fromB), "B's own writes are there");
   t.ok((await readAt(b.port, 8 * 2 ** 20, fromA.length)).equals(b8), "A's post-failover write did not reach B");
+  // B's replayer says the volume is promoted, and counts that as nothing to attend to (it is a primary now).
+  const admin = /admin on (http:\/\/\S+)/.exec(replayB2.stdout())![1];
+  const st = await runStatus(process.execPath, [CLI, 'status', '--admin', admin, '--json']);
+  t.equal(st.code, 0, `blockferry status of B's replayer exits 0${st.code ? `: ${st.stdout}${st.stderr}` : ''}`);
+  const vol = JSON.parse(st.stdout).volumes.find((v: { volume: string }) => v.volume === 'disk');
+  t.ok(vol && typeof vol.promoted === 'string', `the volume is shown promoted (${vol?.promoted})`);
   t.equal(await a2.stop(), 0, 'the old primary stops cleanly');
   replayB2.child.kill('SIGTERM');
   await replayB2.exited;

@@ -27,6 +27,8 @@ export function serveAttention(s: ServeStatusBody): string[] {
 export function replayAttention(s: ReplayStatusBody): string[] {
   const out: string[] = [];
   for (const v of s.volumes) {
+    // A promoted replica is a primary now: that no primary replicates into it is how it should be.
+    if (v.promoted) continue;
     if (!v.connected) out.push(`volume ${v.volume}: no primary is connected (replica at seq ${v.appliedSeq})`);
     if (!v.consistent) out.push(`volume ${v.volume}: the replica is inconsistent until the primary finishes its resync`);
   }

@@ -32,7 +32,8 @@ export class StatusMetrics {
       lagBytes: gauge('blockferry_replica_lag_bytes', 'Journal bytes the replica has not acknowledged', rep),
       lagSeconds: gauge('blockferry_replica_lag_seconds', 'Age of the oldest entry the replica has not acknowledged (RPO)', rep),
       replicaState: gauge('blockferry_replica_state', '1 for the replica link state the replica is in, 0 for the others', [...rep, 'state']),
-      appliedSeq: gauge('blockferry_replay_applied_seq', 'Highest seq applied and durable in the replica image', vol),
+      appliedSeq: gauge('blockferry_replay_applied_seq', 'Highest seq applied to the replica image (durable through blockferry_replay_durable_seq)', vol),
+      durableSeq: gauge('blockferry_replay_durable_seq', 'Highest seq on stable storage in the replica: where it comes back after a crash', vol),
       connected: gauge('blockferry_replay_connected', '1 while a primary is connected for this volume', vol),
       consistent: gauge('blockferry_replay_consistent', '1 when the replica is a consistent earlier state of the primary (0 during a resync)', vol),
       lastApply: gauge('blockferry_replay_last_apply_timestamp_seconds', 'When the last batch was applied (Unix time)', vol),
@@ -80,6 +81,7 @@ export class StatusMetrics {
         const volume = v.volume;
         g.size.set({ volume }, v.size);
         g.appliedSeq.set({ volume }, v.appliedSeq);
+        g.durableSeq.set({ volume }, v.durableSeq);
         g.connected.set({ volume }, v.connected ? 1 : 0);
         g.consistent.set({ volume }, v.consistent ? 1 : 0);
         if (v.lastApplyAt !== null) g.lastApply.set({ volume }, v.lastApplyAt / 1000);

@@ -80,8 +80,14 @@ export interface ServeStatusBody {
 export interface ReplayVolumeStatus {
   volume: string;
   size: number;
-  /** Highest seq applied and durable in the replica image. */
+  /** Highest seq applied to the replica image (visible there; on stable storage through durableSeq). */
   appliedSeq: number;
+  /**
+   * Highest seq on stable storage with the state recording it: where the replica comes back after a crash or a
+   * power cut, and what `promote` would make a primary of. The replica syncs every second or 256 MiB, and at
+   * the primary's FLUSH markers.
+   */
+  durableSeq: number;
   /** A primary is connected and shipping to this volume now. */
   connected: boolean;
   /** Address of the connected primary, or null. */
@@ -92,6 +98,8 @@ export interface ReplayVolumeStatus {
   consistent: boolean;
   /** When the last batch was applied (ms since the epoch), or null if none since this process started. */
   lastApplyAt: number | null;
+  /** When `blockferry promote` made this replica a primary (it takes no more replication), or null. */
+  promoted: string | null;
 }
 
 export interface ReplayStatusBody {

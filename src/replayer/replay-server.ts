@@ -594,7 +594,18 @@ export class ReplayServer {
       const v = await p.catch(() => undefined);
       if (!v) continue;
       const { appliedSeq, volumeId } = v.state;
-      volumes.push({ volume: v.name, size: v.device.size, appliedSeq, connected: v.busy, primary: v.peer, volumeId, consistent: v.consistent, lastApplyAt: v.lastApplyAt });
+      volumes.push({
+        volume: v.name,
+        size: v.device.size,
+        appliedSeq,
+        durableSeq: v.durableSeq,
+        connected: v.busy,
+        primary: v.peer,
+        volumeId,
+        consistent: v.consistent,
+        lastApplyAt: v.lastApplyAt,
+        promoted: v.state.promoted?.at ?? null,
+      });
     }
     return { volumes: volumes.sort((a, b) => a.volume.localeCompare(b.volume)) };
   }

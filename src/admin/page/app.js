@@ -127,8 +127,12 @@ function renderServeVolume(v) {
 }
 
 function renderReplayVolume(v, now, rate) {
-  const attention = !v.connected || !v.consistent;
-  const state = v.connected ? badge('ok', '✓', 'connected', 'a primary is shipping to this replica') : badge('bad', '✕', 'disconnected', 'no primary connected: the replica is not receiving');
+  const attention = !v.promoted && (!v.connected || !v.consistent);
+  const state = v.promoted
+    ? badge('ok', '✓', 'promoted', `made a primary at ${v.promoted}: it takes no more replication`)
+    : v.connected
+      ? badge('ok', '✓', 'connected', 'a primary is shipping to this replica')
+      : badge('bad', '✕', 'disconnected', 'no primary connected: the replica is not receiving');
   const consistency = v.consistent ? badge('ok', '✓', 'consistent', 'a consistent earlier state of the primary') : badge('warn', '⚠', 'inconsistent', 'resync under way');
   return el(
     'article',
@@ -140,6 +144,7 @@ function renderReplayVolume(v, now, rate) {
       fact('Link', el('span', { 'data-field': 'state' }, state), attention ? el('span', { class: 'hint' }, 'needs attention') : null),
       fact('Replica', consistency),
       fact('Applied seq', el('span', { 'data-field': 'appliedSeq' }, fmtInt(v.appliedSeq)), el('span', { class: 'hint' }, rate === null ? '' : `${fmtInt(rate)} entries/s`)),
+      fact('Durable seq', el('span', { 'data-field': 'durableSeq' }, fmtInt(v.durableSeq)), el('span', { class: 'hint' }, 'where a crash would leave it')),
       fact('Primary', el('span', { class: 'url' }, v.primary || '—')),
       fact('Last apply', v.lastApplyAt ? `${fmtSeconds(Math.max(0, (now - v.lastApplyAt) / 1000))} ago` : 'not since start'),
     ),

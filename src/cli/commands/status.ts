@@ -63,16 +63,17 @@ function formatServe(s: ServeStatus): string {
 function formatReplay(s: ReplayStatus): string {
   const rows = s.volumes.map((v) => [
     v.volume,
-    v.connected ? 'connected' : 'disconnected',
+    v.promoted ? 'promoted' : v.connected ? 'connected' : 'disconnected',
     v.consistent ? 'yes' : 'NO (resync)',
     String(v.appliedSeq),
+    String(v.durableSeq),
     v.primary ?? '-',
     ago(v.lastApplyAt, s.now),
     formatBytes(v.size),
   ]);
   const head = `blockferry replay ${s.version} (pid ${s.pid}): ${s.volumes.length} volume(s)`;
   if (rows.length === 0) return `${head}\n(no primary has connected since this replayer started)`;
-  return `${head}\n${table(['VOLUME', 'STATE', 'CONSISTENT', 'APPLIED SEQ', 'PRIMARY', 'LAST APPLY', 'SIZE'], rows, new Set([3, 6]))}`;
+  return `${head}\n${table(['VOLUME', 'STATE', 'CONSISTENT', 'APPLIED SEQ', 'DURABLE SEQ', 'PRIMARY', 'LAST APPLY', 'SIZE'], rows, new Set([3, 4, 7]))}`;
 }
 
 /** The human report: table, then what needs attention (or that all is well). */
