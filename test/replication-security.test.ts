@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, run, startReplay, startServe } from './helpers/processes.js';
+import { CLI, run, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 8 * 2 ** 20;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -77,8 +77,12 @@ t.test('wss + tokens: the right volume with the right token replicates; everythi
   t.equal(await c.stop(), 0, 'serve stops cleanly');
 
   // A wrong pin: the link is dropped before the hello, so the token never leaves.
-  const a2 = await serve('a', ['--replica-fingerprint', wrongPin]);
+  const a2 = await serve('a', ['--replica-fingerprint', wrongPin, '--admin', '127.0.0.1:0']);
   t.ok(await until(() => /is not the pinned/.test(a2.stderr()), 30_000, 100), 'a certificate that is not the pinned one is refused');
+  // And the operator is told why, where they look first (not only in the log).
+  const admin = /admin on (http:\/\/\S+)/.exec(a2.stdout())![1];
+  const st = await runStatus(process.execPath, [CLI, 'status', '--admin', admin, '--json']);
+  t.match(JSON.parse(st.stdout).volumes[0].replicas[0].lastError, /is not the pinned/, 'status names the pin mismatch as the replica\'s last error');
   t.equal(await a2.stop(), 0, 'serve stops cleanly');
 
   // Plain ws:// to the TLS port fails; an untrusted certificate (no CA, no pin) fails.

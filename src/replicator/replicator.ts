@@ -299,10 +299,13 @@ export class Replicator {
       perMessageDeflate: this.opts.compress ? { threshold: 1024, zlibDeflateOptions: { level: 1 } } : false,
       ...(this.opts.tls?.options ?? {}),
     });
+    // Why this link was refused here (the pin), kept over the error its termination then raises in ws.
+    let refused: string | undefined;
     ws.on('upgrade', (res) => {
       // Before the hello: a replayer that fails the pin never sees the token.
       const err = this.opts.tls?.checkPeer?.(res.socket);
       if (err) {
+        refused = err;
         this.lastError = err;
         this.log.error(err);
         ws.terminate();
@@ -351,7 +354,7 @@ export class Replicator {
       }
     });
     ws.on('error', (err) => {
-      this.lastError = err.message;
+      this.lastError = refused ?? err.message;
       this.log.debug({ err }, 'replication link error');
     });
     ws.on('close', () => {
