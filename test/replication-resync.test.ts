@@ -83,6 +83,10 @@ t.test('a new replica of an image with data: digest sync while writes continue, 
   const unknown = await verify(['--image', `nosuch=${image}`, '--replica', replay.url]);
   t.equal(unknown.code, 1, 'verify of a volume the replayer does not have fails (exit 1)');
   t.match(unknown.stderr, /no replica of volume nosuch/, 'with a message naming it');
+  const missing = await verify(['--image', `disk=${path.join(dir, 'no-such.img')}`, '--replica', replay.url]);
+  t.equal(missing.code, 1, 'verify of an image that does not exist fails (exit 1)');
+  t.match(missing.stderr, /no-such\.img does not exist/, 'saying so');
+  t.notMatch(missing.stderr, /--size/, 'without advice verify has no option for');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 

@@ -125,8 +125,8 @@ export class FileDevice implements BlockDevice {
   static async open(opts: FileDeviceOptions): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
     if (!fs.existsSync(opts.path)) {
-      if (opts.size === undefined) throw new UsageError(`image ${opts.path} does not exist; pass --size to create it`);
       if (readOnly) throw new UsageError(`image ${opts.path} does not exist and --read-only cannot create it`);
+      if (opts.size === undefined) throw new UsageError(`image ${opts.path} does not exist; pass --size to create it`);
       if (!(opts.size >= 1)) throw new UsageError(`cannot create image ${opts.path} of ${opts.size} bytes: --size must be at least 1 byte`);
       const fd = fs.openSync(opts.path, 'wx', 0o600);
       try {

@@ -1,9 +1,11 @@
 // `blockferry verify`: is the replica at the backup site the same as this image? Compares chunk digests
 // through the replayer (online, nothing but digests on the wire) and reports matching or differing ranges.
+import fs from 'node:fs';
 import type { Argv, CommandModule } from 'yargs';
 import { FileDevice } from '../../device/file-device.js';
 import { clientTls, tokenFor } from '../../replicator/link-auth.js';
 import { verifyReplica, type VerifyReport } from '../../replicator/verify.js';
+import { BlockferryError } from '../../util/errors.js';
 import { formatBytes } from '../../util/size.js';
 import { parseImageArg } from './serve.js';
 
@@ -47,6 +49,7 @@ export const command: CommandModule<object, VerifyArgs> = {
       .epilogue('Exit status: 0 identical, 3 differing ranges found, 1 error (unreachable, unknown volume, size mismatch), 2 usage.') as Argv<VerifyArgs>,
   handler: async (args) => {
     const img = parseImageArg(args.image);
+    if (!fs.existsSync(img.path)) throw new BlockferryError('ERR_NO_IMAGE', `image ${img.path} does not exist: verify compares an existing image with its replica`);
     const device = await FileDevice.open({ path: img.path, readOnly: true });
     const tty = process.stderr.isTTY && !args.json;
     try {
