@@ -198,6 +198,11 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   for (const p of ['/nope', '/status/x', '/assets/', '/assets/../package.json', '/assets/%2e%2e/package.json', '/admin/page/app.js']) {
     t.equal((await request(`${S}${p}`)).status, 404, `GET ${p} is 404`);
   }
+  // A target starting '//' is not read as another host's URL: no page for '//x/status', no 500 for '//['.
+  for (const p of ['//x/status', '//[', '//']) {
+    const res = await request(`${S}${p}`);
+    t.equal(res.status, 400, `GET ${p} is 400`);
+  }
   for (const [method, p] of [['POST', '/status'], ['PUT', '/metrics'], ['DELETE', '/'], ['PATCH', '/status'], ['POST', '/nope']]) {
     const res = await request(`${S}${p}`, method);
     t.equal(res.status, 405, `${method} ${p} is 405`);
@@ -226,6 +231,10 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   t.match(human.stdout, new RegExp(`disk\\s+${replay.url.replace(/[.]/g, '\\.')}\\s+continuous\\s+0\\s+0 B\\s+0\\.0\\s+\\S+ \\S+ / 256\\.0 MiB`));
   t.match(human.stdout, /nothing needs attention/);
   const json = await cli(['status', '--admin', S, '--json']);
+  // The URL of the JSON itself, as copied from a browser, works too.
+  const direct = await cli(['status', '--admin', `${S}/status`, '--json']);
+  t.equal(direct.code, 0, `status --admin http://HOST:PORT/status exits 0 (${direct.stderr})`);
+  t.equal(JSON.parse(direct.stdout).pid, serve.child.pid, 'and reads that /status');
   t.equal(json.code, 0);
   t.equal(JSON.parse(json.stdout).volumes[0].replicas[0].state, 'continuous', '--json prints the /status JSON');
   const replayHuman = await cli(['status', '--admin', R]);

@@ -105,7 +105,12 @@ export async function startAdmin(opts: AdminOptions): Promise<AdminServer> {
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       return send(req, res, 405, 'text/plain; charset=utf-8', `${req.method} is not allowed: the admin server is read-only (GET /status, /metrics, /)\n`, { Allow: 'GET, HEAD' });
     }
-    const { pathname } = new URL(req.url ?? '/', 'http://admin.invalid');
+    // A request target is a path: '//host/...' would be read as another host's URL (and '//[' throws).
+    const target = req.url ?? '/';
+    if (!target.startsWith('/') || target.startsWith('//')) {
+      return send(req, res, 400, 'text/plain; charset=utf-8', 'bad request target: a path such as /status is expected\n');
+    }
+    const { pathname } = new URL(target, 'http://admin.invalid');
     if (pathname === '/status') {
       return send(req, res, 200, 'application/json; charset=utf-8', `${JSON.stringify(await snapshot(), null, 2)}\n`, { 'Cache-Control': 'no-store' });
     }

@@ -17,11 +17,15 @@ interface StatusArgs {
   json: boolean;
 }
 
-/** "http://h:p[/prefix]" as given; "h:p", ":p" or "p" → http://h:p (loopback without a host). */
+/**
+ * "http://h:p[/prefix]" as given (its /status, or itself when it already ends in /status: the URL copied from a
+ * browser); "h:p", ":p" or "p" → http://h:p (loopback without a host).
+ */
 export function statusUrl(admin: string): URL {
   const text = admin.trim();
   if (/^https?:\/\//i.test(text)) {
     const base = new URL(text);
+    if (/\/status\/?$/.test(base.pathname)) return new URL(base.pathname.replace(/\/$/, ''), base);
     if (!base.pathname.endsWith('/')) base.pathname += '/';
     return new URL('status', base);
   }
