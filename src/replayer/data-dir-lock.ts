@@ -9,7 +9,7 @@ import path from 'node:path';
 import { tryLockFile } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 
-const LOCK = 'replay.pid';
+export const DATA_DIR_LOCK = 'replay.pid';
 
 /** Descriptors of the lock files this process holds, by real path of the directory (symlinks resolved). */
 const held = new Map<string, number>();
@@ -36,7 +36,7 @@ export function lockDataDir(dir: string, what = 'a replayer'): void {
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const key = fs.realpathSync(dir);
   if (held.has(key)) throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by this process already: stop that before running ${what} on it`);
-  const file = path.join(dir, LOCK);
+  const file = path.join(dir, DATA_DIR_LOCK);
   const fd = fs.openSync(file, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o600);
   try {
     const busy = (holder: number | string) =>

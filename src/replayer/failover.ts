@@ -6,7 +6,7 @@ import path from 'node:path';
 import { open } from 'lmdb';
 import { openLocked } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
-import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
+import { DATA_DIR_LOCK, lockDataDir, unlockDataDir } from './data-dir-lock.js';
 import type { VolumeState } from './replay-server.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -77,7 +77,14 @@ export interface DemoteResult {
  */
 export async function demoteImage(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
   checkName(volume);
-  return withDataDir(dataDir, 'demote', () => demoteLocked(imagePath, dataDir, volume));
+  const created = !fs.existsSync(dataDir);
+  try {
+    return await withDataDir(dataDir, 'demote', () => demoteLocked(imagePath, dataDir, volume));
+  } catch (err) {
+    // A refused demote leaves no data directory behind that it made (empty but for the lock file).
+    if (created && fs.readdirSync(dataDir).every((f) => f === DATA_DIR_LOCK)) fs.rmSync(dataDir, { recursive: true, force: true });
+    throw err;
+  }
 }
 
 async function demoteLocked(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
