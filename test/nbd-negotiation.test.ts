@@ -33,6 +33,21 @@ async function connect(port: number, clientFlags = 3) {
   return { s, r, greet };
 }
 
+t.test('options sent whole before the client\'s FIN are answered, then the server ends the connection', async (t) => {
+  const { server, port } = await tcp(t);
+  const { s, r } = await connect(port);
+  s.end(option(3)); // NBD_OPT_LIST, then FIN without NBD_OPT_ABORT
+  const names: string[] = [];
+  for (;;) {
+    const rep = await r.reply();
+    if (rep.type === 1) break;
+    names.push(rep.data.toString('utf8', 4, 4 + rep.data.readUInt32BE(0)));
+  }
+  t.same(names, ['disk', 'other'], 'the LIST is answered');
+  t.ok(await r.endsWithin(5_000), 'then the server ends the connection');
+  t.ok(await until(() => server.connectionCount === 0, 5_000, 20), 'and holds nothing for it');
+});
+
 t.test('greeting, LIST, unknown option then GO, INFO replies', async (t) => {
   const { port } = await tcp(t);
   const { s, r, greet } = await connect(port);

@@ -83,6 +83,26 @@ t.test('NBD_CMD_DISC right behind pipelined requests: every one of them is answe
   }
 });
 
+t.test('a client that shuts down its sending side without NBD_CMD_DISC still gets every reply, then the server closes', async (t) => {
+  // Requests fully received before the client's FIN are served (a WRITE among them changed the image): their
+  // replies go out before the server ends the connection, as for NBD_CMD_DISC. A request cut short by the FIN
+  // is dropped.
+  const file = await FileDevice.open({ path: path.join(t.testdir(), 'fin.img'), size: SIZE });
+  t.teardown(() => file.close());
+  const { server, port } = await serve(t, [{ name: 'a', device: file }]);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port, exportName: 'a', structured: true });
+  const data = randomBytes(256 * 1024);
+  const requests: Array<Promise<unknown>> = [];
+  for (let i = 0; i < 16; i++) requests.push(c.write(i * data.length, data), c.read(i * 4096, 4096));
+  requests.push(c.flush());
+  const closed = c.halfClose(); // FIN, sent while all of the above are outstanding
+  const settled = await Promise.allSettled(requests);
+  const failed = settled.flatMap((r) => (r.status === 'rejected' ? [String(r.reason)] : []));
+  t.same(failed, [], `all ${requests.length} requests outstanding at the FIN got their replies`);
+  await closed;
+  t.ok(await until(() => server.connectionCount === 0, 5_000, 20), 'and the server closed the connection');
+});
+
 t.test('clients that disconnect cleanly leave no connection behind: many more of them than the connection limit', async (t) => {
   // Each client sends NBD_CMD_DISC (as nbdinfo, qemu-img and nbd-client -d do) and closes. The server once
   // kept the socket of every such client, and refused all clients after maxConnections of them.

@@ -83,6 +83,12 @@ export class Connection {
     else this.log.debug({ err }, 'socket error');
   };
   private readonly onSocketClose = (): void => this.onClose();
+  /** The client sent FIN: nothing more arrives, but replies can still leave (the server allows half-open). */
+  private eof = false;
+  private readonly onSocketEnd = (): void => {
+    this.eof = true;
+    this.pump();
+  };
   /** User-buffer mode (see adopt): the buffer socket reads go to unless a payload is read in place. */
   private readBuf: Buffer | undefined;
   private readonly onSocketDrain = (): void => {
@@ -186,6 +192,7 @@ export class Connection {
       readable: true,
       writable: true,
       onread: { buffer: () => this.readTarget(), callback: (n: number, buf: Uint8Array) => this.onUserRead(n, buf as Buffer) },
+      allowHalfOpen: true, // as the server's: a client's FIN does not end our side (see afterEof)
     } as net.SocketConstructorOpts);
     accepted.destroy();
     sock.setNoDelay(true);
@@ -219,6 +226,7 @@ export class Connection {
     socket.on('data', this.onSocketData);
     socket.on('error', this.onSocketError);
     socket.on('close', this.onSocketClose);
+    socket.on('end', this.onSocketEnd);
     socket.on('drain', this.onSocketDrain);
   }
 
@@ -279,9 +287,38 @@ export class Connection {
   private pump(): void {
     try {
       this.pumpFrames();
+      if (this.eof) this.afterEof();
     } catch (err) {
       this.log.error({ err }, 'internal error while framing; closing the connection');
       this.destroy();
+    }
+  }
+
+  /**
+   * The client sent FIN without NBD_CMD_DISC. Every request it sent whole is handled and answered, as for
+   * NBD_CMD_DISC, then the connection ends; a request cut short by the FIN is dropped. In the option phase the
+   * replies to the options it sent whole leave first (they are written as each is handled); a TLS handshake
+   * cut short has nothing to answer.
+   */
+  private afterEof(): void {
+    switch (this.phase) {
+      case 'closed':
+      case 'disconnecting':
+        return;
+      case 'request':
+      case 'payload':
+      case 'discard':
+        // Paused (in-flight budget, or replies not read yet): frames may still wait; pump comes back on resume.
+        if (this.paused && !this.flushing) return;
+        this.draining = true;
+        this.phase = 'disconnecting';
+        void this.whenIdle().then(() => this.endThenClose());
+        return;
+      case 'tls-handshake':
+        return this.destroy();
+      default:
+        this.endThenClose();
+        this.phase = 'closed';
     }
   }
 

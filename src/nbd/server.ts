@@ -56,7 +56,8 @@ export class NbdServer extends EventEmitter {
   async listen(target: { host: string; port: number } | { path: string }): Promise<{ host?: string; port?: number; path?: string }> {
     // Paused on connect: a plain connection's socket is taken over in user-buffer mode (Connection.adopt)
     // before anything is read.
-    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (sock) => this.accept(sock));
+    // Half-open allowed: a client's FIN does not end our side before its last replies leave (Connection.afterEof).
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true, allowHalfOpen: true }, (sock) => this.accept(sock));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
     if ('path' in target && fs.existsSync(target.path) && fs.statSync(target.path).isSocket()) {
       // A stale socket file from a killed run would make listen fail with EADDRINUSE: removed, but only if

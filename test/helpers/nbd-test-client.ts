@@ -220,4 +220,10 @@ export class NbdTestClient extends EventEmitter {
   destroy(): void {
     this.sock.destroy();
   }
+
+  /** Sends FIN without NBD_CMD_DISC (a client that shuts down its sending side); replies can still arrive. */
+  async halfClose(): Promise<void> {
+    this.sock.end();
+    await new Promise((r) => this.sock.once('close', r));
+  }
 }
