@@ -135,3 +135,103 @@ t.test('a new replica getting its first copy by digests is in initial-sync, then
   gated.open();
   t.ok(await until(() => r.status().state === 'continuous', 10_000), `continuous once the comparison is done (${r.status().state})`);
 });
+
+t.test('a replica that drops after its resync over the bitmap was queued still lags from its first missing change until it applies it, across a restart', async (t) => {
+  const dir = path.join(t.testdir(), 'journal');
+  let j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const port = await freePort();
+  const source = { hashChunks: async (_first: number, count: number) => Buffer.alloc(count * DIGEST_BYTES), captureRange: async () => 0 };
+  const opts = { url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 1024 * MiB, source };
+  let r = new Replicator({ ...opts, journal: j });
+  t.teardown(() => r.stop(0));
+  let seq = 0;
+  const data = randomBytes(256 * 1024);
+  const append = () => j.append(EntryKind.WRITE, (seq++ % 4000) * 256 * 1024, data.length, data).done;
+  const there = await scriptedReplica(port, { applied: 0, consistentFrom: null, ack: true });
+  r.start();
+  for (let i = 0; i < 100; i++) await append();
+  t.ok(await until(() => r.status().ackedSeq === 100, 10_000), 'the replica acknowledged 1..100');
+  await there.close();
+  await append();
+  const firstMissingAt = Date.now();
+  await wait(1500);
+  const internals = () => r as unknown as { dirty?: Uint8Array; walk?: unknown };
+  const pending: Array<Promise<void>> = [];
+  while (!internals().dirty && pending.length < 2000) {
+    pending.push(append());
+    await new Promise((res) => setImmediate(res));
+    await j.setCheckpoint(j.stats.committedSeq);
+  }
+  t.ok(await until(() => !internals().walk && j.stats.tailSeq > 101, 20_000), 'on the bitmap');
+  await Promise.all(pending);
+  const ageOk = (label: string) => {
+    const lag = r.status().lagSeconds;
+    const age = (Date.now() - firstMissingAt) / 1000;
+    t.ok(lag >= age - 0.25, `${label}: lag ${lag.toFixed(2)} s counts from seq 101, written ${age.toFixed(2)} s ago`);
+  };
+
+  // Back: the resync over the bitmap runs and ends (synced S), and the link drops before anything is applied.
+  const back = await scriptedReplica(port, { applied: 100, consistentFrom: null, ack: false });
+  t.ok(await until(() => back.seen.told.some((m) => m.startsWith('synced')), 20_000), `the resync was queued (${back.seen.told.join(', ')})`);
+  await back.close();
+  const fromSeq = Number(back.seen.told.find((m) => m.startsWith('resync'))!.split(' ')[1]);
+  const synced = Number(back.seen.told.find((m) => m.startsWith('synced'))!.split(' ')[1]);
+  ageOk('dropped before applying it');
+
+  // It returns inconsistent (consistent once it has applied `synced`), applying nothing yet.
+  const again = await scriptedReplica(port, { applied: fromSeq - 1, consistentFrom: synced, ack: false });
+  t.ok(await until(() => again.seen.received > fromSeq - 1, 10_000), 'shipping resumed');
+  ageOk('back, not yet consistent');
+  await again.close();
+
+  // serve restarts meanwhile.
+  await r.stop(0);
+  await j.close();
+  j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  r = new Replicator({ ...opts, journal: j });
+  r.start();
+  t.ok(await until(() => r.status().state !== 'connecting', 5_000), 'the restarted primary tried the replica');
+  ageOk('after a restart of serve');
+
+  // It applies through `synced`: the lag is the journal's again.
+  const caught = await scriptedReplica(port, { applied: fromSeq - 1, consistentFrom: synced, ack: true });
+  t.teardown(() => caught.close());
+  t.ok(await until(() => r.status().lagEntries === 0, 20_000), 'it caught up');
+  t.equal(r.status().lagSeconds, 0, 'and its lag is 0 once it has applied what the resync queued');
+});
+
+t.test('a first copy cut short is still the first copy when the replica returns, also after a restart of serve', async (t) => {
+  const dir = path.join(t.testdir(), 'journal');
+  let j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const data = randomBytes(64 * 1024);
+  for (let i = 0; i < 20; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
+  // The journal was pruned: a new replica's copy starts past seq 1 (the replayer records fromSeq - 1).
+  await j.setCheckpoint(10);
+  t.ok(await until(() => j.stats.tailSeq === 11, 5_000), `the journal holds 11.. (tail ${j.stats.tailSeq})`);
+  const port = await freePort();
+  // Digest reads held: each comparison stays under way until its link goes.
+  const opts = { url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 128 * CHUNK_BYTES, source: gatedSource().source };
+  let r = new Replicator({ ...opts, journal: j });
+  t.teardown(() => r.stop(0));
+  const cut = await scriptedReplica(port, { applied: 0, consistentFrom: -1, ack: false, dropAtDigest: 1 });
+  r.start();
+  t.ok(await until(() => cut.seen.digestFirsts.length === 1, 10_000), 'the first copy began, and the link dropped at its first digest request');
+  await cut.close();
+  const back = await scriptedReplica(port, { applied: 10, consistentFrom: -1, ack: false });
+  t.ok(await until(() => r.status().resync !== null, 10_000), 'back: the comparison starts over');
+  t.equal(r.status().state, 'initial-sync', 'still the first copy');
+  await back.close();
+
+  // Cut short again, then serve restarts: the journal remembers it was the first copy.
+  await r.stop(0);
+  await j.close();
+  j = await Journal.open({ dir, maxBytes: 64 * MiB });
+  r = new Replicator({ ...opts, journal: j });
+  const later = await scriptedReplica(port, { applied: 10, consistentFrom: -1, ack: false });
+  t.teardown(() => later.close());
+  r.start();
+  t.ok(await until(() => r.status().resync !== null, 10_000), 'after the restart the comparison starts over');
+  t.equal(r.status().state, 'initial-sync', 'still the first copy after a restart of serve');
+});

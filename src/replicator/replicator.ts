@@ -147,8 +147,12 @@ export class Replicator {
   /**
    * The replica lacks changes the journal let go of for it (the bitmap's): when the oldest of them was written,
    * for the lag in seconds, until the replica has applied `untilSeq` (set once the resync over them is queued).
+   * Kept in the journal's meta (behindKey) from the moment the bitmap starts until it is settled, so that a
+   * restart of serve between the resync and its apply still counts the lag from there.
    */
   private missingSince: { ts: number; untilSeq: number } | undefined;
+  /** The replica's first copy (initial-sync) began and has not ended: it is still its first copy on a new link. */
+  private firstCopyIncomplete = false;
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
@@ -194,10 +198,32 @@ export class Replicator {
     return Replicator.resyncKeyFor(this.consumerId);
   }
 
+  /** The journal meta key of when the oldest change a replica lacks was written (see missingSince). */
+  static behindKeyFor(consumerId: string): string {
+    return `behind:${consumerId}`;
+  }
+
+  /** Every journal meta key a replica's replicator keeps: removed with the replica. */
+  static metaKeysFor(consumerId: string): string[] {
+    return [Replicator.bitmapKeyFor(consumerId), Replicator.resyncKeyFor(consumerId), Replicator.behindKeyFor(consumerId)];
+  }
+
+  /** Sets missingSince, and records it (or its end) in the journal's meta. */
+  private setMissing(value: { ts: number; untilSeq: number } | undefined): void {
+    this.missingSince = value;
+    const saved = value ? { since: value.ts, untilSeq: Number.isFinite(value.untilSeq) ? value.untilSeq : null } : undefined;
+    this.opts.journal.setMeta(Replicator.behindKeyFor(this.consumerId), saved).catch((err) => this.log.warn({ err }, 'could not record how far behind the replica is'));
+  }
+
   /** A bitmap saved by an earlier run: the replica is still compared over its dirty chunks only. */
   private loadBitmap(): void {
-    // A full resync an earlier run of serve did not finish: the replica may differ anywhere.
-    this.resyncIncomplete = this.opts.journal.getMeta<boolean>(this.resyncKey) === true;
+    // A full resync an earlier run of serve did not finish: the replica may differ anywhere. 'initial': it was
+    // the replica's first copy.
+    const resyncing = this.opts.journal.getMeta<boolean | 'initial'>(this.resyncKey);
+    this.resyncIncomplete = resyncing === true || resyncing === 'initial';
+    this.firstCopyIncomplete = resyncing === 'initial';
+    const behind = this.opts.journal.getMeta<{ since: number; untilSeq: number | null }>(Replicator.behindKeyFor(this.consumerId));
+    if (behind && typeof behind.since === 'number') this.missingSince = { ts: behind.since, untilSeq: behind.untilSeq ?? Infinity };
     const saved = this.opts.journal.getMeta<SavedBitmap>(this.bitmapKey);
     const chunks = chunkCount(this.opts.size);
     if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length !== Math.ceil(chunks / 8)) return;
@@ -208,7 +234,7 @@ export class Replicator {
     this.resyncIncomplete ||= saved.incomplete;
     // The consumer's hold stands for the bitmap: the replica itself had only what came before it.
     this.ackedSeq = this.appliedSeq = Math.min(this.ackedSeq, saved.from - 1);
-    this.missingSince = { ts: saved.since ?? Date.now(), untilSeq: Infinity };
+    this.missingSince ??= { ts: saved.since ?? Date.now(), untilSeq: Infinity };
     this.log.info({ fromSeq: saved.from, throughSeq: saved.through, dirtyBytes: this.dirtyBytes() }, 'loaded the dirty bitmap of a replica that was away');
   }
 
@@ -395,7 +421,7 @@ export class Replicator {
     if (fresh && this.resyncIncomplete) dirty.fill(1);
     if (fresh) {
       this.dirtyFrom = hold + 1;
-      this.missingSince ??= { ts: this.entryTime(hold + 1) ?? Date.now(), untilSeq: Infinity };
+      if (!this.missingSince) this.setMissing({ ts: this.entryTime(hold + 1) ?? Date.now(), untilSeq: Infinity });
     }
     const size = this.opts.size;
     const mark: ChangeListener = (kind, offset, length) => {
@@ -439,7 +465,7 @@ export class Replicator {
 
   /** The replica has applied what the resync queued for the changes the journal had let go of: its lag is the journal's again. */
   private settleMissing(): void {
-    if (this.missingSince && this.appliedSeq >= this.missingSince.untilSeq) this.missingSince = undefined;
+    if (this.missingSince && this.appliedSeq >= this.missingSince.untilSeq) this.setMissing(undefined);
   }
 
   /** When entry `seq` was written (ms since the epoch), if the journal holds it and it reads. */
@@ -519,7 +545,7 @@ export class Replicator {
     const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged;
     // A replica that has had nothing from this primary: its first copy. New if its image is all zeroes too (the
     // replayer made it), not if it held data before (a demoted primary's image: seeded).
-    const first = applied === 0 && consistentFrom === -1;
+    const first = (applied === 0 || this.firstCopyIncomplete) && consistentFrom === -1;
     const isNew = first && !seeded;
     const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
@@ -527,8 +553,12 @@ export class Replicator {
     // Nor after a corrupt entry: what it changed is not known, so every chunk is compared. Nor for another
     // history: the writes only the replica has are in no bitmap.
     if (!needsResync || isNew || diverged || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
-    // The journal holds everything the replica lacks again: its lag is read from the entries.
-    if (!needsResync) this.missingSince = undefined;
+    if (!needsResync && this.missingSince) {
+      // Consistent: the journal holds everything it lacks again, and its lag is read from the entries. Waiting
+      // for the seq a finished resync made it consistent at: the lag counts as before until it is applied.
+      if (consistentFrom === null) this.setMissing(undefined);
+      else if (consistentFrom >= 0 && consistentFrom !== this.missingSince.untilSeq) this.setMissing({ ts: this.missingSince.ts, untilSeq: consistentFrom });
+    }
     if (needsResync && !this.opts.source) {
       this.state = 'needs-resync';
       this.lastError = `replica at seq ${applied} needs a resync (journal holds ${tailSeq}..${committedSeq})`;
@@ -551,6 +581,7 @@ export class Replicator {
     this.ackedSeq = j.holdFrom(this.consumerId, applied + 1);
     // What the replica has applied is not necessarily durable: retention moves only on durable acks.
     this.appliedSeq = applied;
+    this.settleMissing();
     this.nextSeq = applied + 1;
     this.inflight = [];
     this.inflightBytes = 0;
@@ -574,10 +605,12 @@ export class Replicator {
     const dirty = this.dirty;
     const scope = dirty ? this.dirtyBytes() : this.opts.size;
     this.resyncIncomplete = true;
+    const initial = this.state === 'initial-sync';
+    this.firstCopyIncomplete = initial;
     this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
     // A full comparison is marked in the journal: if serve restarts before it ends, a bitmap built then (only
     // changes from then on) would otherwise stand in for it, and the chunks it never reached go uncompared.
-    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, true);
+    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, initial ? 'initial' : true);
     this.log.info({ bytes: scope, dirtyOnly: !!dirty }, `resync: comparing chunk digests with the replica${dirty ? ' (dirty regions only)' : ''}`);
     for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
       if (this.ws !== ws || this.stopped) return;
@@ -609,9 +642,10 @@ export class Replicator {
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
     // The changes the journal had let go of are all queued at or below `seq`: the lag is theirs until it is applied.
-    if (this.missingSince) this.missingSince.untilSeq = seq;
+    if (this.missingSince) this.setMissing({ ts: this.missingSince.ts, untilSeq: seq });
     this.settleMissing();
     this.resyncIncomplete = false;
+    this.firstCopyIncomplete = false;
     if (!dirty) await this.opts.journal.setMeta(this.resyncKey, undefined);
     if (this.dirty === dirty) this.dropBitmap();
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');

@@ -149,8 +149,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
       if (c.id.startsWith('replica:') && !consumerIds.has(c.id)) {
         log.info({ volume: img.name, consumer: c.id, ackedSeq: c.ackedSeq }, 'forgetting a replica no longer in --replicate-to');
         journal.removeConsumer(c.id);
-        await journal.setMeta(Replicator.bitmapKeyFor(c.id), undefined);
-        await journal.setMeta(Replicator.resyncKeyFor(c.id), undefined);
+        for (const key of Replicator.metaKeysFor(c.id)) await journal.setMeta(key, undefined);
       }
     }
     const replicators = (opts.replicateTo ?? []).map(
