@@ -200,6 +200,16 @@ function openSegment(root: RootDatabase, name: string): Database<Buffer, number>
   return root.openDB<Buffer, number>({ name, encoding: 'binary' });
 }
 
+/**
+ * A stored value through lmdb-js's getBinaryFast (no copy for small values: a reused buffer). Values over 16 MiB
+ * come back as a plain Uint8Array, without Buffer's read methods the entry code uses: viewed as a Buffer here.
+ * (A 16 MiB NBD write is one such entry where the data is stored inline: sync durability.)
+ */
+function fastBinary(db: Database<Buffer, number>, key: number): Buffer | undefined {
+  const v = db.getBinaryFast(key) as Uint8Array | undefined;
+  return v === undefined || Buffer.isBuffer(v) ? v : Buffer.from(v.buffer, v.byteOffset, v.byteLength);
+}
+
 export class Journal extends EventEmitter {
   private head: number;
   private committed: number;
@@ -890,7 +900,7 @@ export class Journal extends EventEmitter {
     try {
       for (const { key, db, name } of this.storedKeys(expect, this.committed)) {
         const seq = key;
-        const fast = seq === expect ? db.getBinaryFast(seq) : undefined;
+        const fast = seq === expect ? fastBinary(db, seq) : undefined;
         if (!fast) throw new JournalCorruptError(expect, `missing from the journal (next stored entry is ${seq})`);
         // lmdb-js's reused buffer is longer than the value: its `length` property says how much is the value.
         const stored = fast.length;
@@ -966,7 +976,7 @@ export class Journal extends EventEmitter {
       let stepEnded = false;
       // The entries stay: this replica's ack holds them until its bitmap is saved (after this returns).
       for (const { key, db } of this.storedKeys(next, to)) {
-        const value = db.getBinaryFast(key);
+        const value = fastBinary(db, key);
         if (!value) continue;
         const e = decodeValue(key, value);
         listener(e.kind, e.offset, e.length);
@@ -1300,7 +1310,7 @@ export class Journal extends EventEmitter {
       let sum = 0;
       for (const key of seg.db.getKeys({ start: this.physTail, end: end + 1 })) {
         if (freed < 0) {
-          const v = seg.db.getBinaryFast(key as number);
+          const v = fastBinary(seg.db, key as number);
           sum += v ? storedLength(v) : 0;
         }
         seg.db.removeSync(key as number);
@@ -1399,12 +1409,12 @@ export class Journal extends EventEmitter {
 
   /** Stored bytes of entries [from, to] from their `cum` fields; -1 if either end is missing. */
   private spanBytes(from: number, to: number): number {
-    const first = this.segmentOf(from).db.getBinaryFast(from);
+    const first = fastBinary(this.segmentOf(from).db, from);
     if (!first || first.length < VALUE_HEADER) return -1;
     const firstLen = storedLength(first);
     const firstMapped = first.length;
     const firstCum = valueCum(first);
-    const last = this.segmentOf(to).db.getBinaryFast(to);
+    const last = fastBinary(this.segmentOf(to).db, to);
     if (!last || last.length < VALUE_HEADER) return -1;
     // Both whole values were read through the map (an 8 MiB resync entry maps 8 MiB): count them.
     this.touched(firstMapped + last.length);
