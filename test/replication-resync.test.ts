@@ -7,6 +7,7 @@ import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { open as openLmdb } from 'lmdb';
 import { converges } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
 import { CLI, freePort, runStatus, startReplay, startServe } from './helpers/processes.js';
@@ -213,7 +214,7 @@ t.test('a long outage whose bitmap walk takes several steps while writes wait: e
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
-t.test('a replica image that held data before (demoted, or put in place by hand) is compared, never taken for zeroes', async (t) => {
+t.test('a replica image that held data before (demoted, also by an earlier version, or put in place by hand) is compared, never taken for zeroes', async (t) => {
   // The primary is new (its journal holds every change since all zeroes): a new, empty replica needs only the
   // journal. A replica image with data of its own is no such replica, though its state says seq 0 too.
   const dir = t.testdir();
@@ -229,24 +230,30 @@ t.test('a replica image that held data before (demoted, or put in place by hand)
   const demoted = await runStatus(process.execPath, [CLI, 'demote', '--image', `disk=${old}`, '--data-dir', replicaDir]);
   t.equal(demoted.code, 0, `demote${demoted.code ? `: ${demoted.stderr}` : ''}`);
   fs.writeFileSync(path.join(replicaDir, 'byhand.img'), randomBytes(size));
+  // And one demoted by a version from before the replayer state said `seeded`: the state demote wrote then.
+  fs.writeFileSync(path.join(replicaDir, 'olddemote.img'), randomBytes(size));
+  const oldState = openLmdb({ path: path.join(replicaDir, 'olddemote.state.mdb') });
+  await oldState.put('state', { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, promoted: null });
+  await oldState.close();
 
   const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
-  const images = ['disk', 'byhand'].map((name) => path.join(dir, `${name}.img`));
+  const names = ['disk', 'byhand', 'olddemote'];
+  const images = names.map((name) => path.join(dir, `${name}.img`));
   const s = await startServe(
-    ['--image', `disk=${images[0]}`, '--image', `byhand=${images[1]}`, '--size', String(size), '--listen', '127.0.0.1:0', '--replicate-to', replay.url],
+    [...names.flatMap((name, i) => ['--image', `${name}=${images[i]}`]), '--size', String(size), '--listen', '127.0.0.1:0', '--replicate-to', replay.url],
     t.teardown,
   );
-  for (const name of ['disk', 'byhand']) {
+  for (const name of names) {
     const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: name });
     await c.write(0, Buffer.alloc(2 ** 20, 0x11));
     await c.flush();
     await c.close();
   }
-  for (const [i, name] of ['disk', 'byhand'].entries()) {
+  for (const [i, name] of names.entries()) {
     t.ok(await converges(images[i], path.join(replicaDir, `${name}.img`), 60_000), `${name}: the replica equals the primary (its own data overwritten)`);
     const v = await verify(['--image', `${name}=${images[i]}`, '--replica', replay.url, '--retries', '2']);
     t.equal(v.code, 0, `${name}: verify says identical\n${v.stdout}${v.stderr}`);
   }
-  t.equal(s.stderr().match(/resync: comparing chunk digests/g)?.length, 2, 'serve compared digests with both');
+  t.equal(s.stderr().match(/resync: comparing chunk digests/g)?.length, 3, 'serve compared digests with all three');
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });

@@ -79,8 +79,12 @@ class Volume {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
     try {
       const image = path.join(dir, `${name}.img`);
+      const stored = db.get('state') as VolumeState | undefined;
+      // A stored state no primary has claimed yet was written by demote (a hello records its volume before the
+      // first sync), also by a demote from before `seeded` existed: the image holds the old primary's data.
+      if (stored && stored.volumeId === null && stored.appliedSeq === 0 && !stored.promoted) stored.seeded = true;
       // An image without a state is not known to be zeroes (put there by hand, or its state file was removed).
-      const state = (db.get('state') as VolumeState | undefined) ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(fs.existsSync(image) ? { seeded: true } : {}) };
+      const state = stored ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(fs.existsSync(image) ? { seeded: true } : {}) };
       // Locked while open, as serve locks its images: a `serve` of the replica image started by mistake while
       // the replayer writes it is refused instead of writing beside it. Not a promoted volume's: the replayer
       // never writes it again, and its new primary serves it while old primaries are told it was promoted.
