@@ -198,11 +198,21 @@ t.test('serve and replay admin: /status, /metrics, 404/405, and blockferry statu
   for (const p of ['/nope', '/status/x', '/assets/', '/assets/../package.json', '/assets/%2e%2e/package.json', '/admin/page/app.js']) {
     t.equal((await request(`${S}${p}`)).status, 404, `GET ${p} is 404`);
   }
-  // A target starting '//' is not read as another host's URL: no page for '//x/status', no 500 for '//['.
-  for (const p of ['//x/status', '//[', '//']) {
+  // A target starting '//' (or '/\\') is a path, not another host's URL: no status for '//x/status', no 500 for '//['.
+  for (const p of ['//x/status', '/\\x/status', '//[', '/\\[', '//']) {
     const res = await request(`${S}${p}`);
-    t.equal(res.status, 400, `GET ${p} is 400`);
+    t.equal(res.status, 404, `GET ${p} is 404`);
   }
+  t.equal((await request(`${S}/%zz`)).status, 404, 'GET /%zz is 404');
+  // The absolute form (RFC 9112 3.2.2), as a proxy sends it: served.
+  const absolute = await new Promise<number>((resolve, reject) => {
+    const u = new URL(S);
+    http.request({ host: u.hostname, port: u.port, path: `${S}/status`, agent: false }, (res) => {
+      res.resume();
+      resolve(res.statusCode ?? 0);
+    }).on('error', reject).end();
+  });
+  t.equal(absolute, 200, 'GET http://HOST:PORT/status (absolute form) is 200');
   for (const [method, p] of [['POST', '/status'], ['PUT', '/metrics'], ['DELETE', '/'], ['PATCH', '/status'], ['POST', '/nope']]) {
     const res = await request(`${S}${p}`, method);
     t.equal(res.status, 405, `${method} ${p} is 405`);

@@ -105,12 +105,18 @@ export async function startAdmin(opts: AdminOptions): Promise<AdminServer> {
     if (req.method !== 'GET' && req.method !== 'HEAD') {
       return send(req, res, 405, 'text/plain; charset=utf-8', `${req.method} is not allowed: the admin server is read-only (GET /status, /metrics, /)\n`, { Allow: 'GET, HEAD' });
     }
-    // A request target is a path: '//host/...' would be read as another host's URL (and '//[' throws).
+    // The request target: a path (origin form), or a whole URL (absolute form, RFC 9112 3.2.2). A path is
+    // appended to a fixed origin, never resolved against it: '//x/status' or '/\\x/status' would otherwise be
+    // read as host x's URL, and '//[' throws.
     const target = req.url ?? '/';
-    if (!target.startsWith('/') || target.startsWith('//')) {
+    let pathname: string;
+    try {
+      if (target.startsWith('/')) pathname = new URL(`http://admin.invalid${target}`).pathname;
+      else if (/^https?:\/\//i.test(target)) pathname = new URL(target).pathname;
+      else throw new Error('neither a path nor a URL');
+    } catch {
       return send(req, res, 400, 'text/plain; charset=utf-8', 'bad request target: a path such as /status is expected\n');
     }
-    const { pathname } = new URL(target, 'http://admin.invalid');
     if (pathname === '/status') {
       return send(req, res, 200, 'application/json; charset=utf-8', `${JSON.stringify(await snapshot(), null, 2)}\n`, { 'Cache-Control': 'no-store' });
     }
