@@ -109,3 +109,31 @@ t.test('a journal refuses an image other than its own: made anew, or another fil
   t.ok(fs.readFileSync(copy).equals(data), 'and from then on it is the journal\'s image, served without the flag');
   t.equal(await again.stop(), 0);
 });
+
+t.test('an option given twice (but --image and --replicate-to) is a usage error naming it; nothing is made', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'z.img');
+  const twice = await serveOnce(['--image', img, '--size', '1M', '--listen', '127.0.0.1:10809']);
+  t.equal(twice.code, 2, 'serve with --listen twice exits 2 (usage)');
+  t.match(twice.stderr, /--listen is given 2 times; give it once/, 'naming it');
+  t.notOk(fs.existsSync(img), 'and made no image');
+  const replay = await runRefused(['replay', '--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'r1'), '--data-dir', path.join(dir, 'r2')]);
+  t.equal(replay.code, 2, 'replay with --data-dir twice exits 2');
+  t.match(replay.stderr, /--data-dir is given 2 times/);
+  t.notOk(fs.existsSync(path.join(dir, 'r1')) || fs.existsSync(path.join(dir, 'r2')), 'and made no data directory');
+});
+
+t.test('an image that has a journal is not served with --no-journal (it would part from its replicas unnoticed)', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'j.img');
+  const s = await startServe(['--image', img, '--size', String(SIZE), '--listen', '127.0.0.1:0']);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
+  t.equal(await s.stop(), 0);
+  const before = fs.readFileSync(img);
+  const bare = await serveOnce(['--image', img, '--no-journal']);
+  t.equal(bare.code, 1, 'serve --no-journal of it exits 1');
+  t.match(bare.stderr, /has a journal .* --no-journal it would differ from that journal and from its replicas/, 'saying why');
+  t.ok(fs.readFileSync(img).equals(before), 'and the image is untouched');
+  const readOnly = await startServe(['--image', img, '--no-journal', '--read-only', '--listen', '127.0.0.1:0']);
+  t.equal(await readOnly.stop(), 0, '--read-only may serve it (nothing is written)');
+});

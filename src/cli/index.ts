@@ -8,7 +8,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import { keepFreedMemory } from '../device/native.js';
-import { BlockferryError } from '../util/errors.js';
+import { BlockferryError, UsageError } from '../util/errors.js';
 import { commands } from './commands/index.js';
 
 // serve and replay move large buffers through malloc at a high rate: keep freed ones for reuse (see there).
@@ -36,6 +36,18 @@ const cli = yargs(hideBin(process.argv))
     process.exit(2);
   });
 
+// The options a command takes more than once (declared as arrays). Any other option given twice would reach
+// its command as an array of both values: refused instead, by name.
+const REPEATABLE = new Set(['_', 'image', 'replicate-to', 'replicateTo']);
+cli.check((argv) => {
+  for (const [key, value] of Object.entries(argv)) {
+    if (Array.isArray(value) && !REPEATABLE.has(key)) {
+      const flag = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
+      throw new UsageError(`--${flag} is given ${value.length} times; give it once`);
+    }
+  }
+  return true;
+}, true);
 for (const c of commands) cli.command(c);
 
 await cli.parseAsync();

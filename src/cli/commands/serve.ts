@@ -108,6 +108,15 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
 }
 
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
+  // Written without its journal, the image would part from the journal and from every replica of it, which
+  // would then report themselves caught up (the next journaled serve knows nothing of those writes).
+  if (opts.journal === false && !opts.readOnly && fs.existsSync(`${img.path}.journal`)) {
+    throw new BlockferryError(
+      'ERR_IMAGE_HAS_JOURNAL',
+      `image ${img.path} has a journal (${img.path}.journal): written with --no-journal it would differ from that journal and from its replicas unnoticed. ` +
+        'Serve it with its journal, or --read-only; or move the journal away first (its replicas then need a new volume name)',
+    );
+  }
   const imageIsNew = !fs.existsSync(img.path);
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly, lock: opts.readOnly ? 'shared' : 'exclusive' });
   let promotedAt: string | undefined;
