@@ -4,6 +4,7 @@
 // image never promoted; replay-local onto its own base; a journal file too
 // short to be one (LMDB would crash the process reading it).
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -143,4 +144,37 @@ t.test('replay-local: a wrong base or size is refused and leaves --out as it was
   const good = await runStatus(process.execPath, [CLI, 'replay-local', '--journal', journal, '--size', String(SIZE), '--out', out]);
   t.equal(good.code, 0, `the right size rebuilds it${good.code ? `: ${good.stderr}` : ''}`);
   t.ok(fs.readFileSync(out).equals(fs.readFileSync(img)), 'into --out, equal to the image');
+});
+
+t.test('replay-local holds --out while it builds, and an interrupted build leaves no partial file', async (t) => {
+  const dir = t.testdir();
+  const img = path.join(dir, 'disk.img');
+  const size = 128 * 2 ** 20;
+  const s = await startServe(['--image', `disk=${img}`, '--size', String(size), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(size) });
+  t.equal(await s.stop(), 0);
+  const out = path.join(dir, 'out.img');
+  const old = randomBytes(4096);
+  fs.writeFileSync(out, old);
+  const partials = () => fs.readdirSync(dir).filter((f) => f.includes('.partial-'));
+
+  // Caught mid-build (stopped as soon as its partial file appears).
+  const child = spawn(process.execPath, [CLI, 'replay-local', '--journal', `${img}.journal`, '--size', String(size), '--out', out], { stdio: 'ignore' });
+  t.teardown(() => {
+    if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+  });
+  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+  for (let i = 0; i < 2000 && partials().length === 0 && child.exitCode === null; i++) await new Promise((r) => setTimeout(r, 2));
+  child.kill('SIGSTOP');
+  t.equal(partials().length, 1, 'the build is under way (its partial file is there)');
+
+  const serveOut = await runRefused(['serve', '--image', `o=${out}`, '--no-journal', '--listen', '127.0.0.1:0']);
+  t.equal(serveOut.code, 1, 'a serve of --out meanwhile is refused');
+  t.match(serveOut.stderr, /in use by another blockferry process/);
+
+  child.kill('SIGTERM');
+  child.kill('SIGCONT');
+  t.equal(await exited, 143, 'SIGTERM ends replay-local (exit 143)');
+  t.same(partials(), [], 'and takes its partial file with it');
+  t.ok(fs.readFileSync(out).equals(old), '--out is as it was');
 });

@@ -40,12 +40,20 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
         `journal ${opts.journal} starts at seq ${st.tailSeq}: entries before it were pruned, so no base can be completed from it (serve --keep-journal keeps them)`,
       );
     }
-    checkOut(opts);
+    // Held until --out is replaced: a serve of it started meanwhile is refused (it would write the old file).
+    const outLock = checkOut(opts);
     const until = Math.min(opts.until ?? st.committedSeq, st.committedSeq);
     const result: ReplayLocalResult = { fromSeq: st.tailSeq, toSeq: until, entries: 0, bytes: 0 };
     // Built beside --out and renamed over it once complete: a failed run (a wrong base, an entry past its end)
     // leaves whatever --out was.
     const partial = path.join(path.dirname(opts.out), `.${path.basename(opts.out)}.partial-${process.pid}`);
+    // Interrupted (Ctrl-C, SIGTERM): the partial file goes too, then the process ends as the signal would.
+    const onSignal = (signal: NodeJS.Signals) => {
+      fs.rmSync(partial, { force: true });
+      process.exit(128 + (signal === 'SIGINT' ? 2 : 15));
+    };
+    process.once('SIGINT', onSignal);
+    process.once('SIGTERM', onSignal);
     try {
       if (opts.base) fs.copyFileSync(opts.base, partial);
       const dev = await FileDevice.open({ path: partial, size: opts.base ? undefined : opts.size });
@@ -76,7 +84,10 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
       }
       fs.renameSync(partial, opts.out);
     } finally {
+      process.off('SIGINT', onSignal);
+      process.off('SIGTERM', onSignal);
       fs.rmSync(partial, { force: true });
+      if (outLock !== undefined) fs.closeSync(outLock);
     }
     return result;
   } finally {
@@ -88,13 +99,13 @@ export async function replayLocal(opts: ReplayLocalOptions): Promise<ReplayLocal
  * `--out` is replaced: not if it is the base itself (it would be deleted before being copied), nor an image a
  * blockferry process holds (a serve would go on writing the deleted file).
  */
-function checkOut(opts: ReplayLocalOptions): void {
+function checkOut(opts: ReplayLocalOptions): number | undefined {
   const out = fs.statSync(opts.out, { throwIfNoEntry: false });
-  if (!out) return;
+  if (!out) return undefined;
   const base = opts.base ? fs.statSync(opts.base, { throwIfNoEntry: false }) : undefined;
   if (base && base.dev === out.dev && base.ino === out.ino) {
     throw new BlockferryError('ERR_USAGE', `--out ${opts.out} is the base image ${opts.base}: replay-local writes a new file, give it another path`);
   }
   const busy = () => new BlockferryError('ERR_IMAGE_BUSY', `--out ${opts.out} is in use by another blockferry process (a serve of it?): give replay-local another path`);
-  fs.closeSync(openLocked(opts.out, 'r', busy));
+  return openLocked(opts.out, 'r', busy);
 }
