@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, run, startReplay, startServe } from './helpers/processes.js';
+import { CLI, run, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { Journal } from '../src/journal/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { loadNative } from '../src/device/native.js';
@@ -65,7 +65,12 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   const filler = fill(jfs, 24 * MiB);
   const image = path.join(dir, 'disk.img');
   const journal = path.join(jfs, 'journal');
-  const s = await startServe(['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '8M'], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '8M', '--admin', '127.0.0.1:0'], t.teardown);
+  const admin = /admin on (http:\/\/\S+)/.exec(s.stdout())![1];
+  const status = async () => {
+    const r = await runStatus(process.execPath, [CLI, 'status', '--admin', admin, '--json']);
+    return { code: r.code, body: JSON.parse(r.stdout) };
+  };
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
 
   let accepted = 0;
@@ -82,6 +87,12 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   t.ok(accepted > 0, `${accepted} MiB were written before the disk was nearly full`);
   t.ok(refusal instanceof NbdError && refusal.errno === ENOSPC, `then a write got ENOSPC (${String(refusal)})`);
   t.ok((await c.read(0, 4096)).length === 4096, 'reads still work');
+  // The operator sees it: in the log, in status (exit 2), in what needs attention.
+  t.match(s.stderr(), /writes refused with ENOSPC: no space: .* less than the 8\.00 MiB kept in reserve/, 'the log says writes are refused, and why');
+  const refusing = await status();
+  t.equal(refusing.code, 2, 'blockferry status exits 2 (needs attention)');
+  t.ok(refusing.body.volumes[0].writesRefused?.refused >= 1, `status counts the refused writes (${JSON.stringify(refusing.body.volumes[0].writesRefused)})`);
+  t.match(refusing.body.attention.join('\n'), /write\(s\) refused with ENOSPC since/, 'and names them among what needs attention');
   const other = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
   t.equal((await other.read(MiB, 512)).length, 512, 'a second client is still served');
   await other.close();
@@ -90,6 +101,8 @@ t.test("the primary's journal disk fills: ENOSPC, nothing lost, writes resume wh
   await new Promise((r) => setTimeout(r, 600));
   await c.write(0, randomBytes(MiB));
   t.pass('once space is freed, writes are taken again (no restart)');
+  t.match(s.stderr(), /writes are taken again/, 'the log says so');
+  t.equal((await status()).body.volumes[0].writesRefused, null, 'and status no longer shows writes refused');
   await c.flush();
   await c.close();
   t.equal(await s.stop(), 0, 'serve stops cleanly');

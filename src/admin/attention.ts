@@ -16,6 +16,9 @@ export function serveAttention(s: ServeStatusBody): string[] {
       const lag = `${r.lagEntries} entries, ${r.lagSeconds.toFixed(1)} s behind`;
       out.push(`volume ${v.volume}: replica ${r.url} is ${r.state} (${lag})${r.lastError ? `: ${r.lastError}` : ''}`);
     }
+    if (v.writesRefused) {
+      out.push(`volume ${v.volume}: ${v.writesRefused.refused} write(s) refused with ENOSPC since ${new Date(v.writesRefused.since).toISOString()}: ${v.writesRefused.reason}`);
+    }
     const j = v.journal;
     if (j && j.maxBytes > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * j.maxBytes) {
       out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / j.maxBytes)}% of its cap; writes wait when it is full`);

@@ -68,6 +68,8 @@ export interface ServeVolumeStatus {
   /** null when served with --no-journal or --read-only. */
   journal: JournalStatus | null;
   writes: Throughput | null;
+  /** Writes are being refused with ENOSPC for want of space (--min-free): since when, how many, why; else null. */
+  writesRefused?: { since: number; refused: number; reason: string } | null;
   replicas: ReplicaStatus[];
 }
 

@@ -11,7 +11,7 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { OrderedApply } from './ordered-apply.js';
-import { SpaceGuard } from './space-guard.js';
+import { SpaceGuard, type SpaceRefusal } from './space-guard.js';
 import { CHUNK_BYTES, hashChunks } from '../replicator/chunk-hash.js';
 
 /** Checkpoint (fsync image + record seq) this often while writes flow, so recovery and pruning stay short. */
@@ -80,7 +80,17 @@ export class MirrorDevice implements BlockDevice {
   private constructor(opts: MirrorOptions, log: Logger, recovery: RecoveryReport) {
     this.journal = opts.journal;
     this.inner = opts.device;
-    this.space = opts.space ? new SpaceGuard(opts.space.paths, opts.space.reserveBytes, () => this.journal.releaseSpares()) : undefined;
+    this.space = opts.space
+      ? new SpaceGuard(
+          opts.space.paths,
+          opts.space.reserveBytes,
+          () => this.journal.releaseSpares(),
+          (refusal) => {
+            if (refusal) this.log.error(`writes refused with ENOSPC: ${refusal.reason}`);
+            else this.log.warn('space is back above the reserve: writes are taken again');
+          },
+        )
+      : undefined;
     this.size = opts.device.size;
     this.log = log;
     this.recovery = recovery;
@@ -281,6 +291,11 @@ export class MirrorDevice implements BlockDevice {
   private assertUsable(): void {
     const err = this.unusable();
     if (err) throw err;
+  }
+
+  /** While writes are refused for want of space (--min-free), since when and why; undefined otherwise. */
+  get spaceRefusal(): SpaceRefusal | undefined {
+    return this.space?.refusing;
   }
 
   /** ENOSPC when the journal's or image's filesystem is down to its reserve (the change is not journaled). */

@@ -9,8 +9,17 @@ import { formatBytes } from '../util/size.js';
 
 const POLL_MS = 250;
 
+/** While writes are refused: since when (ms since the epoch), how many so far, and why (the latest refusal). */
+export interface SpaceRefusal {
+  since: number;
+  refused: number;
+  reason: string;
+}
+
 export class SpaceGuard {
   private readonly free = new Map<string, number>();
+  /** Set from the first refused write until one is taken again (status shows it; the owner logs both ends). */
+  refusing: SpaceRefusal | undefined;
   private takenSincePoll = 0;
   private readonly timer: NodeJS.Timeout;
 
@@ -19,6 +28,8 @@ export class SpaceGuard {
     private readonly paths: string[],
     readonly reserveBytes: number,
     private readonly release?: () => number,
+    /** Told when writes start being refused (with the first refusal) and when they are taken again. */
+    private readonly onChange?: (refusal: SpaceRefusal | undefined) => void,
   ) {
     this.poll();
     this.timer = setInterval(() => this.poll(), POLL_MS);
@@ -45,12 +56,21 @@ export class SpaceGuard {
       short = this.short(bytes);
     }
     if (short) {
-      return new BlockferryError(
-        'ENOSPC',
-        `no space: ${short.path} has ${formatBytes(short.free)} free, less than the ${formatBytes(this.reserveBytes)} kept in reserve (--min-free); writes resume when space is freed`,
-      );
+      const reason = `no space: ${short.path} has ${formatBytes(short.free)} free, less than the ${formatBytes(this.reserveBytes)} kept in reserve (--min-free); writes resume when space is freed`;
+      if (this.refusing) {
+        this.refusing.refused++;
+        this.refusing.reason = reason;
+      } else {
+        this.refusing = { since: Date.now(), refused: 1, reason };
+        this.onChange?.(this.refusing);
+      }
+      return new BlockferryError('ENOSPC', reason);
     }
     this.takenSincePoll += bytes;
+    if (this.refusing) {
+      this.refusing = undefined;
+      this.onChange?.(undefined);
+    }
     return undefined;
   }
 

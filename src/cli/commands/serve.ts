@@ -396,6 +396,7 @@ function volumeStatus(v: ServedVolume): ServeVolumeStatus {
         }
       : null,
     writes: v.meter?.status() ?? null,
+    writesRefused: v.mirror?.spaceRefusal ? { ...v.mirror.spaceRefusal } : null,
     replicas: v.replicators.map((r) => r.status()),
   };
 }
