@@ -24,9 +24,9 @@ t.test('demote: refused while a serve writes the image; its journal is moved asi
   t.equal(busy.code, 1, 'demote of an image a serve holds exits 1');
   t.match(busy.stderr, /is in use by another blockferry process .*stop it before demoting/, 'saying so');
   t.ok(fs.existsSync(`${img}.journal`) && !fs.existsSync(path.join(data, 'disk.state.mdb')), 'and changed nothing');
-  const elsewhere = path.join(dir, 'new-replicas');
+  const elsewhere = path.join(dir, 'new', 'deeper', 'replicas');
   t.equal((await runRefused(['demote', '--image', `disk=${img}`, '--data-dir', elsewhere])).code, 1, 'also into a data directory not made yet');
-  t.notOk(fs.existsSync(elsewhere), 'which it does not leave behind');
+  t.notOk(fs.existsSync(path.join(dir, 'new')), 'which it does not leave behind, nor the parents it made');
   t.equal(await s.stop(), 0);
 
   // Demoted in place (the image is already where the replayer keeps it).

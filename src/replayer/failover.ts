@@ -77,12 +77,21 @@ export interface DemoteResult {
  */
 export async function demoteImage(imagePath: string, dataDir: string, volume: string): Promise<DemoteResult> {
   checkName(volume);
-  const created = !fs.existsSync(dataDir);
+  // The outermost directory of dataDir's path that is not there yet (the lock makes all of them).
+  let made: string | undefined;
+  for (let d = path.resolve(dataDir); !fs.existsSync(d) && d !== path.dirname(d); d = path.dirname(d)) made = d;
   try {
     return await withDataDir(dataDir, 'demote', () => demoteLocked(imagePath, dataDir, volume));
   } catch (err) {
-    // A refused demote leaves no data directory behind that it made (empty but for the lock file).
-    if (created && fs.readdirSync(dataDir).every((f) => f === DATA_DIR_LOCK)) fs.rmSync(dataDir, { recursive: true, force: true });
+    // A refused demote leaves behind no directory it made: the data directory (empty but for the lock file),
+    // then its parents up to the first that was there, each only if empty.
+    if (made && fs.existsSync(dataDir) && fs.readdirSync(dataDir).every((f) => f === DATA_DIR_LOCK)) {
+      fs.rmSync(dataDir, { recursive: true, force: true });
+      for (let d = path.dirname(path.resolve(dataDir)); made.length <= d.length && fs.existsSync(d); d = path.dirname(d)) {
+        if (fs.readdirSync(d).length > 0) break;
+        fs.rmdirSync(d);
+      }
+    }
     throw err;
   }
 }
