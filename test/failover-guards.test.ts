@@ -8,6 +8,7 @@ import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
+import { Journal } from '../src/journal/journal.js';
 import { CLI, run, runRefused, runStatus, startServe } from './helpers/processes.js';
 
 const SIZE = 4 * 2 ** 20;
@@ -89,6 +90,13 @@ t.test('a journal kept elsewhere (--journal DIR) from before a demote is refused
     t.equal(await fresh.stop(), 0, `run ${i + 1} of serve with a journal begun after the promotion`);
     t.ok(fs.readFileSync(out).equals(resynced), `run ${i + 1} served the resynced bytes`);
   }
+  // That journal as a version that did not record the promotion would have left it: begun after the
+  // promotion (its file says so), it is taken.
+  const j = await Journal.open({ dir: journal });
+  await j.setMeta('promotedAt', undefined);
+  await j.close();
+  const older = await startServe(args, t.teardown);
+  t.equal(await older.stop(), 0, 'a journal begun after the promotion without a record of it is served');
 });
 
 t.test('replay-local onto its own base, and a journal file too short to be one: refused with an error', async (t) => {

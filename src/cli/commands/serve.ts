@@ -224,7 +224,10 @@ function refuseUnpromotedReplica(image: string): string | undefined {
 async function claimPromotion(img: ServeImage, dir: string, journal: Journal, how: { journalIsNew: boolean; promotedAt: string }): Promise<void> {
   const known = journal.getMeta<string>('promotedAt');
   if (known === how.promotedAt) return;
-  if (!how.journalIsNew) {
+  // A journal from a version that did not record its promotion is its own if its file was made after it.
+  const madeAt = Number(fs.statSync(path.join(dir, 'journal.mdb'), { bigint: true }).birthtimeNs / 1_000_000n);
+  const begunAfter = known === undefined && madeAt > 0 && madeAt > Date.parse(how.promotedAt);
+  if (!how.journalIsNew && !begunAfter) {
     throw new BlockferryError(
       'ERR_JOURNAL_STALE',
       `journal ${dir} was written before ${img.path} was promoted (${how.promotedAt}${known ? `; the journal follows the promotion of ${known}` : ''}): ` +
