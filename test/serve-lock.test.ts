@@ -137,3 +137,29 @@ t.test('an image that has a journal is not served with --no-journal (it would pa
   const readOnly = await startServe(['--image', img, '--no-journal', '--read-only', '--listen', '127.0.0.1:0']);
   t.equal(await readOnly.stop(), 0, '--read-only may serve it (nothing is written)');
 });
+
+t.test('wrong kinds of paths and values are usage errors that name them; a refused serve leaves no new image', async (t) => {
+  const dir = t.testdir();
+  const file = path.join(dir, 'a-file');
+  fs.writeFileSync(file, 'x');
+  const asImage = await serveOnce(['--image', dir]);
+  t.equal(asImage.code, 2, 'a directory as --image: exit 2');
+  t.match(asImage.stderr, /is a directory: give an image file or a block device/);
+  const asDataDir = await runRefused(['replay', '--listen', '127.0.0.1:0', '--data-dir', file]);
+  t.equal(asDataDir.code, 2, 'a file as --data-dir: exit 2');
+  t.match(asDataDir.stderr, /--data-dir .*a-file is not a directory/);
+  const level = await serveOnce(['--image', path.join(dir, 'l.img'), '--size', '1M', '--log-level', 'bogus']);
+  t.equal(level.code, 2, 'an unknown --log-level: exit 2');
+  t.match(level.stderr, /log-level.*bogus/);
+  const last = await runRefused(['journal', 'inspect', '--journal', dir, '--last', 'abc']);
+  t.equal(last.code, 2, 'journal inspect --last abc: exit 2');
+
+  // A journal in use by another serve: the second serve, which would make its image, makes none.
+  const journal = path.join(dir, 'shared-journal');
+  const first = await startServe(['--image', path.join(dir, 'ja.img'), '--size', String(SIZE), '--journal', journal, '--listen', '127.0.0.1:0']);
+  t.teardown(() => first.stop());
+  const second = await serveOnce(['--image', path.join(dir, 'jb.img'), '--size', String(SIZE), '--journal', journal]);
+  t.equal(second.code, 1, 'a serve of a journal in use exits 1');
+  t.notOk(fs.existsSync(path.join(dir, 'jb.img')), 'and leaves no image it made');
+  t.equal(await first.stop(), 0);
+});

@@ -124,6 +124,7 @@ export class FileDevice implements BlockDevice {
 
   static async open(opts: FileDeviceOptions): Promise<FileDevice> {
     const readOnly = opts.readOnly ?? false;
+    if (fs.statSync(opts.path, { throwIfNoEntry: false })?.isDirectory()) throw new UsageError(`image ${opts.path} is a directory: give an image file or a block device`);
     if (!fs.existsSync(opts.path)) {
       if (readOnly) throw new UsageError(`image ${opts.path} does not exist and --read-only cannot create it`);
       if (opts.size === undefined) throw new UsageError(`image ${opts.path} does not exist; pass --size to create it`);

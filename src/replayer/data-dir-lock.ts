@@ -7,7 +7,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { tryLockFile } from '../device/native.js';
-import { BlockferryError } from '../util/errors.js';
+import { BlockferryError, UsageError } from '../util/errors.js';
 
 export const DATA_DIR_LOCK = 'replay.pid';
 
@@ -33,6 +33,8 @@ function livePid(file: string): number | undefined {
 
 /** Takes the directory for this process (`what` it is for, in the refusal); throws ERR_DATA_DIR_BUSY if another has it. */
 export function lockDataDir(dir: string, what = 'a replayer'): void {
+  const st = fs.statSync(dir, { throwIfNoEntry: false });
+  if (st && !st.isDirectory()) throw new UsageError(`--data-dir ${dir} is not a directory`);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const key = fs.realpathSync(dir);
   if (held.has(key)) throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by this process already: stop that before running ${what} on it`);

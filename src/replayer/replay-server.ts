@@ -25,6 +25,7 @@ import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
 import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
+import { UsageError } from '../util/errors.js';
 import { RECEIVED, adoptFrameReader, releaseFrame } from './frame-reader.js';
 import { checkToken, type TokenTable } from '../replicator/link-auth.js';
 import http from 'node:http';
@@ -239,6 +240,7 @@ export class ReplayServer {
 
   constructor(private readonly opts: ReplayServerOptions) {
     this.log = (opts.logger ?? silentLogger).child({ component: 'replayer' });
+    if (fs.statSync(opts.dataDir, { throwIfNoEntry: false })?.isFile()) throw new UsageError(`--data-dir ${opts.dataDir} is not a directory`);
     fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
   }
 

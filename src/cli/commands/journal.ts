@@ -65,6 +65,10 @@ const inspect: CommandModule<object, InspectArgs> = {
     y
       .option('journal', { type: 'string', demandOption: true, describe: 'Journal directory' })
       .option('last', { type: 'number', default: 10, describe: 'How many of the newest entries to list' })
+      .check((a) => {
+        if (!Number.isInteger(a.last) || (a.last as number) < 0) throw new UsageError(`--last ${String(a.last)}: a count of entries (0 or more)`);
+        return true;
+      })
       .option('json', { type: 'boolean', default: false, describe: 'Print JSON for scripts' }) as Argv<InspectArgs>,
   handler: async (args) => {
     const r = await inspectJournal(args.journal, args.last);

@@ -31,7 +31,7 @@ export const command: CommandModule<object, ReplayArgs> = {
       .option('tls-cert', { type: 'string', describe: 'PEM certificate: serve wss:// (with --tls-key)' })
       .option('tls-key', { type: 'string', describe: 'PEM private key for --tls-cert' })
       .option('admin', ADMIN_OPTION)
-      .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error' })
+      .option('log-level', { type: 'string', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'], describe: 'How much to log' })
       .example('$0 replay --listen 127.0.0.1:7070 --data-dir /srv/replicas', 'then: blockferry serve ... --replicate-to ws://127.0.0.1:7070') as Argv<ReplayArgs>,
   handler: async (args) => {
     const log = createLogger({ level: args['log-level'] });

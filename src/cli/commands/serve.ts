@@ -182,8 +182,9 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   } catch (err) {
     await journal?.close().catch(() => undefined);
     await file.close().catch(() => undefined);
-    // An image made just now for a journal that refused it is not left behind to be taken next time.
-    if (imageIsNew && (err as BlockferryError).code === 'ERR_IMAGE_CHANGED') fs.rmSync(img.path, { force: true });
+    // An image made just now is not left behind when its volume cannot open (a journal that refused it, or one
+    // in use): the next serve would take it for an existing image.
+    if (imageIsNew) fs.rmSync(img.path, { force: true });
     throw err;
   }
 }
@@ -491,7 +492,7 @@ export const command: CommandModule<object, ServeArgs> = {
       .option('tls-ca', { type: 'string', describe: 'NBD TLS: require client certificates issued by this CA (PEM)' })
       .option('compress', { type: 'boolean', default: false, describe: 'Compress the replication link (permessage-deflate): for slow links and compressible data' })
       .option('admin', ADMIN_OPTION)
-      .option('log-level', { type: 'string', describe: 'trace, debug, info, warn, error [default: info, or $BLOCKFERRY_LOG]' })
+      .option('log-level', { type: 'string', choices: ['trace', 'debug', 'info', 'warn', 'error', 'fatal', 'silent'], describe: 'How much to log [default: info, or $BLOCKFERRY_LOG]' })
       .example('$0 serve --image disk.img --size 10G --replicate-to ws://backup:7070', 'serve and replicate to a backup site')
       .example('$0 serve --image disk.img --replicate-to ws://backup:7070 --admin 127.0.0.1:9101', 'with status at http://127.0.0.1:9101/ (page, /status, /metrics)')
       .example('$0 serve --image disk.img --size 10G', 'serve a new 10 GiB sparse image on 127.0.0.1:10809 as export "disk"')
