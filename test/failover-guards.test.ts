@@ -3,7 +3,7 @@
 // resynced bytes), or kept elsewhere and refused by serve once the image is promoted again; serve of a replica
 // image never promoted; replay-local onto its own base; a journal file too
 // short to be one (LMDB would crash the process reading it).
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -12,6 +12,15 @@ import { Journal } from '../src/journal/journal.js';
 import { CLI, run, runRefused, runStatus, startServe } from './helpers/processes.js';
 
 const SIZE = 4 * 2 ** 20;
+
+/** DIR/disk.img of `size` random bytes, written through a serve that keeps its whole journal (DIR/disk.img.journal). */
+async function journaledImage(t: Test, dir: string, size: number): Promise<string> {
+  const img = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${img}`, '--size', String(size), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
+  await run('nbdcopy', ['-', s.uri], { input: randomBytes(size) });
+  t.equal(await s.stop(), 0, 'the image was written through a journaled serve');
+  return img;
+}
 
 t.test('demote: refused while a serve writes the image; its journal is moved aside; the replica is not served before promote', async (t) => {
   const dir = t.testdir();
@@ -101,10 +110,7 @@ t.test('a journal kept elsewhere (--journal DIR) from before a demote is refused
 
 t.test('replay-local onto its own base, and a journal file too short to be one: refused with an error', async (t) => {
   const dir = t.testdir();
-  const img = path.join(dir, 'disk.img');
-  const s = await startServe(['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
-  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
-  t.equal(await s.stop(), 0);
+  const img = await journaledImage(t, dir, SIZE);
   const base = path.join(dir, 'base.img');
   fs.writeFileSync(base, Buffer.alloc(SIZE));
   const same = await runRefused(['replay-local', '--journal', `${img}.journal`, '--base', base, '--out', base]);
@@ -122,10 +128,7 @@ t.test('replay-local onto its own base, and a journal file too short to be one: 
 
 t.test('replay-local: a wrong base or size is refused and leaves --out as it was', async (t) => {
   const dir = t.testdir();
-  const img = path.join(dir, 'disk.img');
-  const s = await startServe(['--image', `disk=${img}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
-  await run('nbdcopy', ['-', s.uri], { input: randomBytes(SIZE) });
-  t.equal(await s.stop(), 0);
+  const img = await journaledImage(t, dir, SIZE);
   const journal = `${img}.journal`;
   const out = path.join(dir, 'precious.img');
   const precious = randomBytes(4096);
@@ -156,11 +159,8 @@ t.test('replay-local: a wrong base or size is refused and leaves --out as it was
 
 t.test('replay-local holds --out while it builds, and an interrupted build leaves no partial file', async (t) => {
   const dir = t.testdir();
-  const img = path.join(dir, 'disk.img');
   const size = 128 * 2 ** 20;
-  const s = await startServe(['--image', `disk=${img}`, '--size', String(size), '--listen', '127.0.0.1:0', '--keep-journal'], t.teardown);
-  await run('nbdcopy', ['-', s.uri], { input: randomBytes(size) });
-  t.equal(await s.stop(), 0);
+  const img = await journaledImage(t, dir, size);
   const out = path.join(dir, 'out.img');
   const old = randomBytes(4096);
   fs.writeFileSync(out, old);

@@ -3,7 +3,7 @@
 // of serve, its return through a resync, and a new replica's first copy (`initial-sync`). The lag in seconds is
 // the operator's RPO: it must count from the first change the replica lacks, not from whatever entry the
 // journal still holds. In process: a Journal and Replicator against a scripted replica on a loopback port.
-import t from 'tap';
+import t, { type Test } from 'tap';
 import { randomBytes } from 'node:crypto';
 import path from 'node:path';
 import { Journal } from '../src/journal/journal.js';
@@ -35,6 +35,44 @@ function gatedSource() {
   };
 }
 
+/**
+ * The replica on `port` receives and acknowledges 1..100 and goes away; seq 101 is written, then, 1.5 s later,
+ * enough to fill the journal, until the bitmap stands for the replica's changes and the journal let them go.
+ * Resolves to when seq 101 was written (the first change the replica lacks).
+ */
+async function awayOnBitmap(t: Test, port: number, j: Journal, r: Replicator, append: () => Promise<void>): Promise<number> {
+  const there = await scriptedReplica(port, { applied: 0, consistentFrom: null, ack: true });
+  r.start();
+  for (let i = 0; i < 100; i++) await append();
+  t.ok(await until(() => r.status().ackedSeq === 100, 10_000), 'the replica acknowledged 1..100');
+  await there.close();
+  t.ok(await until(() => r.status().state === 'disconnected', 5_000), 'then it is disconnected');
+  await append();
+  const firstMissingAt = Date.now();
+  await wait(1500);
+  const internals = () => r as unknown as { dirty?: Uint8Array; walk?: unknown };
+  const pending: Array<Promise<void>> = [];
+  while (!internals().dirty && pending.length < 2000) {
+    pending.push(append());
+    await new Promise((res) => setImmediate(res));
+    await j.setCheckpoint(j.stats.committedSeq);
+  }
+  t.ok(await until(() => !internals().walk && j.stats.tailSeq > 101, 20_000), `the bitmap stands for the replica's changes; the journal let them go (tail ${j.stats.tailSeq})`);
+  await Promise.all(pending);
+  return firstMissingAt;
+}
+
+/** serve restarts: `r` and its journal stop, a new journal and replicator open in their place and try the replica. */
+async function restartServe(t: Test, dir: string, opts: Omit<ConstructorParameters<typeof Replicator>[0], 'journal'>, j: Journal, r: Replicator) {
+  await r.stop(0);
+  await j.close();
+  const journal = await Journal.open({ dir, maxBytes: 64 * MiB });
+  const replicator = new Replicator({ ...opts, journal });
+  replicator.start();
+  t.ok(await until(() => replicator.status().state !== 'connecting', 5_000), 'the restarted primary tried the replica');
+  return { j: journal, r: replicator };
+}
+
 t.test('a replica on the dirty bitmap is reported as such, lagging from its first missing change, across a restart and until its resync is applied', async (t) => {
   const dir = path.join(t.testdir(), 'journal');
   let j = await Journal.open({ dir, maxBytes: 64 * MiB });
@@ -51,27 +89,7 @@ t.test('a replica on the dirty bitmap is reported as such, lagging from its firs
   const data = randomBytes(256 * 1024);
   const append = () => j.append(EntryKind.WRITE, (seq++ % 4000) * 256 * 1024, data.length, data).done;
 
-  // There: it receives and acknowledges 1..100.
-  const there = await scriptedReplica(port, { applied: 0, consistentFrom: null, ack: true });
-  r.start();
-  for (let i = 0; i < 100; i++) await append();
-  t.ok(await until(() => r.status().ackedSeq === 100, 10_000), 'the replica acknowledged 1..100');
-  await there.close();
-  t.ok(await until(() => r.status().state === 'disconnected', 5_000), 'then it is disconnected');
-
-  // Away: seq 101 is written, then, 1.5 s later, enough to fill the journal.
-  await append();
-  const firstMissingAt = Date.now();
-  await wait(1500);
-  const internals = () => r as unknown as { dirty?: Uint8Array; walk?: unknown };
-  const pending: Array<Promise<void>> = [];
-  while (!internals().dirty && pending.length < 2000) {
-    pending.push(append());
-    await new Promise((res) => setImmediate(res));
-    await j.setCheckpoint(j.stats.committedSeq);
-  }
-  t.ok(await until(() => !internals().walk && j.stats.tailSeq > 101, 20_000), `the bitmap stands for the replica's changes; the journal let them go (tail ${j.stats.tailSeq})`);
-  await Promise.all(pending);
+  const firstMissingAt = await awayOnBitmap(t, port, j, r, append);
 
   const onBitmap = (label: string) => {
     const s = r.status();
@@ -85,12 +103,7 @@ t.test('a replica on the dirty bitmap is reported as such, lagging from its firs
   onBitmap('away');
 
   // serve restarts: the saved bitmap is loaded, and the status says the same.
-  await r.stop(0);
-  await j.close();
-  j = await Journal.open({ dir, maxBytes: 64 * MiB });
-  r = new Replicator({ ...opts, journal: j });
-  r.start();
-  t.ok(await until(() => r.status().state !== 'connecting', 5_000), 'the restarted primary tried the replica');
+  ({ j, r } = await restartServe(t, dir, opts, j, r));
   onBitmap('after a restart of serve');
 
   // Back at 100: a resync over the dirty regions is under way (digest reads held), still lagging from seq 101.
@@ -148,23 +161,7 @@ t.test('a replica that drops after its resync over the bitmap was queued still l
   let seq = 0;
   const data = randomBytes(256 * 1024);
   const append = () => j.append(EntryKind.WRITE, (seq++ % 4000) * 256 * 1024, data.length, data).done;
-  const there = await scriptedReplica(port, { applied: 0, consistentFrom: null, ack: true });
-  r.start();
-  for (let i = 0; i < 100; i++) await append();
-  t.ok(await until(() => r.status().ackedSeq === 100, 10_000), 'the replica acknowledged 1..100');
-  await there.close();
-  await append();
-  const firstMissingAt = Date.now();
-  await wait(1500);
-  const internals = () => r as unknown as { dirty?: Uint8Array; walk?: unknown };
-  const pending: Array<Promise<void>> = [];
-  while (!internals().dirty && pending.length < 2000) {
-    pending.push(append());
-    await new Promise((res) => setImmediate(res));
-    await j.setCheckpoint(j.stats.committedSeq);
-  }
-  t.ok(await until(() => !internals().walk && j.stats.tailSeq > 101, 20_000), 'on the bitmap');
-  await Promise.all(pending);
+  const firstMissingAt = await awayOnBitmap(t, port, j, r, append);
   const ageOk = (label: string) => {
     const lag = r.status().lagSeconds;
     const age = (Date.now() - firstMissingAt) / 1000;
@@ -186,12 +183,7 @@ t.test('a replica that drops after its resync over the bitmap was queued still l
   await again.close();
 
   // serve restarts meanwhile.
-  await r.stop(0);
-  await j.close();
-  j = await Journal.open({ dir, maxBytes: 64 * MiB });
-  r = new Replicator({ ...opts, journal: j });
-  r.start();
-  t.ok(await until(() => r.status().state !== 'connecting', 5_000), 'the restarted primary tried the replica');
+  ({ j, r } = await restartServe(t, dir, opts, j, r));
   ageOk('after a restart of serve');
 
   // It applies through `synced`: the lag is the journal's again.
