@@ -153,6 +153,20 @@ t.test('wrong kinds of paths and values are usage errors that name them; a refus
   t.match(level.stderr, /log-level.*bogus/);
   const last = await runRefused(['journal', 'inspect', '--journal', dir, '--last', 'abc']);
   t.equal(last.code, 2, 'journal inspect --last abc: exit 2');
+  const twoImages = await runRefused(['verify', '--image', path.join(dir, 'a.img'), '--image', path.join(dir, 'b.img'), '--replica', 'ws://127.0.0.1:1']);
+  t.equal(twoImages.code, 2, 'verify takes one --image: twice is exit 2');
+  t.match(twoImages.stderr, /--image is given 2 times/);
+
+  // Refused after its new image and journal were made (a token file without the volume): neither is left,
+  // so the next serve, with the cause fixed, makes them anew.
+  const tokens = path.join(dir, 'tokens');
+  fs.writeFileSync(tokens, `other ${'x'.repeat(24)}\n`);
+  const fresh = path.join(dir, 'fresh.img');
+  const noToken = await serveOnce(['--image', fresh, '--size', '1M', '--replicate-to', 'ws://127.0.0.1:1', '--token-file', tokens]);
+  t.equal(noToken.code, 2, 'serve with no token for its volume exits 2');
+  t.notOk(fs.existsSync(fresh) || fs.existsSync(`${fresh}.journal`), 'and leaves neither the image nor the journal it made');
+  const fixed = await startServe(['--image', fresh, '--size', '1M', '--listen', '127.0.0.1:0']);
+  t.equal(await fixed.stop(), 0, 'the next serve makes and serves them');
 
   // A journal in use by another serve: the second serve, which would make its image, makes none.
   const journal = path.join(dir, 'shared-journal');

@@ -36,12 +36,13 @@ const cli = yargs(hideBin(process.argv))
     process.exit(2);
   });
 
-// The options a command takes more than once (declared as arrays). Any other option given twice would reach
-// its command as an array of both values: refused instead, by name.
-const REPEATABLE = new Set(['_', 'image', 'replicate-to', 'replicateTo']);
+// The options a command takes more than once (declared as arrays there). Any other option given twice would
+// reach its command as an array of both values: refused instead, by name.
+const REPEATABLE: Record<string, string[]> = { serve: ['image', 'replicate-to', 'replicateTo'] };
 cli.check((argv) => {
+  const repeatable = new Set(['_', ...(REPEATABLE[String(argv._[0])] ?? [])]);
   for (const [key, value] of Object.entries(argv)) {
-    if (Array.isArray(value) && !REPEATABLE.has(key)) {
+    if (Array.isArray(value) && !repeatable.has(key)) {
       const flag = key.replace(/[A-Z]/g, (c) => `-${c.toLowerCase()}`);
       throw new UsageError(`--${flag} is given ${value.length} times; give it once`);
     }

@@ -20,6 +20,8 @@ export class SpaceGuard {
   private readonly free = new Map<string, number>();
   /** Set from the first refused write until one is taken again (status shows it; the owner logs both ends). */
   refusing: SpaceRefusal | undefined;
+  /** The size of the write refused last: once it would fit, writes are no longer being refused. */
+  private lastRefusedBytes = 0;
   private takenSincePoll = 0;
   private readonly timer: NodeJS.Timeout;
 
@@ -43,6 +45,12 @@ export class SpaceGuard {
       if (free !== undefined) this.free.set(p, free);
     }
     this.takenSincePoll = 0;
+    // Space is back (freed by someone else) for the write last refused: no longer refusing, though no write
+    // has asked since.
+    if (this.refusing && !this.short(this.lastRefusedBytes)) {
+      this.refusing = undefined;
+      this.onChange?.(undefined);
+    }
   }
 
   /**
@@ -56,6 +64,7 @@ export class SpaceGuard {
       short = this.short(bytes);
     }
     if (short) {
+      this.lastRefusedBytes = bytes;
       const reason = `no space: ${short.path} has ${formatBytes(short.free)} free, less than the ${formatBytes(this.reserveBytes)} kept in reserve (--min-free); writes resume when space is freed`;
       if (this.refusing) {
         this.refusing.refused++;

@@ -129,6 +129,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   const dir = journalDirFor(opts, img);
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
+  const journalIsNew = !fs.existsSync(dir);
   try {
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
@@ -183,8 +184,10 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     await journal?.close().catch(() => undefined);
     await file.close().catch(() => undefined);
     // An image made just now is not left behind when its volume cannot open (a journal that refused it, or one
-    // in use): the next serve would take it for an existing image.
+    // in use): the next serve would take it for an existing image. Nor a journal made just now for it, which
+    // would refuse the image the next serve makes (it was claimed for this one).
     if (imageIsNew) fs.rmSync(img.path, { force: true });
+    if (imageIsNew && journalIsNew) fs.rmSync(dir, { recursive: true, force: true });
     throw err;
   }
 }
