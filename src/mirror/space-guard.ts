@@ -47,10 +47,7 @@ export class SpaceGuard {
     this.takenSincePoll = 0;
     // Space is back (freed by someone else) for the write last refused: no longer refusing, though no write
     // has asked since.
-    if (this.refusing && !this.short(this.lastRefusedBytes)) {
-      this.refusing = undefined;
-      this.onChange?.(undefined);
-    }
+    if (this.refusing && !this.short(this.lastRefusedBytes)) this.endRefusal();
   }
 
   /**
@@ -76,11 +73,14 @@ export class SpaceGuard {
       return new BlockferryError('ENOSPC', reason);
     }
     this.takenSincePoll += bytes;
-    if (this.refusing) {
-      this.refusing = undefined;
-      this.onChange?.(undefined);
-    }
+    if (this.refusing) this.endRefusal();
     return undefined;
+  }
+
+  /** Writes are taken again: the refusal ends (the owner is told). */
+  private endRefusal(): void {
+    this.refusing = undefined;
+    this.onChange?.(undefined);
   }
 
   /** A filesystem where taking `bytes` would eat into the reserve. */

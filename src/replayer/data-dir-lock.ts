@@ -31,11 +31,15 @@ function livePid(file: string): number | undefined {
   }
 }
 
+/** Makes the data directory (private to its owner) if it is not there; a file in its place is a usage error. */
+export function makeDataDir(dir: string): void {
+  if (fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory() === false) throw new UsageError(`--data-dir ${dir} is not a directory`);
+  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+}
+
 /** Takes the directory for this process (`what` it is for, in the refusal); throws ERR_DATA_DIR_BUSY if another has it. */
 export function lockDataDir(dir: string, what = 'a replayer'): void {
-  const st = fs.statSync(dir, { throwIfNoEntry: false });
-  if (st && !st.isDirectory()) throw new UsageError(`--data-dir ${dir} is not a directory`);
-  fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  makeDataDir(dir);
   const key = fs.realpathSync(dir);
   if (held.has(key)) throw new BlockferryError('ERR_DATA_DIR_BUSY', `${dir} is in use by this process already: stop that before running ${what} on it`);
   const file = path.join(dir, DATA_DIR_LOCK);

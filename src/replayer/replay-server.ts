@@ -24,8 +24,7 @@ import { decodeValue, verifyEntry } from '../journal/entry.js';
 import { EntryKind, type JournalEntry } from '../journal/types.js';
 import { applyEntry } from '../mirror/mirror-device.js';
 import { chunkCount, hashChunks } from '../replicator/chunk-hash.js';
-import { lockDataDir, unlockDataDir } from './data-dir-lock.js';
-import { UsageError } from '../util/errors.js';
+import { lockDataDir, makeDataDir, unlockDataDir } from './data-dir-lock.js';
 import { RECEIVED, adoptFrameReader, releaseFrame } from './frame-reader.js';
 import { checkToken, type TokenTable } from '../replicator/link-auth.js';
 import http from 'node:http';
@@ -80,17 +79,18 @@ class Volume {
     const db = open({ path: path.join(dir, `${name}.state.mdb`) });
     try {
       const image = path.join(dir, `${name}.img`);
+      const imageExists = fs.existsSync(image);
       const stored = db.get('state') as VolumeState | undefined;
       // A stored state no primary has claimed yet was written by demote (a hello records its volume before the
       // first sync), also by a demote from before `seeded` existed: the image holds the old primary's data.
       if (stored && stored.volumeId === null && stored.appliedSeq === 0 && !stored.promoted) stored.seeded = true;
       // An image without a state is not known to be zeroes (put there by hand, or its state file was removed).
-      const state = stored ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(fs.existsSync(image) ? { seeded: true } : {}) };
+      const state = stored ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(imageExists ? { seeded: true } : {}) };
       // Locked while open, as serve locks its images: a `serve` of the replica image started by mistake while
       // the replayer writes it is refused instead of writing beside it. Not a promoted volume's: the replayer
       // never writes it again, and its new primary serves it while old primaries are told it was promoted.
       const lock = state.promoted ? undefined : 'exclusive';
-      const device = await FileDevice.open({ path: image, size: fs.existsSync(image) ? undefined : size, writePiece: REPLICA_WRITE_PIECE, lock });
+      const device = await FileDevice.open({ path: image, size: imageExists ? undefined : size, writePiece: REPLICA_WRITE_PIECE, lock });
       return new Volume(name, device, db, state);
     } catch (err) {
       await db.close();
@@ -240,8 +240,7 @@ export class ReplayServer {
 
   constructor(private readonly opts: ReplayServerOptions) {
     this.log = (opts.logger ?? silentLogger).child({ component: 'replayer' });
-    if (fs.statSync(opts.dataDir, { throwIfNoEntry: false })?.isFile()) throw new UsageError(`--data-dir ${opts.dataDir} is not a directory`);
-    fs.mkdirSync(opts.dataDir, { recursive: true, mode: 0o700 });
+    makeDataDir(opts.dataDir);
   }
 
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {

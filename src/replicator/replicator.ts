@@ -642,8 +642,7 @@ export class Replicator {
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
     // The changes the journal had let go of are all queued at or below `seq`: the lag is theirs until it is applied.
-    if (this.missingSince) this.setMissing({ ts: this.missingSince.ts, untilSeq: seq });
-    this.settleMissing();
+    if (this.missingSince) this.setMissing(this.appliedSeq >= seq ? undefined : { ts: this.missingSince.ts, untilSeq: seq });
     this.resyncIncomplete = false;
     this.firstCopyIncomplete = false;
     if (!dirty) await this.opts.journal.setMeta(this.resyncKey, undefined);
