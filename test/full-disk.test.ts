@@ -15,7 +15,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, run, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, run, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { Journal } from '../src/journal/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { loadNative } from '../src/device/native.js';
@@ -259,5 +259,43 @@ t.test("the replica's disk fills: the replayer stops applying, then converges wh
   fs.rmSync(filler);
   const same = await until(() => sameFiles(image, replica), 30_000, 100);
   t.ok(same, 'with space back, the replica converges byte for byte');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+for (const durability of ['commit', 'sync'] as const) {
+  t.test(`serve with a new journal on a full filesystem refuses to start, naming ENOSPC (${durability} durability)`, async (t) => {
+    const dir = t.testdir();
+    const jfs = await tmpfs(t, '8m');
+    fill(jfs, 0);
+    const image = path.join(dir, 'disk.img');
+    const journal = path.join(jfs, 'journal');
+    // LMDB maps its lock file: one it made on the full disk was a SIGBUS, and a data file it could not start a
+    // SIGSEGV, both with no message.
+    const r = await runRefused(['serve', '--image', `disk=${image}`, '--size', '16M', '--listen', '127.0.0.1:0', '--journal', journal, '--durability', durability]);
+    t.equal(r.code, 1, `serve exits 1 (not killed by a signal: ${r.code})`);
+    t.match(r.stderr, /filesystem has 0 bytes free \(ENOSPC\)/, `and says why (${r.stderr.trim()})`);
+    t.notOk(fs.existsSync(journal), 'the journal directory it made is gone');
+    t.notOk(fs.existsSync(image), 'and so is the image it made');
+  });
+}
+
+t.test("a new volume at a replayer whose disk is full is refused, the replayer lives on, and the volume syncs once space returns", async (t) => {
+  const dir = t.testdir();
+  const rfs = await tmpfs(t, '48m');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', rfs], t.teardown);
+  const filler = fill(rfs, 0);
+  const image = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${image}`, '--size', '16M', '--listen', '127.0.0.1:0', '--replicate-to', replay.url], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  await c.write(MiB, randomBytes(MiB));
+  await c.flush();
+  const refused = await until(() => /replica refused: cannot open volume disk: .*ENOSPC/.test(s.stderr()), 10_000, 100);
+  t.ok(refused, 'the primary is told the volume cannot be opened, ENOSPC named');
+  await new Promise((r) => setTimeout(r, 500));
+  t.equal(replay.child.exitCode, null, 'the replayer is still running (a lock file LMDB made on the full disk was a SIGBUS)');
+  t.equal(replay.child.signalCode, null, 'and was not killed by a signal');
+  fs.rmSync(filler);
+  t.ok(await until(() => sameFiles(image, path.join(rfs, 'disk.img')), 30_000, 100), 'with space back, the new replica converges byte for byte');
+  await c.close();
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });

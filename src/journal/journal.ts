@@ -14,7 +14,8 @@
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import path from 'node:path';
-import { open, type Database, type RootDatabase } from 'lmdb';
+import type { Database, RootDatabase } from 'lmdb';
+import { openLmdb } from '../util/lmdb-open.js';
 import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { loadNative, openLocked } from '../device/native.js';
@@ -360,7 +361,7 @@ export class Journal extends EventEmitter {
     // A write map only when asked for, where blocks can be allocated ahead of it, and for commit durability
     // (sync durability commits on lmdb-js's writer thread, where no allocation can come first).
     const allocate = durability === 'commit' && !opts.readOnly && (opts.writeMap ?? WRITE_MAP_DEFAULT) ? MapSpace.allocator() : undefined;
-    let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined, opts.readOnly ?? false);
+    let root = openEnv(opts.dir, maxBytes, durability, allocate !== undefined, opts.readOnly ?? false, opts.lock === true);
     let space: MapSpace | undefined;
     if (allocate) {
       const env = (root as unknown as { env: { stat(): { pageSize: number }; info(): { lastPageNumber: number } } }).env;
@@ -371,7 +372,7 @@ export class Journal extends EventEmitter {
         // disk appends then fail as writes).
         (opts.logger ?? silentLogger).warn({ err }, 'journal: cannot allocate space ahead; opening without a write map');
         await root.close();
-        root = openEnv(opts.dir, maxBytes, durability, false, false);
+        root = openEnv(opts.dir, maxBytes, durability, false, false, opts.lock === true);
       }
     }
     const meta = root.openDB<unknown, string>({ name: 'meta' });
@@ -1477,7 +1478,7 @@ function lockDir(dir: string): number {
 }
 
 /** Opens the LMDB environment of a journal (see Journal.open for the settings' reasons). */
-function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', writeMap: boolean, readOnly: boolean): RootDatabase {
+function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', writeMap: boolean, readOnly: boolean, locked: boolean): RootDatabase {
   if (readOnly && !fs.existsSync(path.join(dir, 'journal.mdb'))) throw new BlockferryError('ERR_NO_JOURNAL', `${dir} holds no journal`);
   // LMDB trusts its file: read, one too short for its two meta pages (truncated, or emptied) crashes the
   // process. (A writable open of an empty file makes a new environment in it.)
@@ -1485,7 +1486,8 @@ function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', w
   if (file && file.size < 2 * 4096) {
     throw new BlockferryError('ERR_JOURNAL_CORRUPT', `${path.join(dir, 'journal.mdb')} is ${file.size} bytes, too short to be a journal (an LMDB file has two meta pages first)`);
   }
-  return open({
+  // The lock file made with its blocks first (lmdb-open.ts): on a full disk LMDB's own would be a SIGBUS.
+  return openLmdb({
     readOnly,
     // lmdb-js opens a file path (plus its -lock file): keep both inside the journal directory.
     path: path.join(dir, 'journal.mdb'),
@@ -1535,5 +1537,5 @@ function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', w
           noSync: true,
           overlappingSync: false,
         }),
-  });
+  }, locked);
 }

@@ -3,7 +3,7 @@
 // a replica volume that a new primary brings up to date by digest comparison, sending only what differs.
 import fs from 'node:fs';
 import path from 'node:path';
-import { open } from 'lmdb';
+import { openLmdb } from '../util/lmdb-open.js';
 import { openLocked } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 import { DATA_DIR_LOCK, lockDataDir, unlockDataDir } from './data-dir-lock.js';
@@ -42,7 +42,7 @@ async function promoteLocked(dataDir: string, volume: string, opts: { force?: bo
   const image = path.join(dataDir, `${volume}.img`);
   const statePath = path.join(dataDir, `${volume}.state.mdb`);
   if (!fs.existsSync(image) || !fs.existsSync(statePath)) throw new BlockferryError('ERR_NO_VOLUME', `there is no replica of volume ${volume} in ${dataDir}`);
-  const db = open({ path: statePath });
+  const db = openLmdb<unknown, string>({ path: statePath }, true);
   try {
     const state = db.get('state') as VolumeState | undefined;
     if (!state) throw new BlockferryError('ERR_NO_VOLUME', `volume ${volume} in ${dataDir} has no recorded state`);
@@ -132,7 +132,7 @@ function moveJournalAside(imagePath: string): string | undefined {
 
 async function writeDemotedState(image: string, statePath: string): Promise<void> {
   for (const f of [statePath, `${statePath}-lock`]) fs.rmSync(f, { force: true });
-  const db = open({ path: statePath });
+  const db = openLmdb<unknown, string>({ path: statePath }, true);
   try {
     const size = fs.statSync(image).size;
     // seeded: the image holds the old primary's data, which the new primary must compare, never take for zeroes.

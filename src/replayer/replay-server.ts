@@ -16,7 +16,8 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import type { Duplex } from 'node:stream';
-import { open, type RootDatabase } from 'lmdb';
+import type { RootDatabase } from 'lmdb';
+import { openLmdb } from '../util/lmdb-open.js';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { ReplayStatusBody, ReplayVolumeStatus } from '../admin/status-types.js';
 import { FileDevice } from '../device/file-device.js';
@@ -76,7 +77,8 @@ class Volume {
   ) {}
 
   static async open(dir: string, name: string, size: number): Promise<Volume> {
-    const db = open({ path: path.join(dir, `${name}.state.mdb`) });
+    // Under the data directory's lock: a lock file with holes (left by a crash) may be replaced.
+    const db = openLmdb<unknown, string>({ path: path.join(dir, `${name}.state.mdb`) }, true);
     try {
       const image = path.join(dir, `${name}.img`);
       const imageExists = fs.existsSync(image);

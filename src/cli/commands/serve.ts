@@ -10,8 +10,8 @@ import type { ServeStatusBody, ServeVolumeStatus } from '../../admin/status-type
 import { WriteMeter, sumThroughput } from '../../admin/write-meter.js';
 import type { BlockDevice } from '../../device/block-device.js';
 import { FileDevice } from '../../device/file-device.js';
-import { open as openLmdb } from 'lmdb';
 import { Journal } from '../../journal/journal.js';
+import { openLmdb } from '../../util/lmdb-open.js';
 import { MirrorDevice } from '../../mirror/mirror-device.js';
 import { NbdServer } from '../../nbd/server.js';
 import { loadNbdTls, type NbdTls } from '../../nbd/tls.js';
