@@ -227,3 +227,27 @@ t.test('a first copy cut short is still the first copy when the replica returns,
   t.ok(await until(() => r.status().resync !== null, 10_000), 'after the restart the comparison starts over');
   t.equal(r.status().state, 'initial-sync', 'still the first copy after a restart of serve');
 });
+
+t.test('a connected replica further behind than the link carries at once is in backlog, with few large entries too; caught up, continuous', async (t) => {
+  const dir = path.join(t.testdir(), 'journal');
+  const j = await Journal.open({ dir, maxBytes: 256 * MiB });
+  t.teardown(() => j.close());
+  const port = await freePort();
+  // Receives everything the window lets through, acknowledges nothing until told.
+  const script = { applied: 0, consistentFrom: null, ack: false };
+  const there = await scriptedReplica(port, script);
+  t.teardown(() => there.close());
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 1024 * MiB, journal: j });
+  t.teardown(() => r.stop(0));
+  r.start();
+  const data = randomBytes(MiB);
+  for (let i = 0; i < 40; i++) await j.append(EntryKind.WRITE, i * MiB, MiB, data).done;
+  t.ok(await until(() => there.seen.received > 0, 5_000), 'the replica receives entries');
+  const behind = r.status();
+  t.equal(behind.state, 'backlog', `40 MiB unacknowledged, more than the window: backlog (${behind.lagEntries} entries, ${behind.lagBytes} bytes behind)`);
+  t.ok(behind.lagEntries < 4 * 1024, 'though far fewer entries than four batches');
+  script.ack = true;
+  there.ackNow();
+  t.ok(await until(() => r.status().lagEntries === 0, 10_000), 'acknowledged, it catches up');
+  t.equal(r.status().state, 'continuous', 'and is continuous again');
+});

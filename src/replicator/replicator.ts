@@ -51,6 +51,12 @@ const BATCH_ENTRIES = 1024;
  */
 const COALESCE_BYTES = 256 * 1024;
 const COALESCE_MS = 4;
+/**
+ * A streaming replica is reported in `backlog`, not `continuous`, while it is further behind than the link
+ * carries at once: more entries than four batches, more bytes than the window, or more seconds than this. By
+ * entries alone, a replica 11 s and 29 MiB behind on a 4 MB/s link showed `continuous` (112 entries of 256 KiB).
+ */
+const BACKLOG_SECONDS = 2;
 /** Reconnect backoff: first delay and ceiling. */
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 10_000;
@@ -300,7 +306,11 @@ export class Replicator {
     const dirtyBytes = this.dirty ? this.dirtyBytes() : 0;
     const journalLag = lagBytes(this.opts.journal, this.dirty ? Math.max(this.appliedSeq, j.tailSeq - 1) : this.appliedSeq);
     // A replica that is away while the bitmap stands for its changes is on the bitmap (DESIGN.md's states).
-    const state = this.state === 'disconnected' && this.dirty ? 'bitmap' : this.state;
+    let state: ReplicaState = this.state === 'disconnected' && this.dirty ? 'bitmap' : this.state;
+    if (state === 'continuous' || state === 'backlog') {
+      const behind = lagEntries > BATCH_ENTRIES * 4 || (journalLag ?? 0) > WINDOW_BYTES || lagSeconds > BACKLOG_SECONDS;
+      state = behind ? 'backlog' : 'continuous';
+    }
     return {
       url: this.opts.url,
       volume: this.opts.volume,
@@ -703,8 +713,6 @@ export class Replicator {
       this.inflight.push({ seq: last, bytes: msg.length });
       this.inflightBytes += msg.length;
       this.nextSeq = last + 1;
-      // Only between these two: a resync (or initial sync) says so until it ends.
-      if (this.state === 'continuous' || this.state === 'backlog') this.state = j.committedSeq - this.appliedSeq > BATCH_ENTRIES * 4 ? 'backlog' : 'continuous';
       if (this.opts.maxRate) await this.pace(msg.length);
       if (this.ws !== ws || ws.readyState !== ws.OPEN) {
         release();

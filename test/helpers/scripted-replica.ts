@@ -37,9 +37,11 @@ export async function scriptedReplica(port: number, opts: { applied: number; con
       }
     });
   });
+  /** Acknowledges as durable everything received so far (for a replica that did not acknowledge until now). */
+  const ackNow = () => link?.send(encode({ v: PROTOCOL_VERSION, t: 'ack', seq: seen.received, durableSeq: seen.received }));
   const close = async () => {
     link?.terminate();
     await new Promise((r) => wss.close(r));
   };
-  return { seen, close };
+  return { seen, close, ackNow };
 }

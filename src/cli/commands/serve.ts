@@ -481,7 +481,7 @@ export const command: CommandModule<object, ServeArgs> = {
         describe: 'commit: writes of one loop turn committed together (OS cache) before the image changes, fsynced on FLUSH/FUA; sync: every commit fsynced first (power-cut safe at every instant, slower)',
       })
       .option('replicate-to', { type: 'string', array: true, describe: 'Ship the journal to a replayer (ws://HOST:PORT); repeat for several sites' })
-      .option('max-rate', { type: 'string', describe: 'Limit each replication link, e.g. 50MB/s [default: unlimited]' })
+      .option('max-rate', { type: 'string', describe: 'Limit each replication link, e.g. 50MB/s (0: no limit) [default: unlimited]' })
       .option('token-file', { type: 'string', describe: 'Tokens for the replayers: lines of "VOLUME TOKEN" (the same file format as replay --token-file)' })
       .option('replica-ca', { type: 'string', describe: 'For wss:// replayers: trust this CA (PEM)' })
       .option('replica-fingerprint', { type: 'string', describe: "For wss:// replayers: pin the replayer certificate's SHA-256 fingerprint" })
