@@ -49,3 +49,25 @@ t.test('a config key that is not a flag is refused', async (t) => {
   );
   t.match(err, /replicate-too/, 'the unknown key is named');
 });
+
+t.test('a link slower than the writes: the replica is pulled ahead onto the bitmap when the journal fills, writes go on at disk speed, and it resyncs to identical', async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const replicaDir = path.join(dir, 'replica');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--size', '128M', '--listen', '127.0.0.1:0', '--replicate-to', replay.url, '--max-rate', '4MB/s', '--journal-max', '16M'], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  const bytes = 64 * 2 ** 20;
+  const started = Date.now();
+  for (let off = 0; off < bytes; off += 2 ** 20) await c.write(off, randomBytes(2 ** 20));
+  await c.flush();
+  const seconds = (Date.now() - started) / 1000;
+  const linkSeconds = bytes / (4 * 1e6);
+  // Waiting for the link once the 16 MiB journal was full, the writes took 12 s and more (48 MiB at 4 MB/s).
+  t.ok(seconds < linkSeconds / 3, `64 MiB written in ${seconds.toFixed(1)} s, not at the link's pace (${linkSeconds.toFixed(0)} s)`);
+  t.match(s.stderr(), /pull-ahead/, 'serve says it pulled the replica ahead');
+  await c.close();
+  const replica = path.join(replicaDir, 'disk.img');
+  t.ok(await until(() => sameFiles(image, replica), 90_000, 200), 'the replica resyncs the dirty regions and converges byte for byte');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});

@@ -57,6 +57,8 @@ const COALESCE_MS = 4;
  * entries alone, a replica 11 s and 29 MiB behind on a 4 MB/s link showed `continuous` (112 entries of 256 KiB).
  */
 const BACKLOG_SECONDS = 2;
+/** How often a resync held back by a full half of the journal looks again (see runResync). */
+const RESYNC_THROTTLE_POLL_MS = 50;
 /** Reconnect backoff: first delay and ceiling. */
 const BACKOFF_MIN_MS = 250;
 const BACKOFF_MAX_MS = 10_000;
@@ -139,6 +141,10 @@ export class Replicator {
    * end a newer one's protection.
    */
   private walk: ChangeListener | undefined;
+  /** The walk onJournalFull started last, until it is done and the bitmap saved (or it failed). */
+  private walked: Promise<void> | undefined;
+  /** The link was dropped to pull ahead (onJournalFull): its close starts the bitmap before reconnecting. */
+  private pullingAhead = false;
   private resync: { doneBytes: number; totalBytes: number; sentBytes: number; startedAt: number } | undefined;
   /** Digest requests in flight, by id: told the replica's digests, or undefined once the link is gone. */
   private readonly digestWaiters = new Map<number, (digests: Buffer | undefined) => void>();
@@ -404,7 +410,12 @@ export class Replicator {
       if (this.state !== 'needs-resync' && this.state !== 'split-brain') this.state = 'disconnected';
       if (this.stopped) return;
       const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** this.attempt++);
-      setTimeout(() => this.connect(), delay / 2 + Math.random() * (delay / 2)).unref();
+      const reconnect = () => setTimeout(() => this.connect(), delay / 2 + Math.random() * (delay / 2)).unref();
+      if (!this.pullingAhead) return void reconnect();
+      // Dropped to pull ahead: onto the bitmap first, then back (onJournalFull).
+      this.pullingAhead = false;
+      this.onJournalFull();
+      void (this.walked ?? Promise.resolve()).finally(reconnect);
     });
   }
 
@@ -421,10 +432,26 @@ export class Replicator {
       return;
     }
     if (this.stopped || !this.opts.source) return;
-    if (this.ws && this.ws.readyState === WebSocket.OPEN) return; // a connected replica drains the journal
     // What this replica holds the journal from (after a restart with a saved bitmap: the bitmap's end).
     const hold = j.consumers().find((c) => c.id === this.consumerId)?.ackedSeq ?? this.ackedSeq;
     if (hold > j.stats.ackedSeq) return; // not this replica: another consumer or the checkpoint
+    const ws = this.ws;
+    if (ws && ws.readyState === WebSocket.OPEN) {
+      // Connected: such a replica drains the journal, unless its link is slower than
+      // the writes. Then the writes would go at the link's pace once the journal is full, and the primary is
+      // not to wait for the remote: drop the link and take the replica onto the dirty bitmap as if it were
+      // away (DRBD's on-congestion pull-ahead). The close handler starts the walk, and reconnects only once
+      // the bitmap stands for the changes, so the replica comes back to a resync of the dirty regions.
+      if (this.pullingAhead || !this.congested()) return;
+      this.pullingAhead = true;
+      this.lastError = 'pulled ahead: the link was slower than the writes when the journal was full';
+      this.log.warn(
+        { lagBytes: lagBytes(j, this.appliedSeq), journalMaxBytes: j.maxBytes },
+        'journal full and the replica far behind over a link slower than the writes: dropping the link and tracking its changes in the dirty bitmap, so writes go on (pull-ahead); it resyncs the dirty regions when it reconnects',
+      );
+      ws.terminate();
+      return;
+    }
     const fresh = !this.dirty;
     const dirty = (this.dirty ??= new Uint8Array(chunkCount(this.opts.size)));
     // A full resync was under way: the replica may differ anywhere.
@@ -442,7 +469,8 @@ export class Replicator {
     this.tracking = mark;
     this.walk = mark;
     const from = hold + 1;
-    j.trackChanges(from, mark, (through) => this.onWalkStep(mark, through))
+    const walked = j
+      .trackChanges(from, mark, (through) => this.onWalkStep(mark, through))
       .then(async () => {
         if (this.walk === mark) this.walk = undefined;
         // The walk yields: if the replica came back meanwhile, the journal (still held) serves it instead.
@@ -461,7 +489,22 @@ export class Replicator {
         }
         this.log.error({ err }, 'switching to the dirty bitmap failed; the journal keeps holding what the replica lacks');
       });
+    this.walked = walked;
+    void walked.finally(() => {
+      if (this.walked === walked) this.walked = undefined;
+    });
   };
+
+  /**
+   * Whether the link, not the replica's syncs, is what keeps this connected replica behind: more than half the
+   * journal's cap is unapplied there. (Acknowledged as durable trails applied by up to a second of writes,
+   * which a small cap may not hold; that wait is short and no reason to drop the link.)
+   */
+  private congested(): boolean {
+    const j = this.opts.journal;
+    const behind = lagBytes(j, this.appliedSeq);
+    return behind !== null && behind > j.maxBytes / 2;
+  }
 
   /**
    * A step of the walk is done: every change through `through` is in the bitmap. While writes wait for room,
@@ -641,6 +684,11 @@ export class Replicator {
         while (i + n < diff.length && diff[i + n] === diff[i] + n && n < 32) n++;
         const offset = (first + diff[i]) * CHUNK_BYTES;
         const length = Math.min(n * CHUNK_BYTES, this.opts.size - offset);
+        // The chunks go through the journal, as new writes do, but must not fill it: over a link slower than
+        // the disk a resync would otherwise hold the journal full and make the writes wait for the link, or
+        // (once that pulls the replica ahead) start over before the link carried much. Half the cap is theirs.
+        while (this.ws === ws && !this.stopped && this.congested()) await new Promise((r) => setTimeout(r, RESYNC_THROTTLE_POLL_MS));
+        if (this.ws !== ws || this.stopped) return;
         await source.captureRange(offset, length);
         this.resync.sentBytes += length;
         i += n;
