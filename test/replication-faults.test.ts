@@ -15,7 +15,7 @@ import { ReplayServer } from '../src/replayer/replay-server.js';
 import { PROTOCOL_VERSION, decode, encode } from '../src/replicator/protocol.js';
 import { sha256File } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { startReplay, startServe, type Replaying, type Served } from './helpers/processes.js';
+import { adminOf, getStatus, startReplay, startServe, type Replaying, type Served } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 /** How long catching up may take after the workload stops (a loaded 2-core box ships a few hundred MiB). */
@@ -122,12 +122,6 @@ class LinkProxy {
   }
 }
 
-const adminOf = (stdout: string): string => /admin on (http:\/\/\S+)/.exec(stdout)![1];
-
-async function getStatus(admin: string): Promise<any> {
-  const res = await fetch(`${admin}/status`, { signal: AbortSignal.timeout(5_000) });
-  return res.json();
-}
 
 /** The replica's applied seq as the replayer's /status says (0 before the volume is open). */
 async function replicaApplied(admin: string): Promise<number> {

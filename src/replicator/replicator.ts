@@ -362,6 +362,11 @@ export class Replicator {
       } else if (ws.readyState === ws.OPEN) ws.ping();
     }, PING_INTERVAL_MS);
     ws.on('pong', () => (alive = Date.now()));
+    // The replayer pings every few seconds too, on the direction that carries only acks: those arrive while our
+    // own ping (and so its pong) waits behind the batches on the wire. On a link slower than a batch in
+    // PING_TIMEOUT_MS (under ~0.7 MiB/s) that wait alone took the link for dead every ~10 s, and resending the
+    // same batch on the next link could stall replication for good (seen at 400 KiB/s).
+    ws.on('ping', () => (alive = Date.now()));
     ws.on('open', () => {
       alive = Date.now();
       this.log.info({ extensions: ws.extensions || 'none', maxRate: this.opts.maxRate ?? null }, 'replication link open');

@@ -131,3 +131,12 @@ export async function freePort(): Promise<number> {
   await new Promise((r) => s.close(r));
   return port;
 }
+
+/** The admin URL a serve or replay started with `--admin` printed (`admin on http://...`). */
+export const adminOf = (stdout: string): string => /admin on (http:\/\/\S+)/.exec(stdout)![1];
+
+/** GET ADMIN/status as JSON (5 s at most). */
+export async function getStatus(admin: string): Promise<any> {
+  const res = await fetch(`${admin}/status`, { signal: AbortSignal.timeout(5_000) });
+  return res.json();
+}
