@@ -60,6 +60,30 @@ t.test('the replica converges byte for byte, including after a SIGKILLed replaye
   t.equal(await r2.exited, 0, 'replay stops cleanly');
 });
 
+t.test('a replica image deleted while its state stays: not taken as the state says, but sent again whole', async (t) => {
+  const dir = t.testdir();
+  const port = await freePort();
+  const replicas = path.join(dir, 'replicas');
+  const replica = path.join(replicas, 'disk.img');
+  const r1 = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicas], t.teardown);
+  const image = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${image}`, '--size', String(SIZE), '--listen', '127.0.0.1:0', '--replicate-to', r1.url], t.teardown);
+  await workload(s.port, 20);
+  t.ok(await converges(image, replica), 'replica identical after catch-up');
+  r1.child.kill('SIGTERM');
+  t.equal(await r1.exited, 0, 'replay stops cleanly');
+  fs.rmSync(replica); // its disk replaced, or deleted by mistake; disk.state.mdb stays
+  const r2 = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicas], t.teardown);
+  let log = '';
+  r2.child.stderr!.on('data', (d) => (log += d));
+  // Before: the new all-zero image was taken at the stored seq, reported consistent, and never sent anything.
+  t.ok(await converges(image, replica), 'the primary sends it everything again: identical');
+  t.match(log, /replica image .* is missing, though its state says seq \d+ was applied/, 'the replayer says what it found');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  r2.child.kill('SIGTERM');
+  t.equal(await r2.exited, 0, 'replay stops cleanly');
+});
+
 t.test('fan-out to two sites: one stays at the head while the other is away, and both converge byte for byte', async (t) => {
   const dir = t.testdir();
   const [portA, portB] = [await freePort(), await freePort()];

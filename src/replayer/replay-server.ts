@@ -32,6 +32,7 @@ import http from 'node:http';
 import https from 'node:https';
 import net from 'node:net';
 import { silentLogger, type Logger } from '../util/logger.js';
+import { BlockferryError } from '../util/errors.js';
 import { CloseCode, FEATURE_RECORDS, MAX_APPLIED_CRCS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
@@ -76,7 +77,7 @@ class Volume {
     public state: VolumeState,
   ) {}
 
-  static async open(dir: string, name: string, size: number): Promise<Volume> {
+  static async open(dir: string, name: string, size: number, log?: Logger): Promise<Volume> {
     // Under the data directory's lock: a lock file with holes (left by a crash) may be replaced.
     const db = openLmdb<unknown, string>({ path: path.join(dir, `${name}.state.mdb`) }, true);
     try {
@@ -86,6 +87,17 @@ class Volume {
       // A stored state no primary has claimed yet was written by demote (a hello records its volume before the
       // first sync), also by a demote from before `seeded` existed: the image holds the old primary's data.
       if (stored && stored.volumeId === null && stored.appliedSeq === 0 && !stored.promoted) stored.seeded = true;
+      if (stored && !imageExists) {
+        // The image is gone (deleted, or its disk replaced) but the state still says what it held: a new image
+        // would be all zeroes, and taken as that state it was reported consistent and `continuous` while it
+        // held none of the primary's data. It starts over as a new replica of the same volume instead.
+        if (stored.promoted) throw new BlockferryError('ERR_STORAGE', `volume ${name} was promoted, but its image ${image} is missing`);
+        log?.error({ volume: name, appliedSeq: stored.appliedSeq }, `volume ${name}: the replica image ${image} is missing, though its state says seq ${stored.appliedSeq} was applied: starting it over as a new replica (the primary sends it everything)`);
+        stored.appliedSeq = 0;
+        stored.appliedCrcs = null;
+        stored.consistentFrom = -1;
+        stored.seeded = false;
+      }
       // An image without a state is not known to be zeroes (put there by hand, or its state file was removed).
       const state = stored ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(imageExists ? { seeded: true } : {}) };
       // Locked while open, as serve locks its images: a `serve` of the replica image started by mistake while
@@ -275,7 +287,7 @@ export class ReplayServer {
   private volume(name: string, size: number, after?: Promise<void>): Promise<Volume> {
     let v = this.volumes.get(name);
     if (!v) {
-      v = (after ?? Promise.resolve()).then(() => Volume.open(this.opts.dataDir, name, size)).then((vol) => {
+      v = (after ?? Promise.resolve()).then(() => Volume.open(this.opts.dataDir, name, size, this.log)).then((vol) => {
         vol.durableSeq = vol.state.appliedSeq;
         const every = this.opts.syncIntervalMs ?? SYNC_INTERVAL_MS;
         if (every > 0) {
