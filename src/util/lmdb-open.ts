@@ -35,9 +35,82 @@ export function openLmdb<V = unknown, K extends Key = Key>(options: RootDatabase
       throw new BlockferryError('ENOSPC', `cannot create ${options.path}: its filesystem has ${free} bytes free (ENOSPC), and a new LMDB environment needs at least ${NEW_ENV_MIN_FREE}; free some space and start again`);
     }
   }
+  if (!isNew(options.path)) checkEnvFile(options.path);
+  ensureDescriptors(options.path);
   readyLockFile(`${options.path}-lock`, exclusive && !options.readOnly);
   return open<V, K>(options);
 }
+
+/**
+ * lmdb-js 3.5 frees its environment twice when LMDB's open fails after the lock file is open (a data file that is
+ * not LMDB's, a failed map, no descriptor left): the process ends with SIGSEGV, and a replayer takes every other
+ * volume down with it (found by a review helper: EMFILE, 64 KiB of random bytes as a volume's state file). And a
+ * data file cut short is mapped as it is, so reading a page past its end is a SIGBUS. So what can be checked
+ * beforehand is: the two meta pages, and that the file holds every page the newer one says is in use.
+ */
+export function checkEnvFile(file: string): void {
+  const bad = (why: string) =>
+    new BlockferryError('ERR_LMDB_CORRUPT', `${file} is not an LMDB file blockferry can open (${why}); nothing was read from it. Move it aside to start that store anew, or restore it from a copy`);
+  const size = fs.statSync(file).size;
+  const head = Buffer.alloc(2 * MAX_PAGE_BYTES);
+  const fd = fs.openSync(file, 'r');
+  let got: number;
+  try {
+    got = fs.readSync(fd, head, 0, head.length, 0);
+  } finally {
+    fs.closeSync(fd);
+  }
+  const pageBytes = got >= META_END ? head.readUInt32LE(META_PAGE_SIZE) : 0;
+  if (pageBytes < MIN_PAGE_BYTES || pageBytes > MAX_PAGE_BYTES || (pageBytes & (pageBytes - 1)) !== 0) throw bad(`no meta page at its start; ${size} bytes`);
+  if (size < 2 * pageBytes) throw bad(`${size} bytes, shorter than its two meta pages of ${pageBytes}`);
+  let newest: { txnid: bigint; lastPage: bigint } | undefined;
+  for (const at of [0, pageBytes]) {
+    const m = head.subarray(at, at + META_END);
+    if ((m.readUInt16LE(META_PAGE_FLAGS) & P_META) === 0 || m.readUInt32LE(META_MAGIC) !== LMDB_MAGIC) throw bad(`meta page ${at / pageBytes} is damaged`);
+    if (m.readUInt32LE(META_VERSION) !== LMDB_DATA_VERSION) throw bad(`data format version ${m.readUInt32LE(META_VERSION)}, not ${LMDB_DATA_VERSION}`);
+    const meta = { txnid: m.readBigUInt64LE(META_TXNID), lastPage: m.readBigUInt64LE(META_LAST_PAGE) };
+    if (!newest || meta.txnid > newest.txnid) newest = meta;
+  }
+  const need = (newest!.lastPage + 1n) * BigInt(pageBytes);
+  if (BigInt(size) < need) throw bad(`${size} bytes where its pages in use need ${need}: cut short`);
+}
+
+/**
+ * Descriptors LMDB's open takes (the data file, the lock file, one for synced meta writes), with some to spare:
+ * checked by taking them first, so running out is an error here instead of inside LMDB (see checkEnvFile).
+ */
+const DESCRIPTORS_NEEDED = 8;
+
+function ensureDescriptors(file: string): void {
+  const fds: number[] = [];
+  try {
+    for (let i = 0; i < DESCRIPTORS_NEEDED; i++) fds.push(fs.openSync('/dev/null', 'r'));
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code === 'EMFILE' || code === 'ENFILE') {
+      throw new BlockferryError(code, `cannot open ${file}: too many open files (${code}); raise the limit (ulimit -n, LimitNOFILE=) or serve fewer volumes`, { cause: err });
+    }
+    throw err;
+  } finally {
+    for (const fd of fds) fs.closeSync(fd);
+  }
+}
+
+// Where LMDB (lmdb-js 3.5's, data format 2) keeps its meta page's fields: a 24-byte page header (page number,
+// txnid, pad, flags, lower, upper), then the meta. Read back from files lmdb-js made (4 and 16 KiB pages).
+const P_META = 0x08;
+const LMDB_MAGIC = 0xbeefc0de;
+const LMDB_DATA_VERSION = 2;
+const META_PAGE_FLAGS = 0x12;
+const META_MAGIC = 0x18;
+const META_VERSION = 0x1c;
+/** The free-page database's md_pad, where LMDB records the page size. */
+const META_PAGE_SIZE = 0x30;
+const META_LAST_PAGE = 0x90;
+const META_TXNID = 0x98;
+const META_END = 0xa0;
+const MIN_PAGE_BYTES = 512;
+const MAX_PAGE_BYTES = 65536;
 
 /** Free bytes a new environment is made with at least: its lock file, meta pages and first commit, four times over. */
 export const NEW_ENV_MIN_FREE = 256 * 1024;
