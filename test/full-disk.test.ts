@@ -6,6 +6,8 @@
 //   naming ENOSPC, never a SIGBUS from LMDB's write map storing into a hole; what was committed reads back;
 // - through serve, in both of the journal's modes, a commit meeting the full disk reaches the NBD client as
 //   ENOSPC (not EIO) and the log names the full disk;
+// - LMDB meets a full disk at open (serve's new journal, a replayer's new volume): an error naming ENOSPC, not
+//   SIGBUS; a replica's state file on a filesystem the kernel made read-only: that volume stops, the replayer lives;
 // - the replica's filesystem fills: the replayer stops applying and says why, the replica stays what it was,
 //   and once space returns it converges to the primary byte for byte.
 import t from 'tap';
@@ -298,4 +300,46 @@ t.test("a new volume at a replayer whose disk is full is refused, the replayer l
   t.ok(await until(() => sameFiles(image, path.join(rfs, 'disk.img')), 30_000, 100), 'with space back, the new replica converges byte for byte');
   await c.close();
   t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+t.test("a replica's state file on a filesystem that fails (read-only after an error): that volume stops with ERR_STORAGE, the replayer lives on", async (t) => {
+  const dir = t.testdir();
+  // ext4 on a loop device, remounted read-only by the kernel on an error the test triggers.
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'blockferry-ext4-'));
+  const backing = path.join(dir, 'ext4.img');
+  fs.closeSync(fs.openSync(backing, 'w'));
+  fs.truncateSync(backing, 32 * MiB);
+  await run('mkfs.ext4', ['-q', '-F', backing]);
+  await run('mount', ['-o', 'loop,errors=remount-ro', backing, mnt]);
+  t.teardown(async () => {
+    await run('umount', ['-l', mnt]).catch(() => undefined);
+    fs.rmSync(mnt, { recursive: true, force: true });
+  });
+  const loop = path.basename((await run('findmnt', ['-n', '-o', 'SOURCE', mnt])).stdout.trim());
+  // The image elsewhere (a symlink in the data dir): only the state file's commits fail.
+  const elsewhere = path.join(dir, 'replica.img');
+  fs.closeSync(fs.openSync(elsewhere, 'w'));
+  fs.truncateSync(elsewhere, 16 * MiB);
+  fs.symlinkSync(elsewhere, path.join(mnt, 'disk.img'));
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', mnt], t.teardown);
+  let replayLog = '';
+  replay.child.stderr!.on('data', (d) => (replayLog += d));
+  const image = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${image}`, '--size', '16M', '--listen', '127.0.0.1:0', '--replicate-to', replay.url], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  t.teardown(() => c.destroy());
+  await c.write(0, randomBytes(MiB));
+  await c.flush();
+  t.ok(await until(() => sameFiles(image, elsewhere), 20_000, 100), 'the replica converges');
+  fs.writeFileSync(`/sys/fs/ext4/${loop}/trigger_fs_error`, '1');
+  for (let i = 0; i < 8; i++) await c.write(i * 4096, randomBytes(4096));
+  await c.flush();
+  t.ok(await until(() => /ERR_STORAGE/.test(s.stderr()), 15_000, 100), 'the primary is told the replica could not be synced (ERR_STORAGE)', { serve: s.stderr().slice(-1500) });
+  await new Promise((r) => setTimeout(r, 1000));
+  t.equal(replay.child.exitCode, null, "the replayer is still running (lmdb-js's unhandled rejection ended it)");
+  await c.close();
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  replay.child.kill('SIGTERM');
+  // Not 0: its data directory is read-only, so it cannot release its lock file, and says so.
+  t.not(await replay.exited, null, 'the replayer stops when told, with an exit code', { replay: replayLog.slice(-1500) });
 });

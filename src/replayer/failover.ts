@@ -55,7 +55,7 @@ async function promoteLocked(dataDir: string, volume: string, opts: { force?: bo
       );
     }
     state.promoted = { at: new Date().toISOString(), appliedSeq: state.appliedSeq };
-    await db.put('state', state);
+    db.putSync('state', state); // synchronous: see Volume.sync
     await db.flushed;
     return { volume, image, appliedSeq: state.appliedSeq, consistent };
   } finally {
@@ -137,7 +137,7 @@ async function writeDemotedState(image: string, statePath: string): Promise<void
     const size = fs.statSync(image).size;
     // seeded: the image holds the old primary's data, which the new primary must compare, never take for zeroes.
     const state: VolumeState = { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, promoted: null, seeded: true };
-    await db.put('state', state);
+    db.putSync('state', state); // synchronous: see Volume.sync
     await db.flushed;
   } finally {
     await db.close();

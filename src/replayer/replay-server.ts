@@ -167,7 +167,10 @@ class Volume {
       this.unsyncedBytes = 0;
       try {
         await this.device.flush();
-        await this.db.put('state', snapshot);
+        // Committed synchronously: a failed asynchronous put of lmdb-js also rejects promises of its own that
+        // no caller holds, and the unhandled rejection ended the replayer with every volume (a state file on a
+        // full or read-only disk). putSync throws instead; the fsync still runs off the loop (flushed).
+        this.db.putSync('state', snapshot);
         await this.db.flushed;
       } catch (err) {
         this.syncFailure ??= err as Error;
