@@ -17,7 +17,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, run, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, adminOf, run, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { Journal } from '../src/journal/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { loadNative } from '../src/device/native.js';
@@ -121,10 +121,17 @@ t.test("the image's filesystem fills with no free-space guard: the volume fails,
   const image = path.join(ifs, 'disk.img');
   const journal = path.join(dir, 'journal');
   const args = ['--image', `disk=${image}`, '--size', '64M', '--listen', '127.0.0.1:0', '--journal', journal, '--keep-journal', '--min-free', '0'];
-  const s = await startServe(args, t.teardown);
+  const s = await startServe([...args, '--admin', '127.0.0.1:0'], t.teardown);
   const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
   const failure = await writeUntilRefused(c, 32);
   t.ok(failure instanceof NbdError, `a write failed once the image's 16 MiB filesystem was full (${String(failure)})`);
+  // Said when it happens, and shown until the restart (before, the log was silent and status said "all well").
+  t.match(s.stderr(), /volume stopped taking writes at journal seq \d+ \(the image write failed\)/, 'the log says the volume stopped taking writes');
+  const status = await runStatus(process.execPath, [CLI, 'status', '--admin', adminOf(s.stdout()), '--json']);
+  t.equal(status.code, 2, '`blockferry status` exits 2: needs attention');
+  const body = JSON.parse(status.stdout);
+  t.match(body.volumes[0].failure, /the local image failed to apply journal seq \d+/, 'its status names the failure');
+  t.match(body.attention.join('\n'), /volume disk: every write fails until serve is restarted/, 'and lists it under attention');
   await c.close().catch(() => undefined);
   t.equal(await s.stop(), 1, 'serve stops, but with exit status 1, not as a clean stop');
   t.match(s.stderr(), /stopped, but a volume had failed: disk: the local image failed to apply journal seq \d+/, 'naming the volume and the entry');
@@ -225,6 +232,7 @@ for (const writeMap of [false, true]) {
     // With commit durability the write data goes to the segment's data file: its append meets the full disk,
     // or with the write map possibly the fallocate ahead of LMDB's pages; the log says the same either way.
     t.match(log, /the journal's filesystem is full, \d+ bytes free \(ENOSPC\)/, 'the log names the full disk and its free bytes');
+    t.match(log, /volume stopped taking writes at journal seq \d+ \(its journal commit failed\)/, 'and that the volume stopped taking writes, for its journal');
     await c.close();
   });
 }

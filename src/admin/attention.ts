@@ -11,6 +11,7 @@ export const HEALTHY_STATE = 'continuous';
 export function serveAttention(s: ServeStatusBody): string[] {
   const out: string[] = [];
   for (const v of s.volumes) {
+    if (v.failure) out.push(`volume ${v.volume}: every write fails until serve is restarted: ${v.failure}`);
     for (const r of v.replicas) {
       if (r.state === HEALTHY_STATE) continue;
       const lag = `${r.lagEntries} entries, ${r.lagSeconds.toFixed(1)} s behind`;

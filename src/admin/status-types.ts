@@ -70,6 +70,8 @@ export interface ServeVolumeStatus {
   writes: Throughput | null;
   /** Writes are being refused with ENOSPC for want of space (--min-free): since when, how many, why; else null. */
   writesRefused?: { since: number; refused: number; reason: string } | null;
+  /** Why the volume refuses every change until serve is restarted (an image write or journal commit failed); else null. */
+  failure?: string | null;
   replicas: ReplicaStatus[];
 }
 

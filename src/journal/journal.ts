@@ -690,6 +690,11 @@ export class Journal extends EventEmitter {
     return free !== undefined && free < Math.max(bytes, 2 ** 20) ? free : undefined;
   }
 
+  /** Why the journal refuses appends for good (a failed commit), if it does; not set for a read-only journal. */
+  get failed(): BlockferryError | undefined {
+    return this.readOnly ? undefined : this.failure;
+  }
+
   /** Writes a meta key (undefined removes it) in order with the entries. */
   private putMeta(key: string, value: unknown): Promise<void> {
     if (this.durability === 'sync') {

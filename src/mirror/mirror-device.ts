@@ -95,7 +95,11 @@ export class MirrorDevice implements BlockDevice {
     this.log = log;
     this.recovery = recovery;
     const head = this.journal.stats.committedSeq;
-    this.order = new OrderedApply(head);
+    // Once it happens every later write is refused until a restart: said at once, not only at shutdown.
+    this.order = new OrderedApply(head, (seq, err) => {
+      const why = this.journal.failed ? 'its journal commit failed' : 'the image write failed';
+      this.log.error({ err, seq }, `volume stopped taking writes at journal seq ${seq} (${why}); they are answered EIO until serve is restarted`);
+    });
     this.checkpointSeq = head;
     const inner = opts.device.capabilities;
     this.capabilities = {
@@ -283,9 +287,9 @@ export class MirrorDevice implements BlockDevice {
     await this.inner.close();
   }
 
-  /** Why the volume refuses changes for good (the image failed to apply an entry), if it does. */
+  /** Why the volume refuses changes for good (the image failed to apply an entry, or the journal a commit), if it does. */
   get failure(): BlockferryError | undefined {
-    return this.order.failedSeq === Infinity ? undefined : this.unusable();
+    return this.journal.failed ?? (this.order.failedSeq === Infinity ? undefined : this.unusable());
   }
 
   private assertUsable(): void {
@@ -305,6 +309,9 @@ export class MirrorDevice implements BlockDevice {
 
   private unusable(): BlockferryError | undefined {
     if (this.closed) return new BlockferryError('ESHUTDOWN', 'the volume is closing');
+    // A commit that failed stops the order too (its change never reached the image): the journal says why.
+    const journal = this.journal.failed;
+    if (journal) return journal;
     if (this.order.failedSeq !== Infinity) {
       return new BlockferryError(
         'EIO',

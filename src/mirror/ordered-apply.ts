@@ -19,7 +19,11 @@ export class OrderedApply {
   /** Lowest seq whose apply failed (Infinity when none). */
   failedSeq = Infinity;
 
-  constructor(appliedSeq: number) {
+  /** `onFirstFailure`: called once, with the seq and error of the first change that failed. */
+  constructor(
+    appliedSeq: number,
+    private readonly onFirstFailure?: (seq: number, err: unknown) => void,
+  ) {
     this.applied = appliedSeq;
   }
 
@@ -49,6 +53,7 @@ export class OrderedApply {
     const entry: InFlight = { seq, start, end, work: undefined as unknown as Promise<void> };
     // Recorded before the caller hears of it, so no later change can slip past the failure.
     const fail = (err: unknown): never => {
+      if (this.failedSeq === Infinity) this.onFirstFailure?.(seq, err);
       this.failedSeq = Math.min(this.failedSeq, seq);
       this.finish(entry, false);
       throw err;

@@ -404,6 +404,7 @@ function volumeStatus(v: ServedVolume): ServeVolumeStatus {
       : null,
     writes: v.meter?.status() ?? null,
     writesRefused: v.mirror?.spaceRefusal ? { ...v.mirror.spaceRefusal } : null,
+    failure: (v.mirror?.failure ?? v.journal?.failed)?.message ?? null,
     replicas: v.replicators.map((r) => r.status()),
   };
 }
