@@ -49,6 +49,25 @@ function fill(dir: string, leaveBytes: number): string {
   return file;
 }
 
+/**
+ * ext4 on a loop device (32 MiB, in `dir`), mounted with errors=remount-ro: `fail()` triggers a filesystem
+ * error, after which the kernel makes it read-only, as it does on a real I/O error. Unmounted in teardown.
+ */
+async function failingExt4(t: { teardown(fn: () => unknown): void }, dir: string): Promise<{ mnt: string; fail: () => void }> {
+  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'blockferry-ext4-'));
+  const backing = path.join(dir, 'ext4.img');
+  fs.closeSync(fs.openSync(backing, 'w'));
+  fs.truncateSync(backing, 32 * MiB);
+  await run('mkfs.ext4', ['-q', '-F', backing]);
+  await run('mount', ['-o', 'loop,errors=remount-ro', backing, mnt]);
+  t.teardown(async () => {
+    await run('umount', ['-l', mnt]).catch(() => undefined);
+    fs.rmSync(mnt, { recursive: true, force: true });
+  });
+  const loop = path.basename((await run('findmnt', ['-n', '-o', 'SOURCE', mnt])).stdout.trim());
+  return { mnt, fail: () => fs.writeFileSync(`/sys/fs/ext4/${loop}/trigger_fs_error`, '1') };
+}
+
 /** Writes 1 MiB blocks from offset 0 on, at most `max`, until one is refused; returns the refusal (if any). */
 async function writeUntilRefused(c: NbdTestClient, max: number): Promise<unknown> {
   for (let i = 0; i < max; i++) {
@@ -312,18 +331,7 @@ t.test("a new volume at a replayer whose disk is full is refused, the replayer l
 
 t.test("a replica's state file on a filesystem that fails (read-only after an error): that volume stops with ERR_STORAGE, the replayer lives on", async (t) => {
   const dir = t.testdir();
-  // ext4 on a loop device, remounted read-only by the kernel on an error the test triggers.
-  const mnt = fs.mkdtempSync(path.join(os.tmpdir(), 'blockferry-ext4-'));
-  const backing = path.join(dir, 'ext4.img');
-  fs.closeSync(fs.openSync(backing, 'w'));
-  fs.truncateSync(backing, 32 * MiB);
-  await run('mkfs.ext4', ['-q', '-F', backing]);
-  await run('mount', ['-o', 'loop,errors=remount-ro', backing, mnt]);
-  t.teardown(async () => {
-    await run('umount', ['-l', mnt]).catch(() => undefined);
-    fs.rmSync(mnt, { recursive: true, force: true });
-  });
-  const loop = path.basename((await run('findmnt', ['-n', '-o', 'SOURCE', mnt])).stdout.trim());
+  const { mnt, fail } = await failingExt4(t, dir);
   // The image elsewhere (a symlink in the data dir): only the state file's commits fail.
   const elsewhere = path.join(dir, 'replica.img');
   fs.closeSync(fs.openSync(elsewhere, 'w'));
@@ -339,7 +347,7 @@ t.test("a replica's state file on a filesystem that fails (read-only after an er
   await c.write(0, randomBytes(MiB));
   await c.flush();
   t.ok(await until(() => sameFiles(image, elsewhere), 20_000, 100), 'the replica converges');
-  fs.writeFileSync(`/sys/fs/ext4/${loop}/trigger_fs_error`, '1');
+  fail();
   for (let i = 0; i < 8; i++) await c.write(i * 4096, randomBytes(4096));
   await c.flush();
   t.ok(await until(() => /ERR_STORAGE/.test(s.stderr()), 15_000, 100), 'the primary is told the replica could not be synced (ERR_STORAGE)', { serve: s.stderr().slice(-1500) });
@@ -351,3 +359,55 @@ t.test("a replica's state file on a filesystem that fails (read-only after an er
   // Not 0: its data directory is read-only, so it cannot release its lock file, and says so.
   t.not(await replay.exited, null, 'the replayer stops when told, with an exit code', { replay: replayLog.slice(-1500) });
 });
+
+for (const durability of ['commit', 'sync'] as const) {
+  t.test(`the journal's filesystem fails under writes (${durability} durability): writes get errors, other volumes go on, serve stops when told`, async (t) => {
+    const dir = t.testdir();
+    const { mnt, fail } = await failingExt4(t, dir);
+    // Two volumes, their journals on the failing filesystem; a third journaled elsewhere.
+    const args = ['--listen', '127.0.0.1:0', '--size', '16M', '--durability', durability, '--journal-max', '8M', '--min-free', '1M'];
+    const s = await startServe(['--image', `a=${path.join(dir, 'a.img')}`, '--journal', path.join(mnt, 'a'), ...args], t.teardown);
+    const other = await startServe(['--image', `b=${path.join(dir, 'b.img')}`, ...args], t.teardown);
+    const a = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'a' });
+    const b = await NbdTestClient.connect({ host: '127.0.0.1', port: other.port, exportName: 'b' });
+    t.teardown(() => a.destroy());
+    t.teardown(() => b.destroy());
+    await a.write(0, randomBytes(64 * 1024));
+    await a.flush();
+    // Writes in flight (32 at a time) when the filesystem fails: every one must be answered.
+    let answered = 0;
+    let failed = 0;
+    const inflight = new Set<Promise<void>>();
+    const deadline = Date.now() + 4000;
+    let failedAt = 0;
+    for (let i = 0; Date.now() < deadline; i++) {
+      if (i === 200) {
+        fail();
+        failedAt = Date.now();
+      }
+      const p = a.write((i % 256) * 4096, randomBytes(4096)).then(
+        () => void answered++,
+        () => void failed++,
+      );
+      inflight.add(p);
+      void p.finally(() => inflight.delete(p));
+      if (inflight.size >= 32) await Promise.race([...inflight, new Promise((r) => setTimeout(r, 5000))]);
+      if (failed > 0 && Date.now() - failedAt > 1000) break;
+    }
+    const settled = await Promise.race([Promise.all(inflight).then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 10_000))]);
+    t.ok(settled, `every write in flight was answered (${answered} taken, ${failed} refused)`);
+    t.ok(failed > 0, 'writes after the failure get errors');
+    t.equal(s.child.exitCode, null, 'serve is still running');
+    t.equal(s.child.signalCode, null, 'and was not killed by a signal');
+    const within = <T>(p: Promise<T>, what: string) => Promise.race([p, new Promise<never>((_, reject) => setTimeout(() => reject(new Error(`${what}: no answer in 10 s`)), 10_000))]);
+    t.equal((await within(a.read(0, 4096), 'a read')).length, 4096, 'reads of the volume still work');
+    await within(b.write(0, randomBytes(4096)), 'a write elsewhere');
+    t.pass('another serve, journaled elsewhere, takes writes');
+    await a.close().catch(() => undefined);
+    s.child.kill('SIGTERM');
+    const code = await Promise.race([s.exited, new Promise<string>((r) => setTimeout(() => r('still running after 15 s'), 15_000))]);
+    t.equal(code, 1, 'told to stop, serve stops, saying a volume had failed (exit 1)', { log: s.stderr().slice(-3000) });
+    await b.close();
+    t.equal(await other.stop(), 0, 'the other serve stops cleanly');
+  });
+}
