@@ -1,6 +1,7 @@
 // The journal's promises: gap-free order across reopen, verified reads that name a corrupt seq, retention
 // by acks and checkpoint, a cap at which appends wait, tiny TRIM/ZERO entries, and replay-local.
 import t from 'tap';
+import { spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -14,6 +15,7 @@ import { loadNative } from '../src/device/native.js';
 import { mappedKiB } from './helpers/memory.js';
 import { dataFileBytes, flipStoredByte } from './helpers/journal-store.js';
 import { until } from './helpers/files.js';
+import { run } from './helpers/processes.js';
 
 t.test('appends get gap-free seqs in call order, kept across reopen', async (t) => {
   const dir = t.testdir();
@@ -985,4 +987,48 @@ t.test('a new journal directory, and a replayer data directory, are private to t
   const server = new ReplayServer({ dataDir });
   t.teardown(() => server.close());
   t.equal(fs.statSync(dataDir).mode & 0o777, 0o700, "the replayer's data directory is 0700");
+});
+
+t.test('no file descriptor left for a new segment: appends go on in the current one, and segments start again once there are', async (t) => {
+  const dir = t.testdir();
+  const j = await Journal.open({ dir, maxBytes: 64 * 2 ** 20 }); // 1 MiB segments
+  t.teardown(() => j.close());
+  j.registerConsumer('away'); // holds every entry: segments only accumulate
+  const data = randomBytes(256 * 1024);
+  let seq = 0;
+  const append = () => j.append(EntryKind.WRITE, (seq++ % 64) * data.length, data.length, data).done;
+  await append();
+  const before = j.stats.segments;
+  // This process may open nothing more (EMFILE) until the limit is put back.
+  const self = String(process.pid);
+  const hard = (await run('prlimit', ['--pid', self, '--nofile', '--output', 'HARD', '--noheadings'])).stdout.trim();
+  // Put back by a helper started beforehand and told by a signal: with no descriptor left, this process could
+  // not start one (its pipes need descriptors).
+  const restorer = spawn('sh', ['-c', `trap 'prlimit --pid ${self} --nofile=${hard}:${hard}; exit 0' USR1; while :; do sleep 0.05; done`], { stdio: 'ignore' });
+  const restored = new Promise((r) => restorer.once('exit', r));
+  t.teardown(() => restorer.kill('SIGKILL'));
+  await new Promise((r) => setTimeout(r, 200)); // its trap is set
+  await run('prlimit', ['--pid', self, `--nofile=${fs.readdirSync('/proc/self/fd').length + 16}:${hard}`]);
+  // Then every descriptor left is taken, here.
+  const held: number[] = [];
+  let err: unknown;
+  try {
+    for (;;) held.push(fs.openSync('/dev/null', 'r'));
+  } catch (e) {
+    t.equal((e as NodeJS.ErrnoException).code, 'EMFILE', `no descriptor left (${held.length} taken up)`);
+  }
+  try {
+    for (let i = 0; i < 16; i++) await append(); // 4 MiB: three segments' worth
+  } catch (e) {
+    err = e;
+  } finally {
+    for (const fd of held) fs.closeSync(fd);
+    restorer.kill('SIGUSR1');
+    await restored;
+  }
+  t.equal(err, undefined, 'every append was committed (before, the first rotation failed the journal until a restart)');
+  t.equal(j.stats.segments, before, 'into the segment there was');
+  for (let i = 0; i < 8; i++) await append();
+  t.ok(j.stats.segments > before, `with descriptors back, new segments start again (${j.stats.segments})`);
+  t.equal(j.read(1, { maxEntries: 100 }).length, seq, 'and every entry reads back');
 });

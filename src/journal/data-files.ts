@@ -115,7 +115,19 @@ export class DataFiles {
     } else {
       flags |= fs.constants.O_TRUNC;
     }
-    this.fds.set(segment, fs.openSync(this.file(segment), flags, 0o600));
+    let fd: number;
+    try {
+      fd = fs.openSync(this.file(segment), flags, 0o600);
+    } catch (err) {
+      // No descriptor left (EMFILE), say: the spare stays a spare for the next try.
+      if (spare !== undefined) {
+        fs.renameSync(this.file(segment), path.join(this.dir, spare.name));
+        this.spares.push(spare);
+        this.spareBytes += spare.size;
+      }
+      throw err;
+    }
+    this.fds.set(segment, fd);
     this.pos = 0;
     this.newFiles = true;
   }

@@ -240,6 +240,8 @@ export class Journal extends EventEmitter {
   private isClosed = false;
   // commit durability: appends and meta updates waiting for the end-of-turn transaction.
   private batch: Pending[] = [];
+  /** A new segment's file could not be made (see commitBatch): logged once until one is. */
+  private segmentStuck = false;
   private readonly batchMeta = new Map<string, unknown>();
   private batchScheduled = false;
   private batchWaiters: Array<{ resolve: () => void; reject: (err: Error) => void }> = [];
@@ -510,7 +512,15 @@ export class Journal extends EventEmitter {
         // A new segment; it, its first entries and the list naming it commit together. It starts before the
         // active one would outgrow segmentBytes, so a recycled file (data-files.ts) is reused with no fresh pages.
         rotated = { name: this.freeSegmentName(), first: batch[0].seq, db: undefined as unknown as Database<Buffer, number> };
-        this.data?.create(rotated.name);
+        try {
+          this.data?.create(rotated.name);
+        } catch (err) {
+          // Its file could not be made (no descriptor left, say): the active segment takes this batch too, and
+          // the next one tries again. Failing the commit would stop the journal until a restart.
+          if (!this.segmentStuck) this.log.warn({ err }, 'could not start a new journal segment; the current one goes on growing until it can');
+          this.segmentStuck = true;
+          rotated = undefined;
+        }
       }
       if (this.lazy && this.data) ({ stored, lmdbBytes } = this.writeData((rotated ?? active).name, batch));
       // Through the write map a commit maps the pages it writes (the mapped journal peaked at 41 MiB
@@ -542,6 +552,8 @@ export class Journal extends EventEmitter {
     if (rotated) {
       this.segments.push(rotated);
       this.activeBytes = 0;
+      if (this.segmentStuck) this.log.info('a new journal segment was started again');
+      this.segmentStuck = false;
     }
     if (batch.length > 0) {
       this.committed = batch[batch.length - 1].seq;
