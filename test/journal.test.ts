@@ -1032,3 +1032,31 @@ t.test('no file descriptor left for a new segment: appends go on in the current 
   t.ok(j.stats.segments > before, `with descriptors back, new segments start again (${j.stats.segments})`);
   t.equal(j.read(1, { maxEntries: 100 }).length, seq, 'and every entry reads back');
 });
+
+t.test("a listener of the journal's full event that throws: the append still waits for room and commits, its caller never told otherwise", async (t) => {
+  const j = await Journal.open({ dir: t.testdir(), maxBytes: 2 * 2 ** 20 });
+  t.teardown(() => j.close());
+  j.registerConsumer('r');
+  j.on('full', () => {
+    throw new RangeError('Array buffer allocation failed'); // as a 4 PiB volume's dirty bitmap did
+  });
+  const data = randomBytes(256 * 1024);
+  const done: Array<Promise<void>> = [];
+  let threw: unknown;
+  try {
+    for (let i = 0; i < 12; i++) done.push(j.append(EntryKind.WRITE, i * data.length, data.length, data).done);
+  } catch (err) {
+    threw = err;
+  }
+  t.equal(threw, undefined, 'no append threw: every one that took a seq is waiting or committed');
+  t.equal(done.length, 12, 'all 12 appended (3 MiB against a 2 MiB cap: some wait for room)');
+  j.ack('r', j.stats.committedSeq);
+  await j.setCheckpoint(j.stats.committedSeq);
+  for (let n = 0; n < 20 && j.stats.committedSeq < 12; n++) {
+    j.ack('r', j.stats.committedSeq);
+    await j.setCheckpoint(j.stats.committedSeq);
+    await new Promise((r) => setTimeout(r, 50));
+  }
+  await Promise.all(done);
+  t.equal(j.stats.committedSeq, 12, 'once there was room, all of them committed');
+});

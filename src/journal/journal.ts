@@ -465,7 +465,14 @@ export class Journal extends EventEmitter {
     if (this.waitingForSpace.length > 0 || !this.hasRoom(p)) {
       // Order is kept: once one append waits, every later one queues behind it.
       this.waitingForSpace.push(p);
-      this.emit('full', this.stats);
+      // The seq is taken and the append queued: a listener's error must not reach the caller, who would take
+      // the write for refused while it is still committed later (found with a 4 PiB volume, whose dirty bitmap
+      // could not be allocated in the replicator's listener).
+      try {
+        this.emit('full', this.stats);
+      } catch (err) {
+        this.log.error({ err }, "a listener of the journal's full event failed; the append waits for room as it would");
+      }
       this.prune();
     } else {
       this.bytes += value.length;
