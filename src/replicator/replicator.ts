@@ -150,6 +150,8 @@ export class Replicator {
   private readonly digestWaiters = new Map<number, (digests: Buffer | undefined) => void>();
   /** Chunks that differ or may differ from the replica and are no longer in the journal for it. */
   private dirty: Uint8Array | undefined;
+  /** How many chunks `dirty` marks (see dirtyBytes). */
+  private dirtyChunks = 0;
   /** Installed while the replica is away and does not hold the journal. */
   private tracking: ChangeListener | undefined;
   /** A resync began and has not reached `synced`: the replica may differ anywhere. */
@@ -240,8 +242,10 @@ export class Replicator {
     const chunks = chunkCount(this.opts.size);
     if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length !== Math.ceil(chunks / 8)) return;
     const dirty = new Uint8Array(chunks);
-    for (let c = 0; c < chunks; c++) dirty[c] = (saved.bits[c >> 3] >> (c & 7)) & 1;
+    let n = 0;
+    for (let c = 0; c < chunks; c++) n += dirty[c] = (saved.bits[c >> 3] >> (c & 7)) & 1;
     this.dirty = dirty;
+    this.dirtyChunks = n;
     this.dirtyFrom = saved.from;
     this.resyncIncomplete ||= saved.incomplete;
     // The consumer's hold stands for the bitmap: the replica itself had only what came before it.
@@ -282,6 +286,7 @@ export class Replicator {
   private dropBitmap(): void {
     if (!this.dirty) return;
     this.dirty = undefined;
+    this.dirtyChunks = 0;
     this.opts.journal.setMeta(this.bitmapKey, undefined).catch((err) => this.log.warn({ err }, 'could not remove the saved dirty bitmap'));
   }
 
@@ -458,9 +463,16 @@ export class Replicator {
       return;
     }
     const fresh = !this.dirty;
-    const dirty = (this.dirty ??= new Uint8Array(chunkCount(this.opts.size)));
+    if (!this.dirty) {
+      this.dirty = new Uint8Array(chunkCount(this.opts.size));
+      this.dirtyChunks = 0;
+    }
+    const dirty = this.dirty;
     // A full resync was under way: the replica may differ anywhere.
-    if (fresh && this.resyncIncomplete) dirty.fill(1);
+    if (fresh && this.resyncIncomplete) {
+      dirty.fill(1);
+      this.dirtyChunks = dirty.length;
+    }
     if (fresh) {
       this.dirtyFrom = hold + 1;
       if (!this.missingSince) this.setMissing({ ts: this.entryTime(hold + 1) ?? Date.now(), untilSeq: Infinity });
@@ -469,7 +481,10 @@ export class Replicator {
     const mark: ChangeListener = (kind, offset, length) => {
       if (kind === EntryKind.FLUSH || length === 0) return;
       const last = Math.floor((Math.min(offset + length, size) - 1) / CHUNK_BYTES);
-      for (let c = Math.floor(offset / CHUNK_BYTES); c <= last; c++) dirty[c] = 1;
+      for (let c = Math.floor(offset / CHUNK_BYTES); c <= last; c++) {
+        if (dirty[c] === 0 && this.dirty === dirty) this.dirtyChunks++;
+        dirty[c] = 1;
+      }
     };
     this.tracking = mark;
     this.walk = mark;
@@ -537,11 +552,12 @@ export class Replicator {
     }
   }
 
+  /**
+   * Bytes the bitmap marks, from a count kept as bits are set: status asks every second, and scanning the map
+   * each time blocked serve's loop for 1.2 s a call on a 64 TiB volume (found by a review helper).
+   */
   private dirtyBytes(): number {
-    if (!this.dirty) return 0;
-    let n = 0;
-    for (const d of this.dirty) n += d;
-    return n * CHUNK_BYTES;
+    return this.dirty ? this.dirtyChunks * CHUNK_BYTES : 0;
   }
 
   /**
