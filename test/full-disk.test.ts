@@ -145,7 +145,8 @@ t.test("the image's filesystem fills with no free-space guard: the volume fails,
   const failure = await writeUntilRefused(c, 32);
   t.ok(failure instanceof NbdError, `a write failed once the image's 16 MiB filesystem was full (${String(failure)})`);
   // Said when it happens, and shown until the restart (before, the log was silent and status said "all well").
-  t.match(s.stderr(), /volume stopped taking writes at journal seq \d+ \(the image write failed\)/, 'the log says the volume stopped taking writes');
+  const said = await until(() => /volume stopped taking writes at journal seq \d+ \(the image write failed\)/.test(s.stderr()), 5_000, 50);
+  t.ok(said, 'the log says the volume stopped taking writes', { log: s.stderr().slice(-1500) });
   const status = await runStatus(process.execPath, [CLI, 'status', '--admin', adminOf(s.stdout()), '--json']);
   t.equal(status.code, 2, '`blockferry status` exits 2: needs attention');
   const body = JSON.parse(status.stdout);
@@ -251,7 +252,8 @@ for (const writeMap of [false, true]) {
     // With commit durability the write data goes to the segment's data file: its append meets the full disk,
     // or with the write map possibly the fallocate ahead of LMDB's pages; the log says the same either way.
     t.match(log, /the journal's filesystem is full, \d+ bytes free \(ENOSPC\)/, 'the log names the full disk and its free bytes');
-    t.match(log, /volume stopped taking writes at journal seq \d+ \(its journal commit failed\)/, 'and that the volume stopped taking writes, for its journal');
+    const said = await until(() => /volume stopped taking writes at journal seq \d+ \(its journal commit failed\)/.test(s.stdout() + s.stderr()), 5_000, 50);
+    t.ok(said, 'and that the volume stopped taking writes, for its journal', { log: s.stderr().slice(-1500) });
     await c.close();
   });
 }

@@ -1504,8 +1504,9 @@ function openEnv(dir: string, maxBytes: number, durability: 'sync' | 'commit', w
           // writes (ext4 remounted read-only) those left writes unanswered, serve exiting 0 or not at all, and
           // glibc aborting on a corrupted heap (found by a review helper, reproduced in full-disk.test). Committing
           // on the loop thread the syncs hold it (one fdatasync per transaction, the meta page through LMDB's O_DSYNC
-          // descriptor), and still measured faster, in process, two runs each: 20000 4 KiB appends at depth 32,
-          // 28.6-29.6k appends/s against 17.8-18.7k before; 400 1 MiB ones 179-204 MiB/s against 154-175.
+          // descriptor), and it measured no slower: `node bench/journal-append.mjs sync`, 20000 4 KiB appends at
+          // depth 32, alternating with the old code: 15.6k/17.3k against 16.7k/13.5k appends/s (1 MiB: 128/138
+          // against 145/119 MiB/s); an earlier pair of runs 28.6-29.6k against 17.8-18.7k.
           overlappingSync: false,
           eventTurnBatching: false,
         }
