@@ -7,6 +7,7 @@
 import t from 'tap';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { open } from 'lmdb';
 import { LMDB_LOCK_BYTES, openLmdb } from '../src/util/lmdb-open.js';
@@ -112,4 +113,25 @@ t.test('serve refuses a journal cut short with an error, instead of dying of SIG
   const r = await runRefused(['serve', '--image', `disk=${image}`, '--listen', '127.0.0.1:0']);
   t.equal(r.code, 1, `serve exits 1 (not killed by a signal: ${r.code})`);
   t.match(r.stderr, /journal\.mdb is not an LMDB file .*cut short/, `and names the file (${r.stderr.trim()})`);
+});
+
+t.test('read-only, on a filesystem it cannot write and with no lock file: opened and read as before (journal inspect)', async (t) => {
+  const dir = t.testdir();
+  const src = path.join(dir, 'src');
+  fs.mkdirSync(src);
+  const db = openLmdb<number, string>({ path: path.join(src, 'state.mdb') });
+  await db.put('k', 7);
+  await db.close();
+  fs.rmSync(path.join(src, 'state.mdb-lock'));
+  const ro = fs.mkdtempSync(path.join(os.tmpdir(), 'blockferry-ro-'));
+  await run('mount', ['--bind', src, ro]);
+  t.teardown(async () => {
+    await run('umount', ['-l', ro]).catch(() => undefined);
+    fs.rmSync(ro, { recursive: true, force: true });
+  });
+  await run('mount', ['-o', 'remount,ro,bind', ro]);
+  const back = openLmdb<number, string>({ path: path.join(ro, 'state.mdb'), readOnly: true });
+  t.equal(back.get('k'), 7, 'the value reads back');
+  await back.close();
+  t.throws(() => openLmdb({ path: path.join(ro, 'new.mdb') }), /read-only|EROFS/i, 'a writable open there still fails, named');
 });

@@ -97,6 +97,7 @@ export class MirrorDevice implements BlockDevice {
     const head = this.journal.stats.committedSeq;
     // Once it happens every later write is refused until a restart: said at once, not only at shutdown.
     this.order = new OrderedApply(head, (seq, err) => {
+      if (this.closed) return; // appends the closing journal refused: not a failure of the volume
       const why = this.journal.failed ? 'its journal commit failed' : 'the image write failed';
       this.log.error({ err, seq }, `volume stopped taking writes at journal seq ${seq} (${why}); they are answered EIO until serve is restarted`);
     });

@@ -97,6 +97,8 @@ class Volume {
         stored.appliedCrcs = null;
         stored.consistentFrom = -1;
         stored.seeded = false;
+        // Recorded before the new image exists: a crash in between must not leave that image beside the old state.
+        db.putSync('state', stored);
       }
       // An image without a state is not known to be zeroes (put there by hand, or its state file was removed).
       const state = stored ?? { appliedSeq: 0, volumeId: null, size, consistentFrom: -1, ...(imageExists ? { seeded: true } : {}) };

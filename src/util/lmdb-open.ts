@@ -37,7 +37,14 @@ export function openLmdb<V = unknown, K extends Key = Key>(options: RootDatabase
   }
   if (!isNew(options.path)) checkEnvFile(options.path);
   ensureDescriptors(options.path);
-  readyLockFile(`${options.path}-lock`, exclusive && !options.readOnly);
+  try {
+    readyLockFile(`${options.path}-lock`, exclusive && !options.readOnly);
+  } catch (err) {
+    // Read-only on a filesystem it cannot write: LMDB reads such an environment without a lock file (journal
+    // inspect of a read-only mount). Full is another matter: LMDB would make the lock file itself.
+    const code = (err as NodeJS.ErrnoException).code;
+    if (!options.readOnly || (code !== 'EROFS' && code !== 'EACCES' && code !== 'EPERM')) throw err;
+  }
   return open<V, K>(options);
 }
 
