@@ -144,7 +144,11 @@ t.test(`--durability ${durability}: serve survives SIGKILL at random points: rep
   live.delete(s.child);
 
   t.ok(flushed > 0, `the workload got ${flushed} flushes through between kills`);
-  t.ok(behind > 0, `${behind} of ${kills} kills left the image behind its journal, and recovery brought it level`);
+  // That recovery had work to do is required where kills land there reliably. With sync durability each group
+  // commit is synced on the loop thread, and the image writes after it take a millisecond or so of the time in
+  // between (0 of 12 kills in a CI run of 16ec16e); its recovery path is the same code as commit durability's.
+  if (durability === 'commit') t.ok(behind > 0, `${behind} of ${kills} kills left the image behind its journal, and recovery brought it level`);
+  else t.comment(`${behind} of ${kills} kills left the image behind its journal`);
   const inspected = JSON.parse((await run(process.execPath, [CLI, 'journal', 'inspect', '--journal', journal, '--json'])).stdout);
   if (durability === 'commit') t.ok(inspected.stats.segments > 1, `the journal grew into ${inspected.stats.segments} segments across the kills`);
   t.equal(mismatches, 0, `after each of ${kills} SIGKILLs, recovery left the image equal to zeroes + journal`);
