@@ -57,7 +57,7 @@ const COALESCE_MS = 4;
  * entries alone, a replica 11 s and 29 MiB behind on a 4 MB/s link showed `continuous` (112 entries of 256 KiB).
  */
 const BACKLOG_SECONDS = 2;
-/** How often a resync held back by a full half of the journal looks again (see runResync). */
+/** How often a resync held back while the link is congested (a quarter of the cap unsent) looks again (see runResync). */
 const RESYNC_THROTTLE_POLL_MS = 50;
 /** Reconnect backoff: first delay and ceiling. */
 const BACKOFF_MIN_MS = 250;

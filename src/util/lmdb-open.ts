@@ -29,13 +29,14 @@ export const LMDB_LOCK_BYTES = 8272;
  * only a missing lock file is made: one in use by another process is never touched.
  */
 export function openLmdb<V = unknown, K extends Key = Key>(options: RootDatabaseOptionsWithPath & { path: string }, exclusive = false): RootDatabase<V, K> {
-  if (!options.readOnly && isNew(options.path)) {
+  const fresh = isNew(options.path);
+  if (!options.readOnly && fresh) {
     const free = freeBytes(path.dirname(options.path));
     if (free !== undefined && free < NEW_ENV_MIN_FREE) {
       throw new BlockferryError('ENOSPC', `cannot create ${options.path}: its filesystem has ${free} bytes free (ENOSPC), and a new LMDB environment needs at least ${NEW_ENV_MIN_FREE}; free some space and start again`);
     }
   }
-  if (!isNew(options.path)) checkEnvFile(options.path);
+  if (!fresh) checkEnvFile(options.path);
   ensureDescriptors(options.path);
   try {
     readyLockFile(`${options.path}-lock`, exclusive && !options.readOnly);
