@@ -17,10 +17,11 @@ import os from 'node:os';
 import path from 'node:path';
 import { sameFiles, until } from './helpers/files.js';
 import { NbdError, NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, adminOf, run, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, adminOf, freePort, getStatus, run, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { Journal } from '../src/journal/journal.js';
 import { EntryKind } from '../src/journal/types.js';
 import { loadNative } from '../src/device/native.js';
+import { SpaceGuard } from '../src/mirror/space-guard.js';
 
 const ENOSPC = 28;
 const MiB = 2 ** 20;
@@ -411,5 +412,73 @@ for (const durability of ['commit', 'sync'] as const) {
     t.equal(code, 1, 'told to stop, serve stops, saying a volume had failed (exit 1)', { log: s.stderr().slice(-3000) });
     await b.close();
     t.equal(await other.stop(), 0, 'the other serve stops cleanly');
+  });
+}
+
+t.test('space freed since the last look is not refused: the free-space guard looks again before it refuses', async (t) => {
+  // The guard estimates between looks (every 250 ms) by counting what it took: the estimate only falls. When the
+  // journal dropped a segment's file meanwhile, writes were refused with ENOSPC while the disk had room.
+  const jfs = await tmpfs(t, '32m');
+  const filler = fill(jfs, 4 * MiB);
+  const guard = new SpaceGuard([jfs], 8 * MiB);
+  t.teardown(() => guard.close());
+  t.match(guard.take(MiB)?.message, /no space: .* less than the 8\.00 MiB kept in reserve/, 'with 4 MiB free and 8 kept in reserve, a write is refused');
+  fs.rmSync(filler);
+  t.equal(guard.take(MiB), undefined, 'the space freed just after is taken at once, not after the next look');
+  t.equal(guard.refusing, undefined, 'and the refusal has ended');
+});
+
+for (const how of ['away', 'behind a slow link'] as const) {
+  t.test(`the journal's filesystem is smaller than its cap while the replica is ${how}: the replica goes onto the dirty bitmap, writes go on, and it converges`, async (t) => {
+    // The default cap (8 GiB) on a 160 MiB filesystem: without looking at the disk, the journal kept every entry
+    // for the replica until the free-space guard refused writes with ENOSPC, which a filesystem on the volume
+    // takes for an I/O error. A disk nearly full counts as the journal full: an absent replica is switched to the
+    // bitmap, a connected one far behind is pulled ahead, as at the cap, and the journal lets go of what it held.
+    const dir = t.testdir();
+    const jfs = await tmpfs(t, '160m');
+    const image = path.join(dir, 'disk.img');
+    const replicaDir = path.join(dir, 'replica');
+    fs.mkdirSync(replicaDir);
+    const away = how === 'away';
+    const port = await freePort();
+    // The slow link: 16 MB/s, where 256 MiB takes 17 s.
+    if (!away) await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+    const link = away ? [] : ['--max-rate', '16MB/s'];
+    const s = await startServe(['--image', `disk=${image}`, '--size', '256M', '--listen', '127.0.0.1:0', '--journal', path.join(jfs, 'journal'), '--min-free', '16M', '--replicate-to', `ws://127.0.0.1:${port}`, ...link, '--admin', '127.0.0.1:0'], t.teardown);
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+    t.teardown(() => c.close());
+    let refusal: unknown;
+    const inflight = new Set<Promise<void>>();
+    const started = Date.now();
+    // 256 MiB of distinct 1 MiB blocks, written once each: more than the filesystem holds.
+    for (let mib = 0; mib < 256 && !refusal; mib++) {
+      const p: Promise<void> = c.write(mib * MiB, randomBytes(MiB)).then(
+        () => void inflight.delete(p),
+        (err) => {
+          inflight.delete(p);
+          refusal ??= err;
+        },
+      );
+      inflight.add(p);
+      if (inflight.size >= 8) await Promise.race(inflight);
+    }
+    await Promise.all(inflight);
+    await c.flush();
+    const seconds = (Date.now() - started) / 1000;
+    t.equal(refusal, undefined, `every write was taken (${String(refusal)})`);
+    if (away) {
+      t.match(s.stderr(), /tracking its dirty regions in a bitmap/, 'the absent replica was switched to the dirty bitmap');
+    } else {
+      t.match(s.stderr(), /pull-ahead/, 'the replica behind the slow link was pulled ahead');
+      t.ok(seconds < 8, `256 MiB written in ${seconds.toFixed(1)} s, not at the link's pace (17 s)`);
+    }
+    const st = await getStatus(adminOf(s.stdout()));
+    t.equal(st.volumes[0].writesRefused, null, 'status shows no refused writes');
+    t.ok(st.volumes[0].journal.capBytes < 160 * MiB, `status shows the journal's cap as the disk allows (${st.volumes[0].journal.capBytes} of ${st.volumes[0].journal.maxBytes})`);
+
+    if (away) await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
+    t.ok(await until(() => sameFiles(image, path.join(replicaDir, 'disk.img')), 120_000, 200), 'the replica converges byte for byte');
+    await c.close();
+    t.equal(await s.stop(), 0, 'serve stops cleanly');
   });
 }

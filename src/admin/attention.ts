@@ -1,6 +1,7 @@
 // What needs an operator's attention, in words. Used by the admin server (the `attention` field of /status,
 // which the page shows) and by `blockferry status` (its exit code), so both judge the same way.
 import type { ReplayStatusBody, ServeStatusBody } from './status-types.js';
+import { formatBytes } from '../util/size.js';
 
 /** A journal this full is close to making writes wait (or, later, to switching a replica to a bitmap). */
 export const JOURNAL_ATTENTION_RATIO = 0.9;
@@ -21,8 +22,9 @@ export function serveAttention(s: ServeStatusBody): string[] {
       out.push(`volume ${v.volume}: ${v.writesRefused.refused} write(s) refused with ENOSPC since ${new Date(v.writesRefused.since).toISOString()}: ${v.writesRefused.reason}`);
     }
     const j = v.journal;
-    if (j && j.maxBytes > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * j.maxBytes) {
-      out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / j.maxBytes)}% of its cap; writes wait when it is full`);
+    if (j && j.capBytes > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * j.capBytes) {
+      const disk = j.capBytes < j.maxBytes ? ` (${formatBytes(j.capBytes)}, less than --journal-max: its disk has no more room)` : '';
+      out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / j.capBytes)}% of its cap${disk}; writes wait when it is full`);
     }
   }
   return out;

@@ -26,6 +26,7 @@ export class StatusMetrics {
       entries: gauge('blockferry_journal_entries', 'Entries stored in the journal', vol),
       journalBytes: gauge('blockferry_journal_bytes', 'Bytes stored in the journal', vol),
       journalMax: gauge('blockferry_journal_max_bytes', 'Journal size cap (--journal-max)', vol),
+      journalCap: gauge('blockferry_journal_cap_bytes', "Journal size cap in force: --journal-max, or less while the journal's disk has less room", vol),
       writeRate: gauge('blockferry_write_bytes_per_second', 'Data bytes written by clients per second, over the last seconds', vol),
       replicaAcked: gauge('blockferry_replica_acked_seq', 'Highest seq the replica has durably applied and acknowledged', rep),
       lagEntries: gauge('blockferry_replica_lag_entries', 'Committed entries the replica has not acknowledged', rep),
@@ -61,6 +62,7 @@ export class StatusMetrics {
           g.entries.set({ volume }, v.journal.entries);
           g.journalBytes.set({ volume }, v.journal.bytes);
           g.journalMax.set({ volume }, v.journal.maxBytes);
+          g.journalCap.set({ volume }, v.journal.capBytes);
         }
         if (v.writes) {
           c.writeOps.inc({ volume }, v.writes.ops);

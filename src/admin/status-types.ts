@@ -57,7 +57,10 @@ export interface JournalStatus {
   appliedSeq: number | null;
   entries: number;
   bytes: number;
+  /** --journal-max. */
   maxBytes: number;
+  /** The cap in force: maxBytes, or less while the journal's filesystem has less room (it fills to there). */
+  capBytes: number;
 }
 
 export interface ServeVolumeStatus {

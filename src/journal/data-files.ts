@@ -74,6 +74,9 @@ export class DataFiles {
    * `maxSpareBytes`: how many bytes of dropped segments' files are kept for reuse (0: each is deleted).
    * `readOnly`: only reads (journal inspect beside a live serve): files are opened read-only, never created.
    */
+  /** Whether dropped segments' files are kept as spares (off while the disk is short: see Journal.lookAtDisk). */
+  keepSpares = true;
+
   constructor(
     private readonly dir: string,
     private readonly maxSpareBytes = 0,
@@ -185,10 +188,15 @@ export class DataFiles {
 
   /** Counts a file as a spare if the budget has room for it. */
   private keepSpare(name: string, size: number): boolean {
-    if (this.spareBytes + size > this.maxSpareBytes) return false;
+    if (!this.keepSpares || this.spareBytes + size > this.maxSpareBytes) return false;
     this.spares.push({ name, size });
     this.spareBytes += size;
     return true;
+  }
+
+  /** Bytes the spare files hold (disk space the next segments reuse). */
+  get spareBytesHeld(): number {
+    return this.spareBytes;
   }
 
   /** Deletes the spares (the disk is short of space); returns the bytes their files held. */

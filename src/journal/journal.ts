@@ -20,6 +20,7 @@ import { BlockferryError, JournalCorruptError } from '../util/errors.js';
 import { silentLogger, type Logger } from '../util/logger.js';
 import { loadNative, openLocked } from '../device/native.js';
 import { freeBytes } from '../util/free-space.js';
+import { formatBytes } from '../util/size.js';
 import { MapSpace } from './map-space.js';
 import { FILE_REF_VALUE, VALUE_HEADER, decodeValue, encodeFileRef, encodeValue, entryCrc, fileRef, storedLength, valueCum, valueDataLength, verifyEntry } from './entry.js';
 import { DataFiles, IOV_MAX } from './data-files.js';
@@ -118,6 +119,16 @@ const WRITE_MAP_DEFAULT = false;
 function allocateAhead(maxBytes: number): number {
   return Math.min(64 * 2 ** 20, Math.max(4 * 2 ** 20, Math.floor(maxBytes / 16)));
 }
+/**
+ * The least a full disk shrinks the cap to (JournalOptions.keepFree): a disk filled by others leaves the journal
+ * room for a run of writes between checkpoints, not one entry per checkpoint; beyond that the free-space guard
+ * in front of the journal refuses writes (ENOSPC).
+ */
+const DISK_CAP_FLOOR = 32 * 2 ** 20;
+/** Spare data files are given back while the journal's disk has less room than this many segments (lookAtDisk). */
+const SPARE_ROOM_SEGMENTS = 4;
+/** How often the free space of the journal's filesystem is looked at (with keepFree), besides while appends wait. */
+const DISK_POLL_MS = 250;
 /** Room reserved for a transaction that only prunes or drops (the free list grows by 8 bytes per freed page). */
 const PRUNE_TXN_BYTES = 2 ** 20;
 
@@ -149,6 +160,14 @@ export interface JournalOptions {
    * head and tail into the journal on close). Appends and other changes throw.
    */
   readOnly?: boolean;
+  /**
+   * Bytes to leave free on the journal's filesystem. When the disk holds less than the cap, the journal counts
+   * as full once only this much would be left (never below DISK_CAP_FLOOR): appends wait, and the 'full' event
+   * lets a replica that holds the journal go onto its dirty bitmap, as at the cap. Without it (0), a journal on
+   * a disk smaller than its cap grows until the disk is full. serve passes a little more than --min-free, so
+   * the journal lets go before writes are refused for space.
+   */
+  keepFree?: number;
   logger?: Logger;
 }
 
@@ -256,6 +275,15 @@ export class Journal extends EventEmitter {
   private space: MapSpace | undefined;
   /** The journal's directory (the filesystem a failed commit may have filled). */
   private dir: string | undefined;
+  /** JournalOptions.keepFree (0: the disk is not looked at). */
+  private keepFree = 0;
+  /** The journal filesystem's free bytes at the last look (see lookAtDisk); Infinity when not looked at. */
+  private diskFree = Infinity;
+  /** Bytes of entries admitted since that look: they take the disk's space as they are written. */
+  private admittedSinceLook = 0;
+  private diskTimer: NodeJS.Timeout | undefined;
+  /** Whether the last look found the disk holding the cap down (logged when that changes). */
+  private diskLimited = false;
   /** The segments' data files (see data-files.ts): commit durability appends WRITE data there. */
   private data: DataFiles | undefined;
   private touchedSinceUnmap = 0;
@@ -391,6 +419,12 @@ export class Journal extends EventEmitter {
       if (durability === 'commit') j.data.openActive(segments[segments.length - 1].name);
     }
     j.checkTail();
+    if (!j.readOnly && (opts.keepFree ?? 0) > 0) {
+      j.keepFree = opts.keepFree!;
+      j.lookAtDisk();
+      j.diskTimer = setInterval(() => j.lookAtDisk(), DISK_POLL_MS);
+      j.diskTimer.unref();
+    }
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     return j;
   }
@@ -445,7 +479,51 @@ export class Journal extends EventEmitter {
       storedBytes: this.bytes + this.garbage,
       segments: this.segments.length,
       maxBytes: this.maxBytes,
+      capBytes: this.capBytes,
     };
+  }
+
+  /** The cap in force: maxBytes, or less when the journal's filesystem has less room (JournalOptions.keepFree). */
+  get capBytes(): number {
+    const room = this.bytes + this.garbage + this.diskFree - this.admittedSinceLook - this.keepFree;
+    return Math.min(this.maxBytes, Math.max(DISK_CAP_FLOOR, room));
+  }
+
+  /**
+   * Looks at the free space of the journal's filesystem, which appends may take down to keepFree (hasRoom);
+   * between looks, the entries admitted count against it. The disk, not the journal's count of what it stores:
+   * a pruned entry's data stays on disk until its segment's file goes (found by this change's test, where
+   * counting stored bytes let the journal run 15 MiB past its room and writes were refused for space).
+   * While the disk is down to a few segments' room (SPARE_ROOM_SEGMENTS), no spare files are kept (see
+   * data-files.ts): a spare is space the journal let go of that the disk does not get back, and only a new
+   * segment reuses one while the active segment's file grows.
+   */
+  private lookAtDisk(): void {
+    if (this.keepFree <= 0 || !this.dir || this.isClosed) return;
+    let free = freeBytes(this.dir);
+    if (free === undefined) return; // the directory gone for a moment: keep the last figure
+    const limited = this.bytes + this.garbage + free + (this.data?.spareBytesHeld ?? 0) - this.keepFree < this.maxBytes;
+    if (this.data) {
+      const short = free - this.keepFree < SPARE_ROOM_SEGMENTS * this.segmentBytes;
+      this.data.keepSpares = !short;
+      if (short && this.data.spareBytesHeld > 0) {
+        this.data.releaseSpares();
+        free = freeBytes(this.dir) ?? free;
+      }
+    }
+    this.diskFree = free;
+    this.admittedSinceLook = 0;
+    if (limited !== this.diskLimited) {
+      this.diskLimited = limited;
+      if (limited) {
+        this.log.warn(
+          { freeBytes: free, capBytes: this.capBytes, maxBytes: this.maxBytes },
+          `the journal's filesystem has room for less than the journal's cap: it counts as full at ${formatBytes(this.capBytes)} (a replica holding it then goes onto its dirty bitmap)`,
+        );
+      } else {
+        this.log.info({ freeBytes: free, maxBytes: this.maxBytes }, "the journal's filesystem has room for the whole cap again");
+      }
+    }
   }
 
   append(kind: EntryKind, offset: number, length: number, data?: Buffer): { seq: number; done: Promise<void> } {
@@ -476,6 +554,7 @@ export class Journal extends EventEmitter {
       this.prune();
     } else {
       this.bytes += value.length;
+      this.admittedSinceLook += value.length;
       this.enqueue(p);
     }
     return { seq, done };
@@ -723,7 +802,12 @@ export class Journal extends EventEmitter {
     // An entry larger than the whole cap is still taken into an empty journal (every entry before it pruned and
     // its storage given back), or nothing could ever pass. Empty before `p.seq`, not before the head: appends
     // queued behind it must not keep it out for good.
-    return this.bytes + this.garbage + p.value.length <= this.maxBytes || (p.seq - 1 < this.tail && this.physTail >= this.tail);
+    if (p.seq - 1 < this.tail && this.physTail >= this.tail) return true;
+    const stored = this.bytes + this.garbage + p.value.length;
+    if (stored > this.maxBytes) return false;
+    // The disk's room (keepFree): a journal under DISK_CAP_FLOOR goes on regardless, or a disk others filled
+    // would let it take one entry per checkpoint; the free-space guard in front refuses writes there.
+    return stored <= DISK_CAP_FLOOR || this.diskFree - this.admittedSinceLook - p.value.length >= this.keepFree;
   }
 
   private wake(): void {
@@ -1415,10 +1499,13 @@ export class Journal extends EventEmitter {
   }
 
   private admitWaiting(): void {
+    // Pruning may have freed the disk's space (dropped segments' files): look again before refusing room.
+    if (this.waitingForSpace.length > 0) this.lookAtDisk();
     let admitted = false;
     while (this.waitingForSpace.length > 0 && this.hasRoom(this.waitingForSpace[0])) {
       const p = this.waitingForSpace.shift()!;
       this.bytes += p.value.length;
+      this.admittedSinceLook += p.value.length;
       this.enqueue(p);
       admitted = true;
     }
@@ -1428,6 +1515,7 @@ export class Journal extends EventEmitter {
   async close(): Promise<void> {
     if (this.isClosed) return;
     this.isClosed = true;
+    if (this.diskTimer) clearInterval(this.diskTimer);
     for (const w of this.waiters.splice(0)) w.resolve();
     if (!this.readOnly) {
       // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.

@@ -51,6 +51,8 @@ export interface JournalStats {
   segments: number;
   /** Configured cap (--journal-max). */
   maxBytes: number;
+  /** The cap in force: maxBytes, or less while the journal's filesystem has less room (JournalOptions.keepFree). */
+  capBytes: number;
 }
 
 export interface ConsumerState {

@@ -56,7 +56,10 @@ export class SpaceGuard {
    */
   take(bytes: number): BlockferryError | undefined {
     let short = this.short(bytes);
-    if (short && this.release && this.release() > 0) {
+    if (short) {
+      // Before refusing, look again: the estimate only falls between polls, and space freed since (the journal
+      // dropping a segment it had held for an absent replica) would be refused for up to a poll's time.
+      this.release?.();
       this.poll();
       short = this.short(bytes);
     }

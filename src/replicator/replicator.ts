@@ -461,7 +461,7 @@ export class Replicator {
       this.pullingAhead = true;
       this.lastError = 'pulled ahead: the link was slower than the writes when the journal was full';
       this.log.warn(
-        { lagBytes: lagBytes(j, this.appliedSeq), journalMaxBytes: j.maxBytes },
+        { lagBytes: lagBytes(j, this.appliedSeq), journalCapBytes: j.capBytes },
         'journal full and the replica far behind over a link slower than the writes: dropping the link and tracking its changes in the dirty bitmap, so writes go on (pull-ahead); it resyncs the dirty regions when it reconnects',
       );
       ws.terminate();
@@ -529,7 +529,7 @@ export class Replicator {
   private congested(): boolean {
     const j = this.opts.journal;
     const unsent = lagBytes(j, Math.max(this.nextSeq - 1, this.appliedSeq));
-    return unsent !== null && unsent > j.maxBytes / 4;
+    return unsent !== null && unsent > j.capBytes / 4;
   }
 
   /**

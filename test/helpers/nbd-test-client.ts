@@ -210,6 +210,8 @@ export class NbdTestClient extends EventEmitter {
   }
 
   async close(): Promise<void> {
+    // Closed already (by the test, then again in its teardown): 'close' will not come again.
+    if (this.sock.closed) return;
     const h = Buffer.alloc(28);
     h.writeUInt32BE(0x25609513, 0);
     h.writeUInt16BE(2, 6);

@@ -131,7 +131,10 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   let journal: Journal | undefined;
   const journalIsNew = !fs.existsSync(dir);
   try {
-    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, lock: true, logger: log });
+    // The journal lets go (replicas onto their bitmaps) before its disk is down to --min-free, where writes
+    // would be refused.
+    const keepFree = opts.minFree ? opts.minFree + Math.max(16 * 2 ** 20, opts.minFree) : 0;
+    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, keepFree, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     await claimImage(img, dir, journal, { journalIsNew: !volumeId, imageIsNew, moved: opts.imageMoved ?? false });
     if (promotedAt) await claimPromotion(img, dir, journal, { journalIsNew: !volumeId, promotedAt });
@@ -400,6 +403,7 @@ function volumeStatus(v: ServedVolume): ServeVolumeStatus {
           entries: j.entries,
           bytes: j.bytes,
           maxBytes: j.maxBytes,
+          capBytes: j.capBytes,
         }
       : null,
     writes: v.meter?.status() ?? null,
