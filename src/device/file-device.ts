@@ -92,10 +92,26 @@ export class FileDevice implements BlockDevice {
   private scanAheadTo = 0;
   readonly nativeAvailable: boolean;
 
+  get size(): number {
+    return this.currentSize;
+  }
+
+  /**
+   * Grows a regular file to `size` bytes (the new region reads as zeroes), made durable before it returns: a
+   * replica following its primary's grown volume. A block device is not grown here.
+   */
+  grow(size: number): void {
+    if (size <= this.currentSize) return;
+    if (this.isBlockDevice) throw new BlockferryError('ERR_VOLUME_SIZE', `${this.path} is a block device of ${this.currentSize} bytes and cannot be grown to ${size} here`);
+    fs.ftruncateSync(this.fd, size);
+    fs.fsyncSync(this.fd);
+    this.currentSize = size;
+  }
+
   private constructor(
     readonly path: string,
     private readonly fd: number,
-    readonly size: number,
+    private currentSize: number,
     readonly isBlockDevice: boolean,
     readOnly: boolean,
     private readonly syncThreshold: number,

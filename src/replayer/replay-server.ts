@@ -157,6 +157,17 @@ class Volume {
     while (this.syncing) await this.syncing.catch(() => undefined);
   }
 
+  /**
+   * The primary's volume grew (its image was extended and served again): the replica grows to match, durably
+   * (the file, then the state's size). Nothing applied refers past the old end, and the new region reads as
+   * zeroes here; the primary compares it by digests and sends what differs (Replicator: the grown marker).
+   */
+  async grow(size: number): Promise<void> {
+    this.device.grow(size);
+    this.state.size = size;
+    await this.sync();
+  }
+
   /** fsyncs the image, then records the state with everything applied so far; one at a time. */
   async sync(): Promise<void> {
     while (this.syncing) await this.syncing;
@@ -438,8 +449,10 @@ export class ReplayServer {
             );
           }
           if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
-          if (v.device.size !== msg.size) {
-            return fail(CloseCode.VOLUME_MISMATCH, 'ERR_VOLUME_SIZE', `volume ${msg.volume} is ${v.device.size} bytes here, the primary says ${msg.size}`);
+          // A larger primary grew its volume: the replica follows (below, once the primary is known to be its
+          // own). A smaller one is never followed: the bytes past its end would be lost here too.
+          if (v.device.size > msg.size) {
+            return fail(CloseCode.VOLUME_MISMATCH, 'ERR_VOLUME_SIZE', `volume ${msg.volume} is ${v.device.size} bytes here, the primary says ${msg.size}: a replica is never shrunk`);
           }
           if (v.state.volumeId && v.state.volumeId !== msg.volumeId) {
             return fail(
@@ -447,6 +460,17 @@ export class ReplayServer {
               'ERR_VOLUME_MISMATCH',
               `volume ${msg.volume} here replicates primary volume ${v.state.volumeId}, not ${msg.volumeId}; refusing to overwrite it`,
             );
+          }
+          if (v.device.size < msg.size) {
+            const from = v.device.size;
+            try {
+              await v.grow(msg.size);
+            } catch (err) {
+              return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${msg.volume}: cannot grow the replica from ${from} to ${msg.size} bytes: ${(err as Error).message}`);
+            }
+            log.warn({ volume: msg.volume, fromBytes: from, toBytes: msg.size }, "the primary's volume grew: the replica grew to match");
+            // Another hello may have come meanwhile (grow awaits): one primary at a time.
+            if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
           }
           // Taken before anything is awaited: a second primary's hello meanwhile is refused as busy.
           v.owner = ws;

@@ -217,9 +217,28 @@ export class Replicator {
     return `behind:${consumerId}`;
   }
 
+  /**
+   * The journal meta key of a grown volume's old size, for a replica that has not compared the new region yet
+   * (set by serve when it finds the image grew; see markGrown).
+   */
+  static grownKeyFor(consumerId: string): string {
+    return `grown:${consumerId}`;
+  }
+
+  /**
+   * The volume grew from `fromSize`: the replica compares the region past it by digests when it next connects
+   * (its replayer grows the replica, which reads zeroes there; the primary's new region may hold anything, a
+   * block device's especially). Kept across restarts until that comparison has queued every differing chunk.
+   */
+  static async markGrown(journal: Journal, consumerId: string, fromSize: number): Promise<void> {
+    const key = Replicator.grownKeyFor(consumerId);
+    const earlier = journal.getMeta<number>(key);
+    await journal.setMeta(key, typeof earlier === 'number' ? Math.min(earlier, fromSize) : fromSize);
+  }
+
   /** Every journal meta key a replica's replicator keeps: removed with the replica. */
   static metaKeysFor(consumerId: string): string[] {
-    return [Replicator.bitmapKeyFor(consumerId), Replicator.resyncKeyFor(consumerId), Replicator.behindKeyFor(consumerId)];
+    return [Replicator.bitmapKeyFor(consumerId), Replicator.resyncKeyFor(consumerId), Replicator.behindKeyFor(consumerId), Replicator.grownKeyFor(consumerId)];
   }
 
   /** Sets missingSince, and records it (or its end) in the journal's meta. */
@@ -240,7 +259,8 @@ export class Replicator {
     if (behind && typeof behind.since === 'number') this.missingSince = { ts: behind.since, untilSeq: behind.untilSeq ?? Infinity };
     const saved = this.opts.journal.getMeta<SavedBitmap>(this.bitmapKey);
     const chunks = chunkCount(this.opts.size);
-    if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length !== Math.ceil(chunks / 8)) return;
+    // Fewer bits than chunks: the volume grew since it was saved (the grown region is compared anyway).
+    if (!saved || !(saved.bits instanceof Uint8Array) || saved.bits.length > Math.ceil(chunks / 8)) return;
     const dirty = new Uint8Array(chunks);
     let n = 0;
     for (let c = 0; c < chunks; c++) n += dirty[c] = (saved.bits[c >> 3] >> (c & 7)) & 1;
@@ -627,12 +647,16 @@ export class Replicator {
     // replayer made it), not if it held data before (a demoted primary's image: seeded).
     const first = (applied === 0 || this.firstCopyIncomplete) && consistentFrom === -1;
     const isNew = first && !seeded;
-    const needsResync = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
+    const fromScratch = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
+    // The volume grew since this replica last compared: the region past the old size is compared too.
+    const grownFrom = this.opts.journal.getMeta<number>(Replicator.grownKeyFor(this.consumerId));
+    const grown = typeof grownFrom === 'number' && grownFrom < this.opts.size;
+    const needsResync = fromScratch || grown;
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.
     // Nor after a corrupt entry: what it changed is not known, so every chunk is compared. Nor for another
     // history: the writes only the replica has are in no bitmap.
-    if (!needsResync || isNew || diverged || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
+    if (!fromScratch || isNew || diverged || applied + 1 < this.dirtyFrom || applied < this.corruptThrough) this.dropBitmap();
     if (!needsResync && this.missingSince) {
       // Consistent: the journal holds everything it lacks again, and its lag is read from the entries. Waiting
       // for the seq a finished resync made it consistent at: the lag counts as before until it is applied.
@@ -669,7 +693,10 @@ export class Replicator {
     this.state = needsResync ? (first ? 'initial-sync' : 'resync') : 'continuous';
     void this.ship(ws);
     if (needsResync) {
-      this.runResync(ws).catch((err) => {
+      // Every chunk from `whole` on is compared, and before it those the bitmap marks: all of them when the
+      // replica needs a full comparison, the grown region when only the volume's growth asks for one.
+      const whole = fromScratch && !this.dirty ? 0 : grown ? Math.floor(grownFrom / CHUNK_BYTES) : Infinity;
+      this.runResync(ws, whole, grown).catch((err) => {
         if (this.ws !== ws) return; // the link went away; the next connection starts over
         this.lastError = `resync failed: ${(err as Error).message}`;
         this.log.error({ err }, 'resync failed; reconnecting to start over');
@@ -678,24 +705,30 @@ export class Replicator {
     }
   }
 
-  /** Walks the volume comparing digests; differing chunks enter the journal; ends with `synced`. */
-  private async runResync(ws: WebSocket): Promise<void> {
+  /**
+   * Walks the volume comparing digests of the chunks from `whole` on and of those the bitmap marks before it;
+   * differing chunks enter the journal; ends with `synced`. `grown`: this covers the volume's grown region
+   * (its marker is cleared at the end).
+   */
+  private async runResync(ws: WebSocket, whole: number, grown: boolean): Promise<void> {
     const source = this.opts.source!;
     const total = chunkCount(this.opts.size);
     const dirty = this.dirty;
-    const scope = dirty ? this.dirtyBytes() : this.opts.size;
+    const full = whole === 0;
+    const scope = full ? this.opts.size : (dirty ? this.dirtyBytes() : 0) + Math.max(0, this.opts.size - Math.min(whole, total) * CHUNK_BYTES);
     this.resyncIncomplete = true;
     const initial = this.state === 'initial-sync';
     this.firstCopyIncomplete = initial;
     this.resync = { doneBytes: 0, totalBytes: this.opts.size, sentBytes: 0, startedAt: Date.now() };
     // A full comparison is marked in the journal: if serve restarts before it ends, a bitmap built then (only
     // changes from then on) would otherwise stand in for it, and the chunks it never reached go uncompared.
-    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, initial ? 'initial' : true);
-    this.log.info({ bytes: scope, dirtyOnly: !!dirty }, `resync: comparing chunk digests with the replica${dirty ? ' (dirty regions only)' : ''}`);
+    if (full) await this.opts.journal.setMeta(this.resyncKey, initial ? 'initial' : true);
+    const what = full ? '' : [dirty ? 'dirty regions' : '', grown ? 'the grown region' : ''].filter(Boolean).join(' and ');
+    this.log.info({ bytes: scope, dirtyOnly: !!dirty, grown }, `resync: comparing chunk digests with the replica${what ? ` (${what} only)` : ''}`);
     for (let first = 0; first < total; first += CHUNKS_PER_REQUEST) {
       if (this.ws !== ws || this.stopped) return;
       const count = Math.min(CHUNKS_PER_REQUEST, total - first);
-      if (dirty && !dirty.subarray(first, first + count).some((d) => d === 1)) {
+      if (first + count <= whole && !dirty?.subarray(first, first + count).some((d) => d === 1)) {
         this.resync.doneBytes = Math.min(this.opts.size, (first + count) * CHUNK_BYTES);
         continue;
       }
@@ -731,7 +764,8 @@ export class Replicator {
     if (this.missingSince) this.setMissing(this.appliedSeq >= seq ? undefined : { ts: this.missingSince.ts, untilSeq: seq });
     this.resyncIncomplete = false;
     this.firstCopyIncomplete = false;
-    if (!dirty) await this.opts.journal.setMeta(this.resyncKey, undefined);
+    if (full) await this.opts.journal.setMeta(this.resyncKey, undefined);
+    if (grown) await this.opts.journal.setMeta(Replicator.grownKeyFor(this.consumerId), undefined);
     if (this.dirty === dirty) this.dropBitmap();
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
     this.resync = undefined;

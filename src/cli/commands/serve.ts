@@ -145,6 +145,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
       // only the journal. Any other image's existing contents reach replicas by digest comparison.
       await journal.setMeta('fromEmpty', imageIsNew && journal.stats.headSeq === 0);
     }
+    await checkImageSize(img, dir, journal, file.size, log);
     // The image's filesystem matters only for a file (holes fill up); a block device has its size.
     const spacePaths = fs.statSync(img.path).isBlockDevice() ? [dir] : [dir, img.path];
     const mirror = await MirrorDevice.open({
@@ -286,6 +287,29 @@ async function claimImage(img: ServeImage, dir: string, journal: Journal, how: {
     }
   }
   if (now && !same) await journal.setMeta('image', now);
+}
+
+/**
+ * The image's size against the size it was last served with (journal meta `imageSize`). Smaller is refused:
+ * a truncated file or a shrunk device has lost the bytes past its end, which the journal's entries and every
+ * replica still hold. Larger is a grown volume: each replica grows and compares the new region by digests
+ * when it next connects (Replicator.markGrown).
+ */
+async function checkImageSize(img: ServeImage, dir: string, journal: Journal, size: number, log: Logger): Promise<void> {
+  const known = journal.getMeta<number>('imageSize');
+  if (typeof known === 'number' && size < known) {
+    throw new BlockferryError(
+      'ERR_IMAGE_SHRUNK',
+      `image ${img.path} is ${size} bytes, but was ${known} when journal ${dir} last served it: it was truncated or shrunk, and the bytes past its end are lost to it while its journal and replicas hold them. ` +
+        'Restore the image (a replica has it: README, failover), or grow it back to its size; blockferry does not shrink volumes',
+    );
+  }
+  if (typeof known === 'number' && size > known) {
+    const replicas = journal.consumers().filter((c) => c.id.startsWith('replica:'));
+    for (const c of replicas) await Replicator.markGrown(journal, c.id, known);
+    log.warn({ volume: img.name, fromBytes: known, toBytes: size, replicas: replicas.length }, 'the volume grew: each replica grows to match and compares the new region by digests when it connects');
+  }
+  if (known !== size) await journal.setMeta('imageSize', size);
 }
 
 /** A birth time in microseconds, for people. */
