@@ -37,6 +37,14 @@ t.test('creates a sparse file of the given size; reopening keeps it; a different
   t.notOk(fs.existsSync(empty), 'and leaves no empty file that later opens would refuse');
 });
 
+// ext4's files end at 16 TiB (4 KiB blocks): a larger --size failed with a bare "EFBIG: file too large, ftruncate".
+const EXT4_MAGIC = 0xef53;
+t.test('a size larger than the filesystem allows for one file is a usage error naming the image', { skip: fs.statfsSync('.').type === EXT4_MAGIC ? false : 'the test directory is not on ext4' }, async (t) => {
+  const file = path.join(t.testdir(), 'huge.img');
+  await t.rejects(FileDevice.open({ path: file, size: 2 ** 50 }), { code: 'ERR_USAGE', message: /cannot create image .*huge\.img of 1125899906842624 bytes: its filesystem's files cannot be that large \(EFBIG\)/ });
+  t.notOk(fs.existsSync(file), 'and leaves no file behind');
+});
+
 t.test('native helper is loaded and capabilities say so', async (t) => {
   const { dev } = await openTemp(t);
   t.equal(dev.nativeAvailable, true, 'build/Release/blockferry_native.node must be built (npx node-gyp rebuild)');

@@ -151,6 +151,9 @@ export class FileDevice implements BlockDevice {
       } catch (err) {
         // Not left behind half made (an empty file would be refused as an image from then on).
         fs.unlinkSync(opts.path);
+        if ((err as NodeJS.ErrnoException).code === 'EFBIG') {
+          throw new UsageError(`cannot create image ${opts.path} of ${opts.size} bytes: its filesystem's files cannot be that large (EFBIG); use a smaller --size or another filesystem`);
+        }
         throw err;
       } finally {
         fs.closeSync(fd);
