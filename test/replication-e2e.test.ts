@@ -216,12 +216,14 @@ t.test('hostile peers get clear close codes; nothing bad is applied', async (t) 
   t.match(await talk([hello('v1'), encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [bad] })]), { code: 4022 }, 'CRC mismatch: 4022');
   t.ok(fs.readFileSync(path.join(dir, 'v1.img')).subarray(0, 4096).equals(Buffer.alloc(4096)), 'the corrupt entry was not applied');
   t.match(await talk([hello('v1'), encode({ v: PROTOCOL_VERSION, t: 'entries', entries: [entry(5, Buffer.alloc(512, 1))] })]), { code: 4023 }, 'gap: 4023');
-  t.match(await talk([hello('v1', 2 << 20)]), { code: 4009 }, 'wrong volume size: 4009');
+  // Larger is a grown volume (test/volume-size); smaller never: the replica would lose its end.
+  t.match(await talk([hello('v1', 512 << 10)]), { code: 4009, reason: /never shrunk/ }, 'a primary smaller than the replica: 4009');
   t.match(
-    await talk([encode({ v: PROTOCOL_VERSION, t: 'hello', volume: 'v1', volumeId: 'someone-else', size: 1 << 20 })]),
+    await talk([encode({ v: PROTOCOL_VERSION, t: 'hello', volume: 'v1', volumeId: 'someone-else', size: 2 << 20 })]),
     { code: 4009, reason: /refusing to overwrite/ },
     'a different primary volume cannot take over a replica',
   );
+  t.equal(fs.statSync(path.join(dir, 'v1.img')).size, 1 << 20, 'nor grow it');
   // The same checks hold for `records` batches (stored journal values, decoded at the replayer).
   const record = (e: ReturnType<typeof entry>) => encodeValue(e.kind, e.offset, e.length, e.crc, e.ts, e.data, 0);
   const records = (first: number, recs: Buffer[]) => encode({ v: PROTOCOL_VERSION, t: 'records', first, records: recs });
