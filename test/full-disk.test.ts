@@ -428,6 +428,37 @@ t.test('space freed since the last look is not refused: the free-space guard loo
   t.equal(guard.refusing, undefined, 'and the refusal has ended');
 });
 
+t.test("a journal filesystem with less room than a checkpoint's worth of writes, and no replica: every write is taken", async (t) => {
+  // The image is checkpointed every 256 MiB of writes, and the journal keeps what came since: on a 96 MiB
+  // filesystem that filled the disk and writes were refused with ENOSPC, with no replica at all (nbdcopy of 1 GiB
+  // failed after 0.4 s onto a journal with 156 MiB free). Counting the disk's room as full checkpoints earlier.
+  const dir = t.testdir();
+  const jfs = await tmpfs(t, '96m');
+  const image = path.join(dir, 'disk.img');
+  const s = await startServe(['--image', `disk=${image}`, '--size', '256M', '--listen', '127.0.0.1:0', '--journal', path.join(jfs, 'journal'), '--min-free', '16M'], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+  t.teardown(() => c.close());
+  const blocks: Buffer[] = [];
+  let refusal: unknown;
+  for (let mib = 0; mib < 256 && !refusal; mib++) {
+    const block = randomBytes(MiB);
+    blocks.push(block.subarray(0, 64));
+    await c.write(mib * MiB, block).catch((err) => (refusal = err));
+  }
+  t.equal(refusal, undefined, `256 MiB of writes were all taken (${String(refusal)})`);
+  await c.flush();
+  const fd = fs.openSync(image, 'r');
+  const head = Buffer.alloc(64);
+  let same = 0;
+  for (let mib = 0; mib < blocks.length; mib++) {
+    fs.readSync(fd, head, 0, 64, mib * MiB);
+    if (head.equals(blocks[mib])) same++;
+  }
+  fs.closeSync(fd);
+  t.equal(same, 256, 'and every block is in the image');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
 for (const how of ['away', 'behind a slow link'] as const) {
   t.test(`the journal's filesystem is smaller than its cap while the replica is ${how}: the replica goes onto the dirty bitmap, writes go on, and it converges`, async (t) => {
     // The default cap (8 GiB) on a 160 MiB filesystem: without looking at the disk, the journal kept every entry
