@@ -459,6 +459,49 @@ t.test("a journal filesystem with less room than a checkpoint's worth of writes,
   t.equal(await s.stop(), 0, 'serve stops cleanly');
 });
 
+for (const [writeMiB, inFlight, count] of [
+  [16, 4, 24],
+  [1, 16, 400],
+] as const) {
+  t.test(`a small journal disk (88 MiB free) with the replica away, ${count} writes of ${writeMiB} MiB, ${inFlight} in flight: none left waiting${writeMiB === 1 ? ', all taken' : ''}`, async (t) => {
+    // Found by a review helper: with 16 MiB writes the last three waited for good (the replica's bitmap was saved
+    // through the seq committed when the journal first filled, and nothing asked again); with 1 MiB writes the
+    // guard refused every write for good, as a few entries the replica still held kept a whole segment's file.
+    const dir = t.testdir();
+    const jfs = await tmpfs(t, '256m');
+    fill(jfs, 88 * MiB);
+    const port = await freePort(); // nobody listens: the replica is away
+    const s = await startServe(['--image', `disk=${path.join(dir, 'disk.img')}`, '--size', '512M', '--listen', '127.0.0.1:0', '--journal', path.join(jfs, 'journal'), '--min-free', '16M', '--replicate-to', `ws://127.0.0.1:${port}`], t.teardown);
+    const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'disk' });
+    t.teardown(() => c.close());
+    const inflight = new Set<Promise<void>>();
+    let taken = 0;
+    let refused = 0;
+    let refusal: unknown;
+    // 16 MiB writes go on past a refusal: what this case holds to is that none waits for good (a refusal at the
+    // edge of an 88 MiB disk with 64 MiB in flight still happens in some runs, see the closing note of stop 38).
+    const strict = writeMiB === 1;
+    for (let i = 0; i < count && !(strict && refusal); i++) {
+      const write = c.write(((i * writeMiB) % 512) * MiB, randomBytes(writeMiB * MiB)).then(
+        () => void taken++,
+        (err) => {
+          refused++;
+          refusal ??= err;
+        },
+      );
+      const p: Promise<void> = write.finally(() => inflight.delete(p));
+      inflight.add(p);
+      if (inflight.size >= inFlight) await Promise.race(inflight);
+    }
+    const settled = await Promise.race([Promise.all(inflight).then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 30_000))]);
+    t.ok(settled, 'no write is left waiting');
+    t.equal(taken + refused, count, `every write was answered (${taken} taken, ${refused} refused)`);
+    if (strict) t.equal(refusal, undefined, `no write was refused (${String(refusal)})`);
+    else t.ok(taken >= count / 2, `most were taken (${taken} of ${count}; the code before took 4 and refused 20, or left 3 waiting)`);
+    t.equal(await s.stop(), 0, 'serve stops cleanly');
+  });
+}
+
 for (const how of ['away', 'behind a slow link'] as const) {
   t.test(`the journal's filesystem is smaller than its cap while the replica is ${how}: the replica goes onto the dirty bitmap, writes go on, and it converges`, async (t) => {
     // The default cap (8 GiB) on a 160 MiB filesystem: without looking at the disk, the journal kept every entry

@@ -60,6 +60,8 @@ export class DataFiles {
   private syncs = 0;
   /** A data file was created since the directory was last fsynced. */
   private newFiles = false;
+  /** The segment appends go to (openActive, create). */
+  private active: string | undefined;
   /** Where the active segment's next data goes. */
   pos = 0;
 
@@ -100,6 +102,7 @@ export class DataFiles {
 
   /** Opens the active segment's file for appending after whatever it holds (creating it if missing). */
   openActive(segment: string): void {
+    this.active = segment;
     this.pos = fs.fstatSync(this.fd(segment)).size;
     this.newFiles = true; // it may have just been created
   }
@@ -131,6 +134,7 @@ export class DataFiles {
       throw err;
     }
     this.fds.set(segment, fd);
+    this.active = segment;
     this.pos = 0;
     this.newFiles = true;
   }
@@ -168,10 +172,23 @@ export class DataFiles {
 
   /**
    * Everything in the active segment was pruned: its appends start over at the file's beginning, over the bytes
-   * already there (see Recycling above; entries refer only to what they wrote). The file is not cut.
+   * already there (see Recycling above; entries refer only to what they wrote). The file is not cut, unless the
+   * disk is short (keepSpares off): then its space goes back to the disk.
    */
   rewind(): void {
     this.pos = 0;
+    if (!this.keepSpares && this.active !== undefined && this.fds.has(this.active)) fs.ftruncateSync(this.fds.get(this.active)!, 0);
+  }
+
+  /** Disk space the data files take (their allocated blocks; spares included). */
+  footprint(): number {
+    let bytes = 0;
+    for (const f of fs.readdirSync(this.dir)) {
+      if (!DataFiles.isDataFile(f)) continue;
+      const st = fs.statSync(path.join(this.dir, f), { throwIfNoEntry: false });
+      if (st) bytes += st.blocks * 512;
+    }
+    return bytes;
   }
 
   /** A dropped segment's file becomes a spare a later segment starts in, or is deleted when there are enough. */

@@ -125,6 +125,10 @@ function allocateAhead(maxBytes: number): number {
  * in front of the journal refuses writes (ENOSPC).
  */
 const DISK_CAP_FLOOR = 32 * 2 ** 20;
+/** The least time between two calls for room because the disk is short (diskShort). */
+const RELIEF_MS = 50;
+/** How often appends waiting for room ask the holders again ('full'). */
+const WAIT_RECALL_MS = 250;
 /** Spare data files are given back while the journal's disk has less room than this many segments (lookAtDisk). */
 const SPARE_ROOM_SEGMENTS = 4;
 /** How often the free space of the journal's filesystem is looked at (with keepFree), besides while appends wait. */
@@ -168,6 +172,12 @@ export interface JournalOptions {
    * the journal lets go before writes are refused for space.
    */
   keepFree?: number;
+  /**
+   * What the free-space guard in front keeps free (serve's --min-free, below keepFree): under DISK_CAP_FLOOR the
+   * journal still leaves it room for a write like the one it takes, so that its own entries do not get writes
+   * refused while a holder could let go.
+   */
+  guardReserve?: number;
   logger?: Logger;
 }
 
@@ -277,11 +287,19 @@ export class Journal extends EventEmitter {
   private dir: string | undefined;
   /** JournalOptions.keepFree (0: the disk is not looked at). */
   private keepFree = 0;
+  /** JournalOptions.guardReserve. */
+  private guardReserve = 0;
   /** The journal filesystem's free bytes at the last look (see lookAtDisk); Infinity when not looked at. */
   private diskFree = Infinity;
   /** Bytes of entries admitted since that look: they take the disk's space as they are written. */
   private admittedSinceLook = 0;
+  /** The data files' disk space at that look (commit durability; see hasRoom's floor). */
+  private dataAtLook: number | undefined;
   private diskTimer: NodeJS.Timeout | undefined;
+  /** When relieve() last asked the holders for room. */
+  private reliefAt = 0;
+  /** While appends wait for room: asks the holders again every WAIT_RECALL_MS (see append). */
+  private waitTimer: NodeJS.Timeout | undefined;
   /** Whether the last look found the disk holding the cap down (logged when that changes). */
   private diskLimited = false;
   /** The segments' data files (see data-files.ts): commit durability appends WRITE data there. */
@@ -421,6 +439,7 @@ export class Journal extends EventEmitter {
     j.checkTail();
     if (!j.readOnly && (opts.keepFree ?? 0) > 0) {
       j.keepFree = opts.keepFree!;
+      j.guardReserve = opts.guardReserve ?? 0;
       j.lookAtDisk();
       j.diskTimer = setInterval(() => j.lookAtDisk(), DISK_POLL_MS);
       j.diskTimer.unref();
@@ -455,6 +474,43 @@ export class Journal extends EventEmitter {
   /** Deletes the data files kept for reuse (the disk is short of space); returns the bytes they held. */
   releaseSpares(): number {
     return this.data?.releaseSpares() ?? 0;
+  }
+
+  /**
+   * The disk is short (the free-space guard is refusing writes): gives back the spare files, and if entries are
+   * held past the checkpoint (an absent replica's, kept until its bitmap is saved again) asks the holders to let
+   * go, as when full. Returns the bytes freed at once (the spares'); what the holders let go of follows.
+   */
+  relieve(): number {
+    const freed = this.releaseSpares();
+    this.diskShort();
+    return freed;
+  }
+
+  /**
+   * The disk is down to keepFree (or the guard is refusing writes): if entries are held past the checkpoint,
+   * asks the holders to let go, as when full. At most once per RELIEF_MS: appends and refused writes call this
+   * as they come.
+   */
+  private diskShort(): void {
+    const now = Date.now();
+    if (now - this.reliefAt < RELIEF_MS) return;
+    this.reliefAt = now;
+    if (this.keepFree > 0) this.lookAtDisk();
+    if (this.doneWith() < this.committed) this.callForRoom();
+  }
+
+  /** Tells the holders (replicas, the checkpoint) the journal needs room ('full'), then prunes what they let go. */
+  private callForRoom(): void {
+    // A listener's error must not reach an append's caller, who would take the write for refused while it is
+    // still committed later (found with a 4 PiB volume, whose dirty bitmap could not be allocated in the
+    // replicator's listener).
+    try {
+      this.emit('full', this.stats);
+    } catch (err) {
+      this.log.error({ err }, "a listener of the journal's full event failed; the append waits for room as it would");
+    }
+    this.prune();
   }
 
   /** The last committed seq (what stats.committedSeq says, without building the rest). */
@@ -513,6 +569,11 @@ export class Journal extends EventEmitter {
     }
     this.diskFree = free;
     this.admittedSinceLook = 0;
+    this.dataAtLook = this.data && !this.readOnly && this.durability === 'commit' ? this.data.footprint() : undefined;
+    // Under the floor the journal goes on whatever the disk says, but the disk gets space back only a whole
+    // segment's file at a time: a few entries an absent replica still holds can keep a 64 MiB file there while
+    // the guard refuses every write (found by a review helper). Down to keepFree, the holders are asked to let
+    // go (diskShort, from append and from the guard's refusals).
     if (limited !== this.diskLimited) {
       this.diskLimited = limited;
       if (limited) {
@@ -543,19 +604,26 @@ export class Journal extends EventEmitter {
     if (this.waitingForSpace.length > 0 || !this.hasRoom(p)) {
       // Order is kept: once one append waits, every later one queues behind it.
       this.waitingForSpace.push(p);
-      // The seq is taken and the append queued: a listener's error must not reach the caller, who would take
-      // the write for refused while it is still committed later (found with a 4 PiB volume, whose dirty bitmap
-      // could not be allocated in the replicator's listener).
-      try {
-        this.emit('full', this.stats);
-      } catch (err) {
-        this.log.error({ err }, "a listener of the journal's full event failed; the append waits for room as it would");
+      this.callForRoom();
+      // Asked again while appends wait: a holder may have let go of only part (a replica's bitmap saved through
+      // the seq committed then), and with the last writes of a burst all waiting no append would ask again
+      // (found by a review helper: three 16 MiB writes waited for good behind an absent replica).
+      if (!this.waitTimer) {
+        this.waitTimer = setInterval(() => {
+          if (this.waitingForSpace.length === 0 || this.isClosed) {
+            clearInterval(this.waitTimer);
+            this.waitTimer = undefined;
+          } else this.callForRoom();
+        }, WAIT_RECALL_MS);
+        this.waitTimer.unref();
       }
-      this.prune();
     } else {
       this.bytes += value.length;
       this.admittedSinceLook += value.length;
       this.enqueue(p);
+      // Taken under the floor though the disk is down to keepFree: ask the holders to let go now, not at the
+      // next look, before the free-space guard in front refuses writes (keepFree is above its reserve).
+      if (this.diskFree - this.admittedSinceLook < this.keepFree) this.diskShort();
     }
     return { seq, done };
   }
@@ -805,9 +873,14 @@ export class Journal extends EventEmitter {
     if (p.seq - 1 < this.tail && this.physTail >= this.tail) return true;
     const stored = this.bytes + this.garbage + p.value.length;
     if (stored > this.maxBytes) return false;
-    // The disk's room (keepFree): a journal under DISK_CAP_FLOOR goes on regardless, or a disk others filled
-    // would let it take one entry per checkpoint; the free-space guard in front refuses writes there.
-    return stored <= DISK_CAP_FLOOR || this.diskFree - this.admittedSinceLook - p.value.length >= this.keepFree;
+    if (this.diskFree - this.admittedSinceLook - p.value.length >= this.keepFree) return true;
+    // Short of the disk's room (keepFree): a journal taking under DISK_CAP_FLOOR of the disk goes on regardless,
+    // or a disk others filled would let it take one entry per checkpoint; the free-space guard in front refuses
+    // writes there. Measured on disk where the data files are (commit durability): the active one keeps the
+    // data of pruned entries until it is rewound (and then cut, the disk being short), and counting stored bytes
+    // let it fill the disk past the guard's reserve (found by a review helper).
+    const used = this.dataAtLook === undefined ? stored : this.dataAtLook + this.admittedSinceLook + p.value.length;
+    return used <= DISK_CAP_FLOOR && this.diskFree - this.admittedSinceLook - 2 * p.value.length >= this.guardReserve;
   }
 
   private wake(): void {
@@ -1516,6 +1589,7 @@ export class Journal extends EventEmitter {
     if (this.isClosed) return;
     this.isClosed = true;
     if (this.diskTimer) clearInterval(this.diskTimer);
+    if (this.waitTimer) clearInterval(this.waitTimer);
     for (const w of this.waiters.splice(0)) w.resolve();
     if (!this.readOnly) {
       // Appends waiting for space cannot complete now: fail them rather than leave their callers hanging.

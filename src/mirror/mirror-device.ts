@@ -84,7 +84,7 @@ export class MirrorDevice implements BlockDevice {
       ? new SpaceGuard(
           opts.space.paths,
           opts.space.reserveBytes,
-          () => this.journal.releaseSpares(),
+          () => this.journal.relieve(),
           (refusal) => {
             if (refusal) this.log.error(`writes refused with ENOSPC: ${refusal.reason}`);
             else this.log.warn('space is back above the reserve: writes are taken again');

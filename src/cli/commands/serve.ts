@@ -134,7 +134,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     // The journal lets go (replicas onto their bitmaps) before its disk is down to --min-free, where writes
     // would be refused.
     const keepFree = opts.minFree ? opts.minFree + Math.max(16 * 2 ** 20, opts.minFree) : 0;
-    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, keepFree, lock: true, logger: log });
+    journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, keepFree, guardReserve: opts.minFree ?? 0, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     await claimImage(img, dir, journal, { journalIsNew: !volumeId, imageIsNew, moved: opts.imageMoved ?? false });
     if (promotedAt) await claimPromotion(img, dir, journal, { journalIsNew: !volumeId, promotedAt });
