@@ -90,6 +90,45 @@ for (const away of [false, true]) {
   });
 }
 
+t.test('grown while its replica was left out of a run: the replica, grown at its next hello, is compared in full and converges', async (t) => {
+  // Found by a review helper: serve run once without --replicate-to (after an upgrade from a version that did not
+  // record the size, the same) forgets the replica and its grown marker; the replayer then grew the replica and
+  // kept it consistent with zeroes where the primary had data.
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const replicaDir = path.join(dir, 'replica');
+  const replica = path.join(replicaDir, 'disk.img');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  const base = ['--image', `disk=${image}`, '--listen', '127.0.0.1:0'];
+  let s = await startServe([...base, '--size', '32M', '--replicate-to', replay.url], t.teardown);
+  await writeBlocks(s.port, 0, 8);
+  t.ok(await converges(image, replica), 'the replica is in step at 32 MiB');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  growWithData(image, 48 * MiB, 40 * MiB);
+  s = await startServe(base, t.teardown);
+  t.match(s.stderr(), /the volume grew/, 'serve without the replica says the volume grew');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  s = await startServe([...base, '--replicate-to', replay.url], t.teardown);
+  t.ok(await converges(image, replica), 'with the replica named again, it converges byte for byte');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
+t.test('a new replica of a volume that grew before it was ever written is compared, not taken for zeroes', async (t) => {
+  // A new journal for a new image covers it from zeroes (a new replica needs only the journal), but not once the
+  // image grew: the region past the old end is not in the journal (found by a review helper).
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  const base = ['--image', `disk=${image}`, '--listen', '127.0.0.1:0'];
+  let s = await startServe([...base, '--size', '16M'], t.teardown);
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+  growWithData(image, 24 * MiB, 20 * MiB);
+  const replicaDir = path.join(dir, 'replica');
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', replicaDir], t.teardown);
+  s = await startServe([...base, '--replicate-to', replay.url], t.teardown);
+  t.ok(await converges(image, path.join(replicaDir, 'disk.img')), 'the new replica converges byte for byte');
+  t.equal(await s.stop(), 0, 'serve stops cleanly');
+});
+
 t.test('a shrunk image is refused: serve names the sizes and changes nothing', async (t) => {
   const dir = t.testdir();
   const image = path.join(dir, 'disk.img');

@@ -22,9 +22,10 @@ export function serveAttention(s: ServeStatusBody): string[] {
       out.push(`volume ${v.volume}: ${v.writesRefused.refused} write(s) refused with ENOSPC since ${new Date(v.writesRefused.since).toISOString()}: ${v.writesRefused.reason}`);
     }
     const j = v.journal;
-    if (j && j.capBytes > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * j.capBytes) {
-      const disk = j.capBytes < j.maxBytes ? ` (${formatBytes(j.capBytes)}, less than --journal-max: its disk has no more room)` : '';
-      out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / j.capBytes)}% of its cap${disk}; writes wait when it is full`);
+    const cap = j ? (j.capBytes ?? j.maxBytes) : 0; // a serve from before capBytes: --journal-max
+    if (j && cap > 0 && j.bytes >= JOURNAL_ATTENTION_RATIO * cap) {
+      const disk = cap < j.maxBytes ? ` (${formatBytes(cap)}, less than --journal-max: its disk has no more room)` : '';
+      out.push(`volume ${v.volume}: the journal holds ${Math.floor((100 * j.bytes) / cap)}% of its cap${disk}; writes wait when it is full`);
     }
   }
   return out;

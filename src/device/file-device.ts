@@ -97,14 +97,13 @@ export class FileDevice implements BlockDevice {
   }
 
   /**
-   * Grows a regular file to `size` bytes (the new region reads as zeroes), made durable before it returns: a
-   * replica following its primary's grown volume. A block device is not grown here.
+   * Grows a regular file to `size` bytes (the new region reads as zeroes): a replica following its primary's
+   * grown volume. Durable with the next flush (fdatasync covers the size). A block device is not grown here.
    */
   grow(size: number): void {
     if (size <= this.currentSize) return;
     if (this.isBlockDevice) throw new BlockferryError('ERR_VOLUME_SIZE', `${this.path} is a block device of ${this.currentSize} bytes and cannot be grown to ${size} here`);
     fs.ftruncateSync(this.fd, size);
-    fs.fsyncSync(this.fd);
     this.currentSize = size;
   }
 

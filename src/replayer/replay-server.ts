@@ -159,12 +159,16 @@ class Volume {
 
   /**
    * The primary's volume grew (its image was extended and served again): the replica grows to match, durably
-   * (the file, then the state's size). Nothing applied refers past the old end, and the new region reads as
-   * zeroes here; the primary compares it by digests and sends what differs (Replicator: the grown marker).
+   * (the file and the state's size, by sync). Nothing applied refers past the old end, but the new region reads
+   * as zeroes here where the primary's may hold anything: the replica is not consistent (consistentFrom -1)
+   * until the primary has compared that region by digests and said `synced` (a primary that died before would
+   * otherwise leave a replica promotable as consistent with zeroes there; found by a review helper). A primary
+   * that does not know the volume grew (no record of the old size) then compares every chunk.
    */
   async grow(size: number): Promise<void> {
     this.device.grow(size);
     this.state.size = size;
+    this.state.consistentFrom = -1;
     await this.sync();
   }
 
@@ -469,8 +473,9 @@ export class ReplayServer {
               return fail(CloseCode.STORAGE, 'ERR_STORAGE', `volume ${msg.volume}: cannot grow the replica from ${from} to ${msg.size} bytes: ${(err as Error).message}`);
             }
             log.warn({ volume: msg.volume, fromBytes: from, toBytes: msg.size }, "the primary's volume grew: the replica grew to match");
-            // Another hello may have come meanwhile (grow awaits): one primary at a time.
+            // Another hello may have come meanwhile (grow awaits): one primary at a time, of this size.
             if (v.busy) return fail(CloseCode.BUSY, 'ERR_VOLUME_BUSY', `volume ${msg.volume} already has a primary connected`);
+            if (v.device.size !== msg.size) return fail(CloseCode.VOLUME_MISMATCH, 'ERR_VOLUME_SIZE', `volume ${msg.volume} is ${v.device.size} bytes here, the primary says ${msg.size}`);
           }
           // Taken before anything is awaited: a second primary's hello meanwhile is refused as busy.
           v.owner = ws;

@@ -647,10 +647,13 @@ export class Replicator {
     // replayer made it), not if it held data before (a demoted primary's image: seeded).
     const first = (applied === 0 || this.firstCopyIncomplete) && consistentFrom === -1;
     const isNew = first && !seeded;
-    const fromScratch = gap || (consistentFrom === -1 && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     // The volume grew since this replica last compared: the region past the old size is compared too.
     const grownFrom = this.opts.journal.getMeta<number>(Replicator.grownKeyFor(this.consumerId));
     const grown = typeof grownFrom === 'number' && grownFrom < this.opts.size;
+    // A replica inconsistent only because it grew (the replayer says so until the grown region is compared):
+    // that region, and the bitmap's if any, is all it needs, unless a full comparison was under way.
+    const grownOnly = grown && !gap && !first && !this.resyncIncomplete;
+    const fromScratch = gap || (consistentFrom === -1 && !grownOnly && !(isNew && this.opts.journalFromEmpty && tailSeq <= 1));
     const needsResync = fromScratch || grown;
     // The bitmap narrows a resync only when everything outside it is known to match: not for a new replica,
     // nor one older than the point the bitmap starts from; and it is not needed if the journal suffices.

@@ -307,6 +307,8 @@ async function checkImageSize(img: ServeImage, dir: string, journal: Journal, si
   if (typeof known === 'number' && size > known) {
     const replicas = journal.consumers().filter((c) => c.id.startsWith('replica:'));
     for (const c of replicas) await Replicator.markGrown(journal, c.id, known);
+    // The journal no longer covers the whole image from zeroes: a replica added later compares it all.
+    if (journal.getMeta<boolean>('fromEmpty')) await journal.setMeta('fromEmpty', false);
     log.warn({ volume: img.name, fromBytes: known, toBytes: size, replicas: replicas.length }, 'the volume grew: each replica grows to match and compares the new region by digests when it connects');
   }
   if (known !== size) await journal.setMeta('imageSize', size);

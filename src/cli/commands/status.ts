@@ -53,7 +53,9 @@ function formatServe(s: ServeStatus): string {
   for (const v of s.volumes) {
     const j = v.journal;
     // The cap in force: less than --journal-max while the journal's disk has less room ("disk" says so).
-    const journal = j ? `${formatBytes(j.bytes)} / ${formatBytes(j.capBytes)}${j.capBytes < j.maxBytes ? ' disk' : ''} (${j.capBytes > 0 ? Math.floor((100 * j.bytes) / j.capBytes) : 0}%)` : 'no journal';
+    // (A serve from before capBytes: its cap is --journal-max.)
+    const cap = j ? (j.capBytes ?? j.maxBytes) : 0;
+    const journal = j ? `${formatBytes(j.bytes)} / ${formatBytes(cap)}${cap < j.maxBytes ? ' disk' : ''} (${cap > 0 ? Math.floor((100 * j.bytes) / cap) : 0}%)` : 'no journal';
     if (v.replicas.length === 0) rows.push([v.volume, '-', 'no replica', '-', '-', '-', journal]);
     for (const r of v.replicas) {
       const state = r.resync ? `${r.state} ${r.resync.percent}%` : r.state;
