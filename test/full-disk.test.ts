@@ -463,7 +463,7 @@ for (const [writeMiB, inFlight, count] of [
   [16, 4, 24],
   [1, 16, 400],
 ] as const) {
-  t.test(`a small journal disk (88 MiB free) with the replica away, ${count} writes of ${writeMiB} MiB, ${inFlight} in flight: none left waiting${writeMiB === 1 ? ', all taken' : ''}`, async (t) => {
+  t.test(`a small journal disk (88 MiB free) with the replica away, ${count} writes of ${writeMiB} MiB, ${inFlight} in flight: none left waiting, all taken`, async (t) => {
     // Found by a review helper: with 16 MiB writes the last three waited for good (the replica's bitmap was saved
     // through the seq committed when the journal first filled, and nothing asked again); with 1 MiB writes the
     // guard refused every write for good, as a few entries the replica still held kept a whole segment's file.
@@ -478,10 +478,7 @@ for (const [writeMiB, inFlight, count] of [
     let taken = 0;
     let refused = 0;
     let refusal: unknown;
-    // 16 MiB writes go on past a refusal: what this case holds to is that none waits for good (a refusal at the
-    // edge of an 88 MiB disk with 64 MiB in flight still happens in some runs, see the closing note of stop 38).
-    const strict = writeMiB === 1;
-    for (let i = 0; i < count && !(strict && refusal); i++) {
+    for (let i = 0; i < count && !refusal; i++) {
       const write = c.write(((i * writeMiB) % 512) * MiB, randomBytes(writeMiB * MiB)).then(
         () => void taken++,
         (err) => {
@@ -496,8 +493,9 @@ for (const [writeMiB, inFlight, count] of [
     const settled = await Promise.race([Promise.all(inflight).then(() => true), new Promise<boolean>((r) => setTimeout(() => r(false), 30_000))]);
     t.ok(settled, 'no write is left waiting');
     t.equal(taken + refused, count, `every write was answered (${taken} taken, ${refused} refused)`);
-    if (strict) t.equal(refusal, undefined, `no write was refused (${String(refusal)})`);
-    else t.ok(taken >= count / 2, `most were taken (${taken} of ${count}; the code before took 4 and refused 20, or left 3 waiting)`);
+    // (With 16 MiB writes a look at the disk from an append forgot the entries admitted but not yet written,
+    // and a few writes were refused in about a third of the runs.)
+    t.equal(refusal, undefined, `no write was refused (${String(refusal)})`);
     t.equal(await s.stop(), 0, 'serve stops cleanly');
   });
 }
