@@ -296,6 +296,8 @@ export class Journal extends EventEmitter {
   /** The data files' disk space at that look (commit durability; see hasRoom's floor). */
   private dataAtLook: number | undefined;
   private diskTimer: NodeJS.Timeout | undefined;
+  /** A look at the disk failed (logged once). */
+  private diskLookFailed = false;
   /** When relieve() last asked the holders for room. */
   private reliefAt = 0;
   /** While appends wait for room: asks the holders again every WAIT_RECALL_MS (see append). */
@@ -482,9 +484,15 @@ export class Journal extends EventEmitter {
    * go, as when full. Returns the bytes freed at once (the spares'); what the holders let go of follows.
    */
   relieve(): number {
-    const freed = this.releaseSpares();
-    this.diskShort();
-    return freed;
+    // Called from the guard in a write's path: a failing filesystem (EROFS deleting a spare) must not throw there.
+    try {
+      const freed = this.releaseSpares();
+      this.diskShort();
+      return freed;
+    } catch (err) {
+      this.log.warn({ err }, 'giving space back to a short disk failed');
+      return 0;
+    }
   }
 
   /**
@@ -555,6 +563,17 @@ export class Journal extends EventEmitter {
    * segment reuses one while the active segment's file grows.
    */
   private lookAtDisk(): void {
+    // Runs from appends (after their seq is taken), timers and the guard: a failing filesystem must not throw
+    // out of it (a write would be answered with an error it was not refused for, or a timer end the process).
+    try {
+      this.lookAtDiskNow();
+    } catch (err) {
+      if (!this.diskLookFailed) this.log.warn({ err }, "looking at the journal's disk failed; keeping the last figures");
+      this.diskLookFailed = true;
+    }
+  }
+
+  private lookAtDiskNow(): void {
     if (this.keepFree <= 0 || !this.dir || this.isClosed) return;
     let free = freeBytes(this.dir);
     if (free === undefined) return; // the directory gone for a moment: keep the last figure
