@@ -133,7 +133,9 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
   try {
     // The journal lets go (replicas onto their bitmaps) before its disk is down to --min-free, where writes
     // would be refused.
-    const keepFree = opts.minFree ? opts.minFree + Math.max(16 * 2 ** 20, opts.minFree) : 0;
+    // Not with --keep-journal: kept entries are its point (an audit trail, replay-local from a base), and a disk
+    // that cannot hold them refuses writes (ENOSPC) rather than lose them.
+    const keepFree = opts.minFree && !opts.keepJournal ? opts.minFree + Math.max(16 * 2 ** 20, opts.minFree) : 0;
     journal = await Journal.open({ dir, maxBytes: opts.journalMax, durability: opts.durability, keep: opts.keepJournal, writeMap: opts.journalWriteMap, keepFree, guardReserve: opts.minFree ?? 0, lock: true, logger: log });
     let volumeId = journal.getMeta<string>('volumeId');
     await claimImage(img, dir, journal, { journalIsNew: !volumeId, imageIsNew, moved: opts.imageMoved ?? false });
