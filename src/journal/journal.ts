@@ -497,14 +497,16 @@ export class Journal extends EventEmitter {
 
   /**
    * The disk is down to keepFree (or the guard is refusing writes): if entries are held past the checkpoint,
-   * asks the holders to let go, as when full. At most once per RELIEF_MS: appends and refused writes call this
-   * as they come.
+   * asks the holders to let go, as when full. Under the floor the journal goes on whatever the disk says, but
+   * the disk gets space back only a whole segment's file at a time: a few entries an absent replica still held
+   * kept a 64 MiB file there while the guard refused every write (found by a review helper). At most once per
+   * RELIEF_MS: appends and refused writes call this as they come.
    */
   private diskShort(): void {
     const now = Date.now();
     if (now - this.reliefAt < RELIEF_MS) return;
     this.reliefAt = now;
-    if (this.keepFree > 0) this.lookAtDisk();
+    this.lookAtDisk();
     if (this.doneWith() < this.committed) this.callForRoom();
   }
 
@@ -592,11 +594,7 @@ export class Journal extends EventEmitter {
     let pending = 0;
     for (const p of this.batch) pending += p.value.length;
     this.admittedSinceLook = pending;
-    this.dataAtLook = this.data && !this.readOnly && this.durability === 'commit' ? this.data.footprint() : undefined;
-    // Under the floor the journal goes on whatever the disk says, but the disk gets space back only a whole
-    // segment's file at a time: a few entries an absent replica still holds can keep a 64 MiB file there while
-    // the guard refuses every write (found by a review helper). Down to keepFree, the holders are asked to let
-    // go (diskShort, from append and from the guard's refusals).
+    this.dataAtLook = this.data && this.durability === 'commit' ? this.data.footprint() : undefined;
     if (limited !== this.diskLimited) {
       this.diskLimited = limited;
       if (limited) {
