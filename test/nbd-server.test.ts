@@ -311,3 +311,17 @@ t.test('a Unix socket: a stale file from a killed server is replaced, a live ser
   await t.rejects(second.listen({ path: sock }), { code: 'EADDRINUSE', message: /socket .*nbd\.sock is in use/ }, 'a second server is refused the live socket');
   t.equal((await run('nbdinfo', ['--size', uri])).stdout.trim(), String(SIZE), 'and the first still answers on it');
 });
+
+t.test('a Unix socket path too long for Linux is refused by name, not cut short', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bf-sock-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const sock = path.join(dir, 'x'.repeat(120 - dir.length), 'nbd.sock');
+  fs.mkdirSync(path.dirname(sock));
+  const server = new NbdServer({ exports: [{ name: 'a', device: new MemoryDevice(SIZE) }] });
+  t.teardown(() => server.close({ graceMs: 100 }));
+  await t.rejects(server.listen({ path: sock }), { code: 'ENAMETOOLONG', message: /socket path .*nbd\.sock is \d+ bytes; .* at most 107/ }, 'refused with its length');
+  t.same([fs.readdirSync(dir), fs.readdirSync(path.dirname(sock))], [[path.basename(path.dirname(sock))], []], 'and no socket appears under a cut name');
+  const ok = path.join(dir, 'y'.repeat(107 - dir.length - 1));
+  await server.listen({ path: ok });
+  t.equal((await run('nbdinfo', ['--size', `nbd+unix:///a?socket=${ok}`])).stdout.trim(), String(SIZE), 'a path of exactly 107 bytes is served');
+});

@@ -24,6 +24,8 @@ export interface NbdServerOptions {
 
 /** Simultaneous clients accepted; beyond it new sockets are closed at once (a flood must not exhaust fds). */
 const MAX_CONNECTIONS = 512;
+/** The longest Unix socket path Linux takes (sizeof sun_path, 108, less its NUL). */
+const MAX_SOCKET_PATH = 107;
 
 export class NbdServer extends EventEmitter {
   private readonly servers: net.Server[] = [];
@@ -59,6 +61,11 @@ export class NbdServer extends EventEmitter {
     // Half-open allowed: a client's FIN does not end our side before its last replies leave (Connection.afterEof).
     const server = net.createServer({ noDelay: true, pauseOnConnect: true, allowHalfOpen: true }, (sock) => this.accept(sock));
     server.on('error', (err) => this.log.error({ err }, 'listener error'));
+    // Linux keeps at most 107 bytes of a Unix socket's path (sun_path, with its NUL), and Node cuts a longer one
+    // without a word: the socket would appear under another name than the one clients are told.
+    if ('path' in target && Buffer.byteLength(target.path) > MAX_SOCKET_PATH) {
+      throw new BlockferryError('ENAMETOOLONG', `socket path ${target.path} is ${Buffer.byteLength(target.path)} bytes; a Unix socket path can have at most ${MAX_SOCKET_PATH}: pass a shorter --socket`);
+    }
     if ('path' in target && fs.existsSync(target.path) && fs.statSync(target.path).isSocket()) {
       // A stale socket file from a killed run would make listen fail with EADDRINUSE: removed, but only if
       // nothing answers on it. A live server's socket is its own (unlinking it would take its clients' path).
