@@ -1,10 +1,17 @@
 # The backup site (blockferry replay) as a small non-root image. Data lives on the /data volume.
 #   docker build -t blockferry .
 #   docker run -d -p 7070:7070 -p 127.0.0.1:9101:9101 -v replicas:/data blockferry
-# test/container.test.ts runs this file's ENTRYPOINT + CMD and HEALTHCHECK outside Docker.
+# test/container-image.test.ts builds this file with podman (on a bookworm base made on the test machine, passed
+# as NODE_IMAGE) and runs the image; test/container.test.ts runs its ENTRYPOINT + CMD and HEALTHCHECK directly.
 
-FROM node:20-bookworm-slim AS build
-# node-gyp builds the native helper (fallocate, SEEK_DATA/SEEK_HOLE); without it the fallbacks are used.
+# Any Debian bookworm image with Node.js 20 under /usr/local, its headers in /usr/local/include/node.
+ARG NODE_IMAGE=node:20-bookworm-slim
+
+FROM ${NODE_IMAGE} AS build
+# node-gyp builds the native helper (fallocate, SEEK_DATA/SEEK_HOLE, the replayer's batched writes) against the
+# image's own Node headers, so the build needs no download from nodejs.org and the headers match the binary.
+# Outside an image a failed helper build falls back to slower paths; here it fails the build instead.
+ENV npm_config_nodedir=/usr/local
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 make g++ \
  && rm -rf /var/lib/apt/lists/*
@@ -12,9 +19,11 @@ WORKDIR /app
 COPY package.json package-lock.json binding.gyp tsconfig.json ./
 COPY native ./native
 COPY src ./src
-RUN npm ci --no-audit --no-fund && npm prune --omit=dev
+RUN npm ci --no-audit --no-fund \
+ && test -f build/Release/blockferry_native.node \
+ && npm prune --omit=dev
 
-FROM node:20-bookworm-slim
+FROM ${NODE_IMAGE}
 ENV NODE_ENV=production BLOCKFERRY_LOG_FORMAT=json
 WORKDIR /app
 COPY --from=build /app/node_modules ./node_modules

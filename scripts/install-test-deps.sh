@@ -11,6 +11,7 @@ declare -A need=(
   [qemu-system-x86_64]=qemu-system-x86 [nbd-client]=nbd-client [cpio]=cpio [gcc]=gcc
   [chromium]=chromium  # the status-page browser test (driven by playwright-core)
   [openssl]=openssl [unshare]=util-linux  # NBD TLS test: a throwaway CA; a network namespace for 0.0.0.0
+  [podman]=podman [runc]=runc [debootstrap]=debootstrap [ip]=iproute2  # the container image test
 )
 missing=()
 for cmd in "${!need[@]}"; do
