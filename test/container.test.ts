@@ -1,4 +1,4 @@
-// No container engine runs here, so the Dockerfile is kept honest this way: its ENTRYPOINT + CMD are run as
+// The Dockerfile's ENTRYPOINT + CMD, run directly (test/container-image.test.ts builds and runs the image): as
 // they are written (only the listen addresses moved to loopback port 0 and /data to a temp dir), a primary
 // replicates into it, and its HEALTHCHECK command is run against it and must pass; then it must fail once the
 // replayer is gone.
