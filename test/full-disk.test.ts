@@ -547,6 +547,13 @@ for (const how of ['away', 'behind a slow link'] as const) {
     const st = await getStatus(adminOf(s.stdout()));
     t.equal(st.volumes[0].writesRefused, null, 'status shows no refused writes');
     t.ok(st.volumes[0].journal.capBytes < 160 * MiB, `status shows the journal's cap as the disk allows (${st.volumes[0].journal.capBytes} of ${st.volumes[0].journal.maxBytes})`);
+    t.match(s.stderr(), /the journal's filesystem has room for less than the journal's cap: it counts as full at/, 'serve logs that its disk holds the cap down');
+    const metrics = await (await fetch(`${adminOf(s.stdout())}/metrics`)).text();
+    const capMetric = Number(/^blockferry_journal_cap_bytes\{volume="disk"\} (\d+)$/m.exec(metrics)?.[1]);
+    t.ok(capMetric > 0 && capMetric < 160 * MiB, `/metrics has the cap in force (${capMetric})`);
+    t.match(metrics, /^blockferry_journal_max_bytes\{volume="disk"\} 8589934592$/m, 'beside --journal-max');
+    const table = await runStatus(process.execPath, [CLI, 'status', '--admin', adminOf(s.stdout())]);
+    t.match(table.stdout, /\/ [\d.]+ MiB disk \(\d+%\)/, `blockferry status marks the cap as the disk's\n${table.stdout}`);
 
     if (away) await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', replicaDir], t.teardown);
     t.ok(await until(() => sameFiles(image, path.join(replicaDir, 'disk.img')), 120_000, 200), 'the replica converges byte for byte');
