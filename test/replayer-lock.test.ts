@@ -3,6 +3,7 @@
 // leaves nothing that blocks the next one, even when its PID now belongs to another live process.
 import t from 'tap';
 import fs from 'node:fs';
+import os from 'node:os';
 import path from 'node:path';
 import { CLI, runRefused, runStatus, startReplay, startServe } from './helpers/processes.js';
 import { converges } from './helpers/files.js';
@@ -63,4 +64,15 @@ t.test('the flock decides, not the PID in the file; a directory reached by a sym
   unlockDataDir(link);
   lockDataDir(data, 'a test');
   t.pass('unlocking by the symlink gave the directory up');
+});
+
+t.test('a data directory the replayer\'s user cannot write (a root-owned bind mount in a container) is refused by name', { skip: process.getuid?.() === 0 ? false : 'needs root to run the replayer as another user' }, async (t) => {
+  // Under the system's temp dir: the path to tap's fixtures may not be open to another user.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'bf-ro-'));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  fs.chmodSync(dir, 0o755);
+  const p = await runStatus('setpriv', ['--reuid', '1000', '--regid', '1000', '--clear-groups', process.execPath, CLI, 'replay', '--listen', '127.0.0.1:0', '--data-dir', dir]);
+  t.equal(p.code, 2, 'exits 2, as for a usage error');
+  t.match(p.stderr, new RegExp(`--data-dir ${dir} is not writable by this user \\(uid 1000\\): EACCES; .*named volume`), `names the directory, the user and the way out\n${p.stderr}`);
+  t.same(fs.readdirSync(dir), [], 'and leaves nothing in it');
 });

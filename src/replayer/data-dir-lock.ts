@@ -35,6 +35,18 @@ function livePid(file: string): number | undefined {
 export function makeDataDir(dir: string): void {
   if (fs.statSync(dir, { throwIfNoEntry: false })?.isDirectory() === false) throw new UsageError(`--data-dir ${dir} is not a directory`);
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  try {
+    fs.accessSync(dir, fs.constants.W_OK | fs.constants.X_OK);
+  } catch (err) {
+    const code = (err as NodeJS.ErrnoException).code;
+    if (code !== 'EACCES' && code !== 'EROFS') throw err;
+    // Met first in a container: a bind-mounted host directory owned by root, the image running as its own user.
+    const who = typeof process.getuid === 'function' ? ` by this user (uid ${process.getuid()})` : '';
+    throw new UsageError(
+      `--data-dir ${dir} is not writable${who}: ${code}` +
+        (code === 'EACCES' ? '; give it to that user (chown), or in a container use a named volume or chown the host directory to the image\'s user' : ''),
+    );
+  }
 }
 
 /** Takes the directory for this process (`what` it is for, in the refusal); throws ERR_DATA_DIR_BUSY if another has it. */
