@@ -3,10 +3,12 @@
 // imply; a SIGKILLed replayer shows as a disconnected replica whose lag grows; other paths are 404, other
 // methods 405; `blockferry status` prints a table or the JSON and exits 0 / 2 / 1.
 import t from 'tap';
+import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
+import { converges, until } from './helpers/files.js';
 import { NbdTestClient } from './helpers/nbd-test-client.js';
-import { CLI, runStatus, startReplay, startServe } from './helpers/processes.js';
+import { CLI, freePort, runStatus, startReplay, startServe } from './helpers/processes.js';
 
 const SIZE = 64 * 2 ** 20;
 const JOURNAL_MAX = 256 * 2 ** 20;
@@ -305,4 +307,44 @@ t.test('blockferry status --help documents the exit codes with examples; a bad -
   t.match(serveHelp.stdout, /--admin/, 'serve documents --admin');
   const replayHelp = await cli(['replay', '--help']);
   t.match(replayHelp.stdout, /--admin/, 'replay documents --admin');
+});
+
+t.test('a restarted replayer lists the replicas in its data directory before any primary returns', async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'replicas');
+  const image = path.join(dir, 'a.img');
+  const port = await freePort();
+  const first = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', data], t.teardown);
+  const s = await startServe(['--image', `a=${image}`, '--size', '8M', '--listen', '127.0.0.1:0', '--replicate-to', first.url], t.teardown);
+  const c = await NbdTestClient.connect({ host: '127.0.0.1', port: s.port, exportName: 'a' });
+  await c.write(0, Buffer.alloc(WRITE, 7));
+  await c.flush();
+  await c.close();
+  t.ok(await converges(image, path.join(data, 'a.img')), 'volume a is replicated');
+  t.equal(await s.stop(), 0, 'its primary stops');
+  first.child.kill('SIGTERM');
+  t.equal(await first.exited, 0, 'the replayer stops');
+  // Two more volumes there: one whose state file is garbage, one whose image is gone.
+  fs.writeFileSync(path.join(data, 'bad.state.mdb'), Buffer.alloc(64 * 1024, 0x5a));
+  fs.copyFileSync(path.join(data, 'a.state.mdb'), path.join(data, 'gone.state.mdb'));
+
+  const again = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', data, '--admin', '127.0.0.1:0'], t.teardown);
+  const admin = adminUrl(again.stdout());
+  const st: Json = await (await fetch(`${admin}/status`)).json();
+  const a = st.volumes.find((v: Json) => v.volume === 'a');
+  t.same(st.volumes.map((v: Json) => v.volume), ['a', 'bad', 'gone'], '/status lists every replica in the directory');
+  t.match(a, { connected: false, consistent: true, size: 8 * 2 ** 20, promoted: null }, 'a as its state recorded it, not connected');
+  t.ok(a.appliedSeq > 0 && a.durableSeq === a.appliedSeq, `at the seq it had applied (${a.appliedSeq})`);
+  t.match(st.volumes.find((v: Json) => v.volume === 'bad').problem, /its state file could not be read: .*bad\.state\.mdb is not an LMDB file/, 'the garbage state is reported, not hidden');
+  t.match(st.volumes.find((v: Json) => v.volume === 'gone').problem, /its image .*gone\.img is missing/, 'so is a missing image');
+  const table = await runStatus(process.execPath, [CLI, 'status', '--admin', admin]);
+  t.equal(table.code, 2, 'blockferry status: needs attention (exit 2), not "all well"');
+  t.match(table.stdout, /volume a: no primary is connected \(replica at seq \d+\)/, 'naming the replica without its primary');
+
+  const back = await startServe(['--image', `a=${image}`, '--listen', '127.0.0.1:0', '--replicate-to', again.url], t.teardown);
+  const connected = async () => ((await (await fetch(`${admin}/status`)).json()) as Json).volumes.find((v: Json) => v.volume === 'a').connected;
+  t.ok(await until(connected, 10_000, 100), 'a shows connected once its primary is back');
+  const after = await runStatus(process.execPath, [CLI, 'status', '--admin', admin]);
+  t.notMatch(after.stdout, /volume a:/, `and nothing about a needs attention then\n${after.stdout}`);
+  t.equal(await back.stop(), 0);
 });

@@ -34,6 +34,10 @@ export function serveAttention(s: ServeStatusBody): string[] {
 export function replayAttention(s: ReplayStatusBody): string[] {
   const out: string[] = [];
   for (const v of s.volumes) {
+    if (v.problem) {
+      out.push(`volume ${v.volume}: ${v.problem}`);
+      continue;
+    }
     // A promoted replica is a primary now: that no primary replicates into it is how it should be.
     if (v.promoted) continue;
     if (!v.connected) out.push(`volume ${v.volume}: no primary is connected (replica at seq ${v.appliedSeq})`);

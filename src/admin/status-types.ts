@@ -107,6 +107,8 @@ export interface ReplayVolumeStatus {
   lastApplyAt: number | null;
   /** When `blockferry promote` made this replica a primary (it takes no more replication), or null. */
   promoted: string | null;
+  /** What was wrong with it when the replayer started, if anything (its state file unreadable, its image gone). */
+  problem?: string;
 }
 
 export interface ReplayStatusBody {

@@ -36,6 +36,7 @@ import { BlockferryError } from '../util/errors.js';
 import { CloseCode, FEATURE_RECORDS, MAX_APPLIED_CRCS, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, decode, encode, type Message } from '../replicator/protocol.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+const STATE_FILE = /^(.+)\.state\.mdb$/;
 
 export interface VolumeState {
   appliedSeq: number;
@@ -270,6 +271,12 @@ export class ReplayServer {
   private wss: WebSocketServer | undefined;
   private server: http.Server | https.Server | undefined;
   private readonly volumes = new Map<string, Promise<Volume>>();
+  /**
+   * The replicas found in the data directory at start, as their state files recorded them: listed by status()
+   * until a primary's hello opens them. Without these a restarted replayer reported no volumes, and `blockferry
+   * status` "all well", while no primary came back to any of them (found by a review helper).
+   */
+  private readonly found = new Map<string, ReplayVolumeStatus>();
   private readonly log: Logger;
 
   constructor(private readonly opts: ReplayServerOptions) {
@@ -279,6 +286,7 @@ export class ReplayServer {
 
   async listen(where: { host: string; port: number }): Promise<{ host: string; port: number }> {
     lockDataDir(this.opts.dataDir);
+    await this.findVolumes();
     // permessage-deflate is used only when a primary asks for it (serve --compress).
     const wss = new WebSocketServer({ noServer: true, maxPayload: MAX_MESSAGE_BYTES, perMessageDeflate: { threshold: 1024 } });
     const plainHttp = (_req: http.IncomingMessage, res: http.ServerResponse) => {
@@ -301,6 +309,44 @@ export class ReplayServer {
     this.server = server;
     const a = server.address() as { address: string; port: number };
     return { host: a.address, port: a.port };
+  }
+
+  /** Reads the state of every replica in the data directory (read-only; nothing is opened for writing). */
+  private async findVolumes(): Promise<void> {
+    const dir = this.opts.dataDir;
+    for (const file of fs.readdirSync(dir).sort()) {
+      const name = STATE_FILE.exec(file)?.[1];
+      if (!name || !VOLUME_NAME.test(name)) continue;
+      const image = path.join(dir, `${name}.img`);
+      const entry: ReplayVolumeStatus = {
+        volume: name, size: 0, appliedSeq: 0, durableSeq: 0, connected: false, primary: null, volumeId: null,
+        consistent: false, lastApplyAt: null, promoted: null,
+      };
+      try {
+        const db = openLmdb<unknown, string>({ path: path.join(dir, file), readOnly: true });
+        let state: VolumeState | undefined;
+        try {
+          state = db.get('state') as VolumeState | undefined;
+        } finally {
+          await db.close();
+        }
+        if (!state) continue; // made by a hello that failed before its state was written: nothing to report
+        Object.assign(entry, {
+          size: fs.statSync(image, { throwIfNoEntry: false })?.size ?? state.size,
+          appliedSeq: state.appliedSeq,
+          durableSeq: state.appliedSeq,
+          volumeId: state.volumeId,
+          consistent: state.consistentFrom === null || state.consistentFrom === undefined,
+          promoted: state.promoted?.at ?? null,
+        });
+        if (!fs.existsSync(image)) entry.problem = `its image ${image} is missing: the primary will send everything again`;
+      } catch (err) {
+        entry.problem = `its state file could not be read: ${(err as Error).message}`;
+        this.log.warn({ err, volume: name }, `volume ${name}: its state file could not be read`);
+      }
+      this.found.set(name, entry);
+    }
+    if (this.found.size > 0) this.log.info({ volumes: [...this.found.keys()] }, `${this.found.size} replica volume(s) in the data directory`);
   }
 
   /** The open volume `name`, opened (once `after` has settled, when given) if it is not. */
@@ -640,7 +686,7 @@ export class ReplayServer {
     }
   }
 
-  /** Every volume this process has opened, for the admin server's /status. */
+  /** Every volume in the data directory, and any this process has opened since, for the admin server's /status. */
   async status(): Promise<ReplayStatusBody> {
     const volumes: ReplayVolumeStatus[] = [];
     for (const p of this.volumes.values()) {
@@ -660,6 +706,8 @@ export class ReplayServer {
         promoted: v.state.promoted?.at ?? null,
       });
     }
+    // Replicas no primary has connected to since this process started, as found then.
+    for (const [name, entry] of this.found) if (!volumes.some((v) => v.volume === name)) volumes.push(entry);
     return { volumes: volumes.sort((a, b) => a.volume.localeCompare(b.volume)) };
   }
 

@@ -244,7 +244,7 @@ function render(s) {
       if (rate !== null) values.set(v.volume, rate);
       return renderReplayVolume(v, s.now, rate);
     });
-    if (nodes.length === 0) nodes = [el('p', { class: 'note' }, 'No volume yet: no primary has connected since this replayer started.')];
+    if (nodes.length === 0) nodes = [el('p', { class: 'note' }, 'No replica in the data directory yet: no primary has connected to this replayer.')];
     $('chart-title').textContent = 'Entries applied per second';
     $('chart-note').textContent = `Per replica volume, over the last ${HISTORY_SECONDS / 60} minutes (recorded by this page while open).`;
   }

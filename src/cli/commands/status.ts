@@ -79,7 +79,7 @@ function formatReplay(s: ReplayStatus): string {
     formatBytes(v.size),
   ]);
   const head = `blockferry replay ${s.version} (pid ${s.pid}): ${s.volumes.length} volume(s)`;
-  if (rows.length === 0) return `${head}\n(no primary has connected since this replayer started)`;
+  if (rows.length === 0) return `${head}\n(no replica in the data directory yet: no primary has connected)`;
   return `${head}\n${table(['VOLUME', 'STATE', 'CONSISTENT', 'APPLIED SEQ', 'DURABLE SEQ', 'PRIMARY', 'LAST APPLY', 'SIZE'], rows, new Set([3, 4, 7]))}`;
 }
 
