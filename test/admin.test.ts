@@ -3,6 +3,7 @@
 // imply; a SIGKILLed replayer shows as a disconnected replica whose lag grows; other paths are 404, other
 // methods 405; `blockferry status` prints a table or the JSON and exits 0 / 2 / 1.
 import t from 'tap';
+import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import http from 'node:http';
 import path from 'node:path';
@@ -347,4 +348,35 @@ t.test('a restarted replayer lists the replicas in its data directory before any
   const after = await runStatus(process.execPath, [CLI, 'status', '--admin', admin]);
   t.notMatch(after.stdout, /volume a:/, `and nothing about a needs attention then\n${after.stdout}`);
   t.equal(await back.stop(), 0);
+});
+
+t.test("a first copy is initial-sync on the primary until the replayer has it consistent, never continuous or backlog before", async (t) => {
+  const dir = t.testdir();
+  const image = path.join(dir, 'disk.img');
+  // 24 MiB of data that is not in the journal (written before serve): the first copy must compare and send it.
+  fs.writeFileSync(image, randomBytes(24 * 2 ** 20));
+  const r = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', path.join(dir, 'replicas'), '--admin', '127.0.0.1:0'], t.teardown);
+  const s = await startServe(['--image', `disk=${image}`, '--listen', '127.0.0.1:0', '--replicate-to', r.url, '--max-rate', '4MB/s', '--admin', '127.0.0.1:0'], t.teardown);
+  const primaryAdmin = adminUrl(s.stdout());
+  const replayAdmin = adminUrl(r.stdout());
+  const seen = new Set<string>();
+  const wrong: string[] = [];
+  const deadline = Date.now() + 60_000;
+  let done = false;
+  while (!done && Date.now() < deadline) {
+    // The primary first: once the replayer says consistent it stays so, so a primary state read before it that
+    // says the copy is done must find the replayer consistent.
+    const p: Json = await (await fetch(`${primaryAdmin}/status`)).json();
+    const rep: Json = await (await fetch(`${replayAdmin}/status`)).json();
+    const state = p.volumes[0].replicas[0].state as string;
+    const consistent = rep.volumes[0]?.consistent === true;
+    seen.add(state);
+    if ((state === 'continuous' || state === 'backlog') && !consistent) wrong.push(`${state} at ${p.volumes[0].replicas[0].ackedSeq} while the replayer says inconsistent`);
+    done = state === 'continuous' && consistent;
+    await sleep(100);
+  }
+  t.ok(done, 'the copy ends: continuous, and consistent at the replayer');
+  t.ok(seen.has('initial-sync'), `initial-sync was seen (${[...seen].join(', ')})`);
+  t.same(wrong, [], 'never continuous or backlog while the replica is inconsistent');
+  t.equal(await s.stop(), 0);
 });

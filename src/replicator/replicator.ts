@@ -167,6 +167,12 @@ export class Replicator {
   private missingSince: { ts: number; untilSeq: number } | undefined;
   /** The replica's first copy (initial-sync) began and has not ended: it is still its first copy on a new link. */
   private firstCopyIncomplete = false;
+  /**
+   * The seq the replica becomes consistent at, once a comparison has queued every differing chunk (its `synced`)
+   * and until the replica has applied through it: the state stays initial-sync or resync meanwhile. (It went
+   * `backlog`, then `continuous`, while the replayer still said inconsistent; found by a README review helper.)
+   */
+  private consistentAt: number | undefined;
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
@@ -692,8 +698,15 @@ export class Replicator {
     this.nextSeq = applied + 1;
     this.inflight = [];
     this.inflightBytes = 0;
-    // A replica that never had a copy gets its first one; any other is brought back (DESIGN.md's states).
+    // A replica that never had a copy gets its first one; any other is brought back (DESIGN.md's states). One
+    // whose resync has queued everything (an earlier link's `synced`) is in resync until it has applied that.
     this.state = needsResync ? (first ? 'initial-sync' : 'resync') : 'continuous';
+    this.resync = undefined;
+    this.consistentAt = undefined;
+    if (!needsResync && consistentFrom !== null && consistentFrom >= 0 && applied < consistentFrom) {
+      this.state = 'resync';
+      this.consistentAt = consistentFrom;
+    }
     void this.ship(ws);
     if (needsResync) {
       // Every chunk from `whole` on is compared, and before it those the bitmap marks: all of them when the
@@ -771,13 +784,26 @@ export class Replicator {
     if (grown) await this.opts.journal.setMeta(Replicator.grownKeyFor(this.consumerId), undefined);
     if (this.dirty === dirty) this.dropBitmap();
     this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
+    this.resync.doneBytes = this.resync.totalBytes;
+    this.consistentAt = seq;
+    this.settleConsistent();
+  }
+
+  /** Ends initial-sync or resync once the replica has applied through the seq it is consistent at. */
+  private settleConsistent(): void {
+    if (this.consistentAt === undefined || this.appliedSeq < this.consistentAt) return;
+    if (this.state === 'initial-sync' || this.state === 'resync') {
+      this.state = 'continuous';
+      this.log.info({ seq: this.consistentAt }, 'the replica is consistent again');
+    }
+    this.consistentAt = undefined;
     this.resync = undefined;
-    this.state = 'continuous';
   }
 
   private onAck(seq: number, durableSeq: number): void {
     this.appliedSeq = Math.max(this.appliedSeq, seq);
     this.settleMissing();
+    this.settleConsistent();
     if (durableSeq > this.ackedSeq) {
       this.ackedSeq = durableSeq;
       this.opts.journal.ack(this.consumerId, durableSeq);
