@@ -6,6 +6,7 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { FileDevice } from '../src/device/file-device.js';
+import { run, runRefused, startServe } from './helpers/processes.js';
 
 const MiB = 2 ** 20;
 /** Backing file size: big enough for several MiB-aligned ranges, small enough to be instant. */
@@ -72,4 +73,18 @@ t.test('block device size from sysfs without the native helper', async (t) => {
   t.equal(dev.isBlockDevice, true);
   t.equal(dev.size, LOOP_SIZE);
   t.equal(dev.capabilities.trim, false);
+});
+
+const devInMemory = Number(fs.statfsSync('/dev').type) === 0x01021994; // devtmpfs, as on any systemd or udev host
+t.test("serve of a block device wants --journal: the default beside it would be in /dev, in memory", { skip: devInMemory ? false : '/dev is not devtmpfs here' }, async (t) => {
+  const loop = attachLoop(t);
+  const refused = await runRefused(['serve', '--image', `db=${loop}`, '--listen', '127.0.0.1:0']);
+  t.equal(refused.code, 2, 'a usage error (exit 2)');
+  t.match(refused.stderr, new RegExp(`--image ${loop} is a block device, and its journal would go beside it in ${loop}\\.journal, on tmpfs \\(memory\\): lost at the next reboot\\. Pass --journal DIR`), refused.stderr);
+  t.notOk(fs.existsSync(`${loop}.journal`), 'nothing was made in /dev');
+  const journal = path.join(t.testdir(), 'db.journal');
+  const s = await startServe(['--image', `db=${loop}`, '--journal', journal, '--listen', '127.0.0.1:0'], t.teardown);
+  t.equal((await run('nbdinfo', ['--size', s.uri])).stdout.trim(), String(LOOP_SIZE), 'with --journal on a disk it serves the device');
+  t.notMatch(s.stderr(), /is on tmpfs/, 'and says nothing of memory');
+  t.equal(await s.stop(), 0);
 });

@@ -107,6 +107,39 @@ function journalDirFor(opts: ServeOptions, img: ServeImage): string | undefined 
   return opts.images.length === 1 ? opts.journal : path.join(opts.journal, img.name);
 }
 
+/** statfs f_type of filesystems held in memory: tmpfs (also devtmpfs, /dev) and ramfs. */
+const MEMORY_FS = new Map([
+  [0x01021994, 'tmpfs'],
+  [0x858458f6, 'ramfs'],
+]);
+
+/** 'tmpfs' or 'ramfs' when `dir` (or the nearest existing parent) is on a filesystem in memory. */
+function memoryFs(dir: string): string | undefined {
+  let d = path.resolve(dir);
+  while (!fs.existsSync(d) && path.dirname(d) !== d) d = path.dirname(d);
+  try {
+    return MEMORY_FS.get(Number(fs.statfsSync(d).type));
+  } catch {
+    return undefined;
+  }
+}
+
+/**
+ * A journal that would not survive a reboot: refused where it is only the default beside a block device (in
+ * /dev, which is memory: the README's `--image db=/dev/vdb` example led there), warned of where it was asked for.
+ */
+function checkJournalHome(opts: ServeOptions, img: ServeImage, dir: string, log: Logger): void {
+  const kind = memoryFs(dir);
+  if (!kind) return;
+  if (opts.journal === undefined && fs.statSync(img.path, { throwIfNoEntry: false })?.isBlockDevice()) {
+    throw new UsageError(
+      `--image ${img.path} is a block device, and its journal would go beside it in ${dir}, on ${kind} (memory): lost at the next reboot. ` +
+        'Pass --journal DIR on a disk that keeps it (not the volume itself)',
+    );
+  }
+  log.warn({ volume: img.name, journal: dir, fs: kind }, `the journal ${dir} is on ${kind} (memory): it is lost at a reboot, and with it crash recovery and the replicas' place in the stream`);
+}
+
 async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Promise<ServedVolume> {
   // Written without its journal, the image would part from the journal and from every replica of it, which
   // would then report themselves caught up (the next journaled serve knows nothing of those writes).
@@ -117,6 +150,8 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
         'Serve it with its journal, or --read-only; or move the journal away first (its replicas then need a new volume name)',
     );
   }
+  const dir = journalDirFor(opts, img);
+  if (dir) checkJournalHome(opts, img, dir, log);
   const imageIsNew = !fs.existsSync(img.path);
   const file = await FileDevice.open({ path: img.path, size: opts.size, readOnly: opts.readOnly, lock: opts.readOnly ? 'shared' : 'exclusive' });
   let promotedAt: string | undefined;
@@ -126,7 +161,6 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     await file.close();
     throw err;
   }
-  const dir = journalDirFor(opts, img);
   if (!dir) return { name: img.name, path: img.path, device: file, replicators: [] };
   let journal: Journal | undefined;
   const journalIsNew = !fs.existsSync(dir);
