@@ -29,7 +29,10 @@ const cli = yargs(hideBin(process.argv))
   .fail((msg, err, y) => {
     if (err) {
       const code = err instanceof BlockferryError && err.code === 'ERR_USAGE' ? 2 : 1;
-      process.stderr.write(`blockferry: ${err.message}\n`);
+      // blockferry's own code (ERR_IMAGE_SHRUNK, ...) after the sentence, for logs and scripts to match on; a
+      // system error's message starts with its code already (EACCES: ...).
+      const tag = err instanceof BlockferryError && err.code !== 'ERR_USAGE' && !err.message.includes(err.code) ? ` (${err.code})` : '';
+      process.stderr.write(`blockferry: ${err.message}${tag}\n`);
       process.exit(code);
     }
     process.stderr.write(`${y.help()}\n\nblockferry: ${msg}\n`);
