@@ -1060,3 +1060,17 @@ t.test("a listener of the journal's full event that throws: the append still wai
   await Promise.all(done);
   t.equal(j.stats.committedSeq, 12, 'once there was room, all of them committed');
 });
+
+t.test("inspect reports the cap, durability and write map the writer opened the journal with, not its own defaults", async (t) => {
+  const dir = path.join(t.testdir(), 'j');
+  const w = await Journal.open({ dir, maxBytes: 64 * 2 ** 20, writeMap: true, keep: true });
+  await w.append(EntryKind.WRITE, 0, 4096, randomBytes(4096)).done;
+  const seen = await inspectJournal(dir, 1);
+  t.equal(seen.stats.maxBytes, 64 * 2 ** 20, 'the cap it was opened with, while it is open');
+  t.same(seen.openedWith, { maxBytes: 64 * 2 ** 20, writeMap: w.writeMap, durability: 'commit', keep: true }, 'and the options');
+  t.equal(seen.writeMap, w.writeMap, 'the write map as the writer has it');
+  await w.close();
+  const again = await Journal.open({ dir, maxBytes: 128 * 2 ** 20 });
+  await again.close();
+  t.same((await inspectJournal(dir, 1)).openedWith, { maxBytes: 128 * 2 ** 20, writeMap: false, durability: 'commit', keep: false }, 'the last writer\'s, after another opened it');
+});

@@ -129,6 +129,17 @@ const DISK_CAP_FLOOR = 32 * 2 ** 20;
 const RELIEF_MS = 50;
 /** How often appends waiting for room ask the holders again ('full'). */
 const WAIT_RECALL_MS = 250;
+/** Meta key of the options the last writer opened the journal with. */
+const OPENED_WITH = 'openedWith';
+
+/** The options a writer (serve) opened the journal with, recorded in it. */
+export interface JournalOpenedWith {
+  maxBytes: number;
+  writeMap: boolean;
+  durability: 'sync' | 'commit';
+  keep: boolean;
+}
+
 /** Spare data files are given back while the journal's disk has less room than this many segments (lookAtDisk). */
 const SPARE_ROOM_SEGMENTS = 4;
 /** How often the free space of the journal's filesystem is looked at (with keepFree), besides while appends wait. */
@@ -447,7 +458,18 @@ export class Journal extends EventEmitter {
       j.diskTimer.unref();
     }
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
+    if (!j.readOnly) {
+      // For `journal inspect`, which opens it with none of the writer's options.
+      const openedWith: JournalOpenedWith = { maxBytes, writeMap: j.writeMap, durability, keep: opts.keep ?? false };
+      const was = j.meta.get(OPENED_WITH) as JournalOpenedWith | undefined;
+      if (JSON.stringify(was) !== JSON.stringify(openedWith)) await j.putMeta(OPENED_WITH, openedWith);
+    }
     return j;
+  }
+
+  /** The options the last writer opened this journal with (see JournalOpenedWith), if recorded. */
+  get openedWith(): JournalOpenedWith | undefined {
+    return this.meta.get(OPENED_WITH) as JournalOpenedWith | undefined;
   }
 
   /**

@@ -3,16 +3,19 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Argv, CommandModule } from 'yargs';
 import { DataFiles } from '../../journal/data-files.js';
-import { Journal } from '../../journal/journal.js';
+import { Journal, type JournalOpenedWith } from '../../journal/journal.js';
 import { replayLocal } from '../../journal/replay-local.js';
 import { entryKindName, type JournalEntry, type JournalStats, type ConsumerState } from '../../journal/types.js';
 import { UsageError } from '../../util/errors.js';
 import { formatBytes, parseSize } from '../../util/size.js';
 
 export interface JournalInspection {
+  /** maxBytes: the cap the last writer opened it with (--journal-max), when recorded. */
   stats: JournalStats;
-  /** Whether LMDB writes through its write map (see README, The journal). */
+  /** Whether LMDB writes through its write map (see README, The journal), as the last writer opened it. */
   writeMap: boolean;
+  /** The options the last writer (serve) opened it with: null for a journal from before they were recorded. */
+  openedWith: JournalOpenedWith | null;
   /** Disk space journal.mdb takes (its allocated blocks; the file's size is the map size, sparse). */
   fileBytes: number;
   /** Disk space the segments' data files take (WRITE data, with the default commit durability). */
@@ -35,12 +38,15 @@ export async function inspectJournal(dir: string, last = 10): Promise<JournalIns
   if (!fs.existsSync(dir)) throw new UsageError(`journal ${dir} does not exist`);
   const j = await Journal.open({ dir, readOnly: true });
   try {
-    const stats = j.stats;
+    const openedWith = j.openedWith ?? null;
+    // Opened here with no options: the cap and the write map are the writer's, not this open's defaults.
+    const stats = { ...j.stats, ...(openedWith ? { maxBytes: openedWith.maxBytes } : {}) };
     const from = Math.max(stats.tailSeq, stats.committedSeq - last + 1);
     const entries = last > 0 && stats.entries > 0 ? j.read(from, { maxEntries: last }) : [];
     return {
       stats,
-      writeMap: j.writeMap,
+      writeMap: openedWith?.writeMap ?? j.writeMap,
+      openedWith,
       fileBytes: fs.statSync(path.join(dir, 'journal.mdb')).blocks * 512,
       dataFileBytes: diskBytes(dir, (f) => DataFiles.isDataFile(f) && !DataFiles.isSpare(f)),
       spareFileBytes: diskBytes(dir, (f) => DataFiles.isSpare(f)),
@@ -80,7 +86,8 @@ const inspect: CommandModule<object, InspectArgs> = {
     const lines = [
       `journal     ${args.journal}`,
       `sequence    tail ${s.tailSeq}  head ${s.headSeq}  committed ${s.committedSeq}  checkpoint ${s.checkpointSeq}  acked ${s.ackedSeq}`,
-      `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap)`,
+      `entries     ${s.entries}  (${formatBytes(s.bytes)} of ${formatBytes(s.maxBytes)} cap${r.openedWith ? '' : ', the default: this journal does not record the one serve was given'})`,
+      ...(r.openedWith ? [`opened with --journal-max ${formatBytes(r.openedWith.maxBytes)}, --durability ${r.openedWith.durability}${r.openedWith.writeMap ? ', --journal-write-map' : ''}${r.openedWith.keep ? ', --keep-journal' : ''} (by the last serve)`] : []),
       `stored      ${formatBytes(s.storedBytes)} in ${s.segments} segment${s.segments === 1 ? '' : 's'}${s.storedBytes > s.bytes ? ' (entries before the tail are reclaimed with their segment)' : ''}`,
       `file        journal.mdb ${formatBytes(r.fileBytes)} on disk, written ${r.writeMap ? 'through LMDB\'s write map (blocks allocated ahead)' : 'with writev'}; data files ${formatBytes(r.dataFileBytes)}, spares ${formatBytes(r.spareFileBytes)}`,
       `consumers   ${r.consumers.length === 0 ? '(none)' : r.consumers.map((c) => `${c.id} @${c.ackedSeq}`).join(', ')}`,
