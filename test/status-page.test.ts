@@ -110,3 +110,22 @@ t.test('the status page shows volume, state and lag, and a killed replayer as di
   await client.close();
   t.equal(await serve.stop(), 0, 'serve stops cleanly');
 });
+
+t.test("the replayer's page lists a replica found at start with its problem, standing out", async (t) => {
+  const dir = t.testdir();
+  const data = path.join(dir, 'replicas');
+  fs.mkdirSync(data);
+  fs.writeFileSync(path.join(data, 'bad.state.mdb'), Buffer.alloc(64 * 1024, 0x5a));
+  const replay = await startReplay(['--listen', '127.0.0.1:0', '--data-dir', data, '--admin', '127.0.0.1:0'], t.teardown);
+  const browser: Browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: ['--no-sandbox', '--disable-background-networking'] });
+  t.teardown(() => browser.close());
+  const page = await browser.newPage();
+  const pageErrors: string[] = [];
+  page.on('pageerror', (e) => pageErrors.push(e.message));
+  await page.goto(`${adminUrl(replay.stdout())}/`);
+  const volume = page.locator('[data-volume="bad"]');
+  await volume.waitFor({ timeout: SHOWS_WITHIN_MS });
+  t.match(await volume.locator('[data-field="problem"]').innerText(), /its state file could not be read: .*bad\.state\.mdb is not an LMDB file/, 'the problem is shown in words');
+  t.match(await volume.getAttribute('class'), /attention/, 'the volume stands out');
+  t.same(pageErrors, [], 'no script errors');
+});

@@ -127,7 +127,7 @@ function renderServeVolume(v) {
 }
 
 function renderReplayVolume(v, now, rate) {
-  const attention = !v.promoted && (!v.connected || !v.consistent);
+  const attention = !!v.problem || (!v.promoted && (!v.connected || !v.consistent));
   const state = v.promoted
     ? badge('ok', '✓', 'promoted', `made a primary at ${v.promoted}: it takes no more replication`)
     : v.connected
@@ -147,6 +147,7 @@ function renderReplayVolume(v, now, rate) {
       fact('Durable seq', el('span', { 'data-field': 'durableSeq' }, fmtInt(v.durableSeq)), el('span', { class: 'hint' }, 'where a crash would leave it')),
       fact('Primary', el('span', { class: 'url' }, v.primary || '—')),
       fact('Last apply', v.lastApplyAt ? `${fmtSeconds(Math.max(0, (now - v.lastApplyAt) / 1000))} ago` : 'not since start'),
+      v.problem ? fact('Problem', el('span', { 'data-field': 'problem' }, v.problem)) : null,
     ),
   );
 }
