@@ -328,6 +328,9 @@ t.test('a restarted replayer lists the replicas in its data directory before any
   // Two more volumes there: one whose state file is garbage, one whose image is gone.
   fs.writeFileSync(path.join(data, 'bad.state.mdb'), Buffer.alloc(64 * 1024, 0x5a));
   fs.copyFileSync(path.join(data, 'a.state.mdb'), path.join(data, 'gone.state.mdb'));
+  // And an empty one (a crash before a new volume's first state was written): nothing to list, and no crash
+  // (LMDB's read-only open of an empty file ended the process with SIGSEGV).
+  fs.writeFileSync(path.join(data, 'empty.state.mdb'), '');
 
   const again = await startReplay(['--listen', `127.0.0.1:${port}`, '--data-dir', data, '--admin', '127.0.0.1:0'], t.teardown);
   const admin = adminUrl(again.stdout());

@@ -322,6 +322,8 @@ export class ReplayServer {
         volume: name, size: 0, appliedSeq: 0, durableSeq: 0, connected: false, primary: null, volumeId: null,
         consistent: false, lastApplyAt: null, promoted: null,
       };
+      // Empty: made by a hello that failed before its state was written (a crash, a full disk): nothing to report.
+      if ((fs.statSync(path.join(dir, file), { throwIfNoEntry: false })?.size ?? 0) === 0) continue;
       try {
         const db = openLmdb<unknown, string>({ path: path.join(dir, file), readOnly: true });
         let state: VolumeState | undefined;

@@ -36,6 +36,9 @@ export function openLmdb<V = unknown, K extends Key = Key>(options: RootDatabase
       throw new BlockferryError('ENOSPC', `cannot create ${options.path}: its filesystem has ${free} bytes free (ENOSPC), and a new LMDB environment needs at least ${NEW_ENV_MIN_FREE}; free some space and start again`);
     }
   }
+  // Nothing to read in an empty or missing file, and LMDB's failed read-only open of one ends the process
+  // (SIGSEGV, see checkEnvFile; a replayer listing an empty NAME.state.mdb at start, found by a review helper).
+  if (options.readOnly && fresh) throw new BlockferryError('ERR_LMDB_EMPTY', `${options.path} is empty or missing: there is nothing in it to read`);
   if (!fresh) checkEnvFile(options.path);
   ensureDescriptors(options.path);
   try {
