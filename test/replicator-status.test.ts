@@ -251,3 +251,25 @@ t.test('a connected replica further behind than the link carries at once is in b
   t.ok(await until(() => r.status().lagEntries === 0, 10_000), 'acknowledged, it catches up');
   t.equal(r.status().state, 'continuous', 'and is continuous again');
 });
+
+t.test("a replica waiting for a synced seq this journal never committed (lost with its tail) is compared in full, not taken as consistent later", async (t) => {
+  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const data = randomBytes(4096);
+  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
+  const port = await freePort();
+  const gated = gatedSource();
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * CHUNK_BYTES, journal: j, source: gated.source });
+  // It applied 9 and was told `synced 12`: seqs 11 and 12 were lost with the journal's tail (committed is 10).
+  const replica = await scriptedReplica(port, { applied: 9, consistentFrom: 12, ack: true });
+  t.teardown(() => replica.close());
+  r.start();
+  t.teardown(() => r.stop(0));
+  t.ok(await until(() => replica.seen.told.length > 0, 10_000), 'the primary answered the welcome');
+  t.same(replica.seen.told, ['resync 1'], `it asked for a resync from its journal's tail on (${replica.seen.told.join(', ')})`);
+  t.ok(await until(() => r.status().resync !== null, 10_000), 'and compares by digests');
+  t.equal(r.status().state, 'resync');
+  gated.open();
+  t.ok(await until(() => replica.seen.digestFirsts.length > 0 && r.status().state === 'continuous', 10_000), `every chunk compared, then continuous (${r.status().state})`);
+  t.same(replica.seen.digestFirsts[0], 0, 'from the first chunk: a full comparison');
+});

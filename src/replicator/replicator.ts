@@ -648,7 +648,11 @@ export class Replicator {
         `the replica's last entries through seq ${applied} are not this journal's (it applied writes this primary lost, e.g. in a power cut): comparing every chunk by digests`,
       );
     }
-    const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged;
+    // A replica waiting for a seq this journal never committed (its `synced` was lost with the journal's tail, as
+    // after a power cut) would be called consistent once later writes passed that seq: compare every chunk.
+    const lostSynced = consistentFrom !== null && consistentFrom > committedSeq;
+    if (lostSynced) this.log.error({ consistentFrom, committedSeq }, `the replica waits for seq ${consistentFrom} to be consistent, which this journal never committed: comparing every chunk by digests`);
+    const gap = applied + 1 < tailSeq || applied > committedSeq || applied < this.corruptThrough || diverged || lostSynced;
     // A replica that has had nothing from this primary: its first copy. New if its image is all zeroes too (the
     // replayer made it), not if it held data before (a demoted primary's image: seeded).
     const first = (applied === 0 || this.firstCopyIncomplete) && consistentFrom === -1;
@@ -773,6 +777,7 @@ export class Replicator {
       this.resync.doneBytes = Math.min(this.opts.size, (first + count) * CHUNK_BYTES);
     }
     if (this.ws !== ws) return;
+    const resync = this.resync;
     // Every differing chunk is in the journal at or below this seq: the replica is consistent once it has it.
     const seq = this.opts.journal.stats.headSeq;
     ws.send(encode({ v: PROTOCOL_VERSION, t: 'synced', seq }));
@@ -783,8 +788,10 @@ export class Replicator {
     if (full) await this.opts.journal.setMeta(this.resyncKey, undefined);
     if (grown) await this.opts.journal.setMeta(Replicator.grownKeyFor(this.consumerId), undefined);
     if (this.dirty === dirty) this.dropBitmap();
-    this.log.info({ sentBytes: this.resync.sentBytes, seconds: (Date.now() - this.resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
-    this.resync.doneBytes = this.resync.totalBytes;
+    this.log.info({ sentBytes: resync.sentBytes, seconds: (Date.now() - resync.startedAt) / 1000, consistentAt: seq }, 'resync: every differing chunk is queued');
+    // Another link may have begun meanwhile (the awaits above): its welcome says where the replica stands.
+    if (this.ws !== ws) return;
+    resync.doneBytes = resync.totalBytes;
     this.consistentAt = seq;
     this.settleConsistent();
   }
