@@ -76,7 +76,7 @@ t.test('block device size from sysfs without the native helper', async (t) => {
 });
 
 const devInMemory = Number(fs.statfsSync('/dev').type) === 0x01021994; // devtmpfs, as on any systemd or udev host
-t.test("serve of a block device wants --journal: the default beside it would be in /dev, in memory", { skip: devInMemory ? false : '/dev is not devtmpfs here' }, async (t) => {
+t.test("serve of a block device wants --journal: the default beside it would be in /dev, in memory (one already there is used)", { skip: devInMemory ? false : '/dev is not devtmpfs here' }, async (t) => {
   const loop = attachLoop(t);
   const refused = await runRefused(['serve', '--image', `db=${loop}`, '--listen', '127.0.0.1:0']);
   t.equal(refused.code, 2, 'a usage error (exit 2)');
@@ -87,4 +87,13 @@ t.test("serve of a block device wants --journal: the default beside it would be 
   t.equal((await run('nbdinfo', ['--size', s.uri])).stdout.trim(), String(LOOP_SIZE), 'with --journal on a disk it serves the device');
   t.notMatch(s.stderr(), /is on tmpfs/, 'and says nothing of memory');
   t.equal(await s.stop(), 0);
+
+  // A journal an earlier version left there is used (a new one elsewhere would be another volume to every
+  // replica), with the way to move it.
+  const left = `${loop}.journal`;
+  t.teardown(() => fs.rmSync(left, { recursive: true, force: true }));
+  fs.cpSync(journal, left, { recursive: true });
+  const old = await startServe(['--image', `db=${loop}`, '--listen', '127.0.0.1:0'], t.teardown);
+  t.match(old.stderr(), new RegExp(`the journal ${loop}\\.journal is on tmpfs \\(memory\\) and is lost at the next reboot: stop serve, move the directory`), 'an existing journal beside it is used, with a warning saying how to move it');
+  t.equal(await old.stop(), 0);
 });

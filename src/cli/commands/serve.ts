@@ -131,7 +131,17 @@ function memoryFs(dir: string): string | undefined {
 function checkJournalHome(opts: ServeOptions, img: ServeImage, dir: string, log: Logger): void {
   const kind = memoryFs(dir);
   if (!kind) return;
-  if (opts.journal === undefined && fs.statSync(img.path, { throwIfNoEntry: false })?.isBlockDevice()) {
+  const defaultByDevice = opts.journal === undefined && fs.statSync(img.path, { throwIfNoEntry: false })?.isBlockDevice();
+  if (defaultByDevice && fs.existsSync(path.join(dir, 'journal.mdb'))) {
+    // Made there by a version before this check: a new journal elsewhere would be another volume to every replica
+    // (found by a review helper), so it is used, and the way to move it is said.
+    log.warn(
+      { volume: img.name, journal: dir, fs: kind },
+      `the journal ${dir} is on ${kind} (memory) and is lost at the next reboot: stop serve, move the directory to a disk (mv ${dir} /var/lib/blockferry/${img.name}.journal) and serve with --journal at its new place`,
+    );
+    return;
+  }
+  if (defaultByDevice) {
     throw new UsageError(
       `--image ${img.path} is a block device, and its journal would go beside it in ${dir}, on ${kind} (memory): lost at the next reboot. ` +
         'Pass --journal DIR on a disk that keeps it (not the volume itself)',
