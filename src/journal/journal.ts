@@ -459,10 +459,11 @@ export class Journal extends EventEmitter {
     }
     if (loadNative()) j.mapPath = fs.realpathSync(path.join(opts.dir, 'journal.mdb'));
     if (!j.readOnly) {
-      // For `journal inspect`, which opens it with none of the writer's options.
+      // For `journal inspect`, which opens it with none of the writer's options. With the first commit (an
+      // append's, or close's), not one of its own here: on a full disk that would fail the journal at open.
       const openedWith: JournalOpenedWith = { maxBytes, writeMap: j.writeMap, durability, keep: opts.keep ?? false };
       const was = j.meta.get(OPENED_WITH) as JournalOpenedWith | undefined;
-      if (JSON.stringify(was) !== JSON.stringify(openedWith)) await j.putMeta(OPENED_WITH, openedWith);
+      if (JSON.stringify(was) !== JSON.stringify(openedWith)) j.batchMeta.set(OPENED_WITH, openedWith);
     }
     return j;
   }
