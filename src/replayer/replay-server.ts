@@ -341,7 +341,11 @@ export class ReplayServer {
           consistent: state.consistentFrom === null || state.consistentFrom === undefined,
           promoted: state.promoted?.at ?? null,
         });
-        if (!fs.existsSync(image)) entry.problem = `its image ${image} is missing: the primary will send everything again`;
+        if (!fs.existsSync(image)) {
+          entry.problem = state.promoted
+            ? `its image ${image} is missing, though it was promoted to a primary at ${state.promoted.at}`
+            : `its image ${image} is missing: the primary will send everything again`;
+        }
       } catch (err) {
         entry.problem = `its state file could not be read: ${(err as Error).message}`;
         this.log.warn({ err, volume: name }, `volume ${name}: its state file could not be read`);
