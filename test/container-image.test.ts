@@ -165,6 +165,11 @@ t.test('the systemd units run the replayer and a primary, restart after a SIGKIL
   const up = await until(active, 60_000, 500);
   t.ok(up, 'both units become active');
   if (!up) return t.comment((await sh(`systemctl status --no-pager -n 30 ${units.join(' ')}`)).stdout);
+  // Type=simple units are active once started, before serve listens: wait for its NBD port to answer.
+  const nbd = 'nbd://127.0.0.1:10809/disk';
+  const answers = await until(async () => (await runStatus('ip', ['netns', 'exec', ns, 'nbdinfo', '--size', nbd])).code === 0, 30_000, 250);
+  t.ok(answers, 'serve@disk answers on its NBD port');
+  if (!answers) return t.comment((await sh(`journalctl --no-pager -n 30 -u blockferry-serve@disk`)).stdout);
   const rootfs = (await run('podman', ['mount', name])).stdout.trim();
   t.teardown(() => podman('unmount', name));
   const primary = path.join(rootfs, 'srv/blockferry/disk.img');
@@ -174,7 +179,7 @@ t.test('the systemd units run the replayer and a primary, restart after a SIGKIL
   const write = async (file: string, offset: number, length: number) => {
     const src = path.join(dir, file);
     fs.writeFileSync(src, randomBytes(length));
-    await run('ip', ['netns', 'exec', ns, 'qemu-io', '-f', 'raw', '-c', `write -s ${src} ${offset} ${length}`, 'nbd://127.0.0.1:10809/disk']);
+    await run('ip', ['netns', 'exec', ns, 'qemu-io', '-f', 'raw', '-c', `write -s ${src} ${offset} ${length}`, nbd]);
   };
   await write('a.bin', 0, 16 * MiB);
   t.ok(await converges(primary, replica, 60_000), 'the replica under /srv/blockferry-replicas becomes byte-identical to the primary');
