@@ -273,3 +273,31 @@ t.test("a replica waiting for a synced seq this journal never committed (lost wi
   t.ok(await until(() => replica.seen.digestFirsts.length > 0 && r.status().state === 'continuous', 10_000), `every chunk compared, then continuous (${r.status().state})`);
   t.same(replica.seen.digestFirsts[0], 0, 'from the first chunk: a full comparison');
 });
+
+t.test('a first copy queued but not yet applied is still initial-sync when the replica comes back, then continuous once applied', async (t) => {
+  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const data = randomBytes(4096);
+  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
+  const port = await freePort();
+  const gated = gatedSource();
+  gated.open();
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * CHUNK_BYTES, journal: j, source: gated.source });
+  t.teardown(() => r.stop(0));
+  // A replica that receives but does not acknowledge: the copy is queued, never applied.
+  const first = await scriptedReplica(port, { applied: 0, consistentFrom: -1, ack: false });
+  r.start();
+  t.ok(await until(() => first.seen.told.some((m) => m.startsWith('synced')), 10_000), `the copy was queued (${first.seen.told.join(', ')})`);
+  const synced = Number(first.seen.told.find((m) => m.startsWith('synced'))!.split(' ')[1]);
+  t.equal(r.status().state, 'initial-sync', 'queued is not applied: still initial-sync');
+  await first.close();
+  t.ok(await until(() => r.status().state === 'disconnected', 5_000), 'the replica went away');
+  // Back, having applied part of it and waiting for the rest (its consistentFrom is the synced seq).
+  const back = await scriptedReplica(port, { applied: 3, consistentFrom: synced, ack: false });
+  t.teardown(() => back.close());
+  t.ok(await until(() => r.status().state !== 'disconnected' && r.status().state !== 'connecting', 10_000), 'it reconnected');
+  t.equal(r.status().state, 'initial-sync', 'still its first copy, not resync');
+  t.ok(await until(() => back.seen.received >= synced, 10_000), 'the rest was shipped');
+  back.ackNow();
+  t.ok(await until(() => r.status().state === 'continuous', 10_000), `continuous once applied through ${synced} (${r.status().state})`);
+});

@@ -173,6 +173,8 @@ export class Replicator {
    * `backlog`, then `continuous`, while the replayer still said inconsistent; found by a README review helper.)
    */
   private consistentAt: number | undefined;
+  /** The comparison that set consistentAt was the replica's first copy (its state is initial-sync until then). */
+  private consistentAtFirstCopy = false;
   /** --max-rate pacing: when the next message may be sent. */
   private nextSendAt = 0;
   private nextRequestId = 1;
@@ -706,10 +708,14 @@ export class Replicator {
     // whose resync has queued everything (an earlier link's `synced`) is in resync until it has applied that.
     this.state = needsResync ? (first ? 'initial-sync' : 'resync') : 'continuous';
     this.resync = undefined;
+    const firstCopy = this.consistentAtFirstCopy && this.consistentAt === consistentFrom;
     this.consistentAt = undefined;
+    this.consistentAtFirstCopy = false;
     if (!needsResync && consistentFrom !== null && consistentFrom >= 0 && applied < consistentFrom) {
-      this.state = 'resync';
+      // Still its first copy if this process queued that copy (after a restart of serve it cannot tell).
+      this.state = firstCopy ? 'initial-sync' : 'resync';
       this.consistentAt = consistentFrom;
+      this.consistentAtFirstCopy = firstCopy;
     }
     void this.ship(ws);
     if (needsResync) {
@@ -793,6 +799,7 @@ export class Replicator {
     if (this.ws !== ws) return;
     resync.doneBytes = resync.totalBytes;
     this.consistentAt = seq;
+    this.consistentAtFirstCopy = initial;
     this.settleConsistent();
   }
 
@@ -804,6 +811,7 @@ export class Replicator {
       this.log.info({ seq: this.consistentAt }, 'the replica is consistent again');
     }
     this.consistentAt = undefined;
+    this.consistentAtFirstCopy = false;
     this.resync = undefined;
   }
 
