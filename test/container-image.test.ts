@@ -52,7 +52,7 @@ t.test('the image builds, serves replicas from a volume and stops cleanly', asyn
   await makeNetns(t, netns);
   await run('podman', ['volume', 'create', id]);
   t.teardown(() => podman('volume', 'rm', '-f', id));
-  t.teardown(() => podman('rm', '-f', '-t', '0', id));
+  t.teardown(() => podman('rm', '-f', '-v', '-t', '0', id));
   await run('podman', [
     'run', '-d', '--name', id, '--runtime', 'runc', '--network', `ns:/run/netns/${netns}`,
     '--ulimit', 'nofile=1024:1024', '--ulimit', 'nproc=1000:1000', '--health-interval', 'disable',
@@ -153,7 +153,7 @@ t.test('the systemd units run the replayer and a primary, restart after a SIGKIL
   const ns = `${id}-sd`;
   const name = `${id}-sd`;
   await makeNetns(t, ns);
-  t.teardown(() => podman('rm', '-f', '-t', '0', name));
+  t.teardown(() => podman('rm', '-f', '-v', '-t', '0', name));
   await run('podman', [
     'run', '-d', '--name', name, '--runtime', 'runc', '--systemd', 'always', '--network', `ns:/run/netns/${ns}`,
     '--ulimit', 'nofile=1024:1024', '--ulimit', 'nproc=1000:1000', sdTag,
