@@ -35,6 +35,18 @@ function gatedSource() {
   };
 }
 
+/** A primary of 64 chunks whose journal holds 10 writes of 4 KiB (seqs 1..10), its comparisons gated (not started). */
+async function tenWritesPrimary(t: Test) {
+  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
+  t.teardown(() => j.close());
+  const data = randomBytes(4096);
+  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
+  const port = await freePort();
+  const gated = gatedSource();
+  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * CHUNK_BYTES, journal: j, source: gated.source });
+  return { j, r, port, gated };
+}
+
 /**
  * The replica on `port` receives and acknowledges 1..100 and goes away; seq 101 is written, then, 1.5 s later,
  * enough to fill the journal, until the bitmap stands for the replica's changes and the journal let them go.
@@ -253,13 +265,7 @@ t.test('a connected replica further behind than the link carries at once is in b
 });
 
 t.test("a replica waiting for a synced seq this journal never committed (lost with its tail) is compared in full, not taken as consistent later", async (t) => {
-  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
-  t.teardown(() => j.close());
-  const data = randomBytes(4096);
-  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
-  const port = await freePort();
-  const gated = gatedSource();
-  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * CHUNK_BYTES, journal: j, source: gated.source });
+  const { r, port, gated } = await tenWritesPrimary(t);
   // It applied 9 and was told `synced 12`: seqs 11 and 12 were lost with the journal's tail (committed is 10).
   const replica = await scriptedReplica(port, { applied: 9, consistentFrom: 12, ack: true });
   t.teardown(() => replica.close());
@@ -275,14 +281,8 @@ t.test("a replica waiting for a synced seq this journal never committed (lost wi
 });
 
 t.test('a first copy queued but not yet applied is still initial-sync when the replica comes back, then continuous once applied', async (t) => {
-  const j = await Journal.open({ dir: path.join(t.testdir(), 'journal'), maxBytes: 64 * MiB });
-  t.teardown(() => j.close());
-  const data = randomBytes(4096);
-  for (let i = 0; i < 10; i++) await j.append(EntryKind.WRITE, i * data.length, data.length, data).done;
-  const port = await freePort();
-  const gated = gatedSource();
+  const { r, port, gated } = await tenWritesPrimary(t);
   gated.open();
-  const r = new Replicator({ url: `ws://127.0.0.1:${port}`, volume: 'v', volumeId: 'vid', size: 64 * CHUNK_BYTES, journal: j, source: gated.source });
   t.teardown(() => r.stop(0));
   // A replica that receives but does not acknowledge: the copy is queued, never applied.
   const first = await scriptedReplica(port, { applied: 0, consistentFrom: -1, ack: false });

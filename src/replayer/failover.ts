@@ -7,7 +7,7 @@ import { openLmdb } from '../util/lmdb-open.js';
 import { openLocked } from '../device/native.js';
 import { BlockferryError } from '../util/errors.js';
 import { DATA_DIR_LOCK, lockDataDir, unlockDataDir } from './data-dir-lock.js';
-import type { VolumeState } from './replay-server.js';
+import { isConsistent, type VolumeState } from './replay-server.js';
 
 const VOLUME_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
 
@@ -47,7 +47,7 @@ async function promoteLocked(dataDir: string, volume: string, opts: { force?: bo
     const state = db.get('state') as VolumeState | undefined;
     if (!state) throw new BlockferryError('ERR_NO_VOLUME', `volume ${volume} in ${dataDir} has no recorded state`);
     if (state.promoted) throw new BlockferryError('ERR_VOLUME_PROMOTED', `volume ${volume} was already promoted at ${state.promoted.at}`);
-    const consistent = state.consistentFrom === null || state.consistentFrom === undefined;
+    const consistent = isConsistent(state);
     if (!consistent && !opts.force) {
       throw new BlockferryError(
         'ERR_REPLICA_INCONSISTENT',

@@ -61,6 +61,11 @@ export interface VolumeState {
   seeded?: boolean;
 }
 
+/** Whether a replica in this state is a consistent earlier state of its primary (see consistentFrom). */
+export function isConsistent(state: Pick<VolumeState, 'consistentFrom'>): boolean {
+  return state.consistentFrom === null || state.consistentFrom === undefined;
+}
+
 class Volume {
   /** The connected primary's link: one at a time, and only its own close frees the volume. */
   owner: WebSocket | undefined;
@@ -127,7 +132,7 @@ class Volume {
   timer: NodeJS.Timeout | undefined;
 
   get consistent(): boolean {
-    return this.state.consistentFrom === null || this.state.consistentFrom === undefined;
+    return isConsistent(this.state);
   }
 
   /** A replica waiting for seq N becomes consistent once it has applied N. */
@@ -317,13 +322,13 @@ export class ReplayServer {
     for (const file of fs.readdirSync(dir).sort()) {
       const name = STATE_FILE.exec(file)?.[1];
       if (!name || !VOLUME_NAME.test(name)) continue;
+      // Empty: made by a hello that failed before its state was written (a crash, a full disk): nothing to report.
+      if ((fs.statSync(path.join(dir, file), { throwIfNoEntry: false })?.size ?? 0) === 0) continue;
       const image = path.join(dir, `${name}.img`);
       const entry: ReplayVolumeStatus = {
         volume: name, size: 0, appliedSeq: 0, durableSeq: 0, connected: false, primary: null, volumeId: null,
         consistent: false, lastApplyAt: null, promoted: null,
       };
-      // Empty: made by a hello that failed before its state was written (a crash, a full disk): nothing to report.
-      if ((fs.statSync(path.join(dir, file), { throwIfNoEntry: false })?.size ?? 0) === 0) continue;
       try {
         const db = openLmdb<unknown, string>({ path: path.join(dir, file), readOnly: true });
         let state: VolumeState | undefined;
@@ -333,15 +338,16 @@ export class ReplayServer {
           await db.close();
         }
         if (!state) continue; // made by a hello that failed before its state was written: nothing to report
+        const imageStat = fs.statSync(image, { throwIfNoEntry: false });
         Object.assign(entry, {
-          size: fs.statSync(image, { throwIfNoEntry: false })?.size ?? state.size,
+          size: imageStat?.size ?? state.size,
           appliedSeq: state.appliedSeq,
           durableSeq: state.appliedSeq,
           volumeId: state.volumeId,
-          consistent: state.consistentFrom === null || state.consistentFrom === undefined,
+          consistent: isConsistent(state),
           promoted: state.promoted?.at ?? null,
         });
-        if (!fs.existsSync(image)) {
+        if (!imageStat) {
           entry.problem = state.promoted
             ? `its image ${image} is missing, though it was promoted to a primary at ${state.promoted.at}`
             : `its image ${image} is missing: the primary will send everything again`;

@@ -193,7 +193,7 @@ async function openVolume(opts: ServeOptions, img: ServeImage, log: Logger): Pro
     }
     await checkImageSize(img, dir, journal, file.size, log);
     // The image's filesystem matters only for a file (holes fill up); a block device has its size.
-    const spacePaths = fs.statSync(img.path).isBlockDevice() ? [dir] : [dir, img.path];
+    const spacePaths = file.isBlockDevice ? [dir] : [dir, img.path];
     const mirror = await MirrorDevice.open({
       device: file,
       journal,
