@@ -548,6 +548,7 @@ for (const how of ['away', 'behind a slow link'] as const) {
     t.equal(st.volumes[0].writesRefused, null, 'status shows no refused writes');
     t.ok(st.volumes[0].journal.capBytes < 160 * MiB, `status shows the journal's cap as the disk allows (${st.volumes[0].journal.capBytes} of ${st.volumes[0].journal.maxBytes})`);
     t.match(s.stderr(), /the journal's filesystem has room for less than the journal's cap: it counts as full at/, 'serve logs that its disk holds the cap down');
+    t.match(s.stderr(), /the journal \S+ is on tmpfs \(memory\): it is lost at a reboot/, 'and warns that a journal on tmpfs does not survive a reboot');
     const metrics = await (await fetch(`${adminOf(s.stdout())}/metrics`)).text();
     const capMetric = Number(/^blockferry_journal_cap_bytes\{volume="disk"\} (\d+)$/m.exec(metrics)?.[1]);
     t.ok(capMetric > 0 && capMetric < 160 * MiB, `/metrics has the cap in force (${capMetric})`);
